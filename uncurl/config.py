@@ -1,0 +1,161 @@
+"""Configuration: the model's shape and the training recipe, and the profile manifest.
+
+One vocabulary everywhere (config, command line, notebooks, book): `n_expert`, `top_k`,
+`capacity_factor`, `aux_loss_weight`. Profiles live in `profiles.toml`, the single source of truth
+for every parameter a run uses.
+"""
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILES_PATH = Path(__file__).with_name("profiles.toml")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    block_size: int = 128  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 0  # FFN / expert hidden width; 0 means 4 * n_embd
+    # Experts per MoE layer: 1 is the dense backbone; a list gives one count per MoE layer
+    # (reduced models may differ between layers).
+    n_expert: int | tuple[int, ...] = 1
+    top_k: int = 1
+    moe_every: int = 2  # MoE replaces every `moe_every`-th FFN, starting with layer 0 (GLaM)
+    capacity_factor: float | None = 1.2  # training; None = dropless
+    eval_capacity_factor: float | None = 1.0  # evaluation; None = dropless
+    min_capacity: int = 4
+    aux_loss_weight: float = 0.01
+    router_init_std: float = 0.02
+    bias: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.n_expert, list):
+            object.__setattr__(self, "n_expert", tuple(self.n_expert))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        counts = self.n_expert if isinstance(self.n_expert, tuple) else (self.n_expert,)
+        if isinstance(self.n_expert, tuple) and len(counts) != len(self.moe_layers):
+            raise ValueError(
+                f"n_expert lists {len(counts)} counts but the model has "
+                f"{len(self.moe_layers)} MoE layers {self.moe_layers}; give one per MoE layer"
+            )
+        if min(counts) < 1:
+            raise ValueError(f"n_expert must be >= 1, got {self.n_expert}")
+        if not 1 <= self.top_k <= min(counts) and self.is_moe:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and the expert count {counts}")
+
+    @property
+    def hidden(self) -> int:
+        return self.d_ff or 4 * self.n_embd
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.n_expert, tuple) or self.n_expert > 1
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(0, self.n_layer, self.moe_every))
+
+    def experts_at(self, layer: int) -> int:
+        """Experts in `layer`'s FFN (0 when the layer has a dense FFN)."""
+        if not self.is_moe or layer not in self.moe_layers:
+            return 0
+        if isinstance(self.n_expert, tuple):
+            return self.n_expert[self.moe_layers.index(layer)]
+        return self.n_expert
+
+    def capacity(self, n_tokens: int, n_expert: int, training: bool) -> int | None:
+        """Tokens each expert may take: Switch's capacity factor rule, None when dropless."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(self.min_capacity, math.ceil(factor * n_tokens * self.top_k / n_expert))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(self.n_expert, tuple):
+            d["n_expert"] = list(self.n_expert)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**_known(cls, d, "model"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    max_steps: int = 400
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    ckpt_interval: int = 100
+    seed: int = 0
+    threads: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**_known(cls, d, "train"))
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    data: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    expert_counts: tuple[int, ...] = (1,)
+
+    @property
+    def data_dir(self) -> Path:
+        """Where `python -m uncurl.data prepare` writes this profile's token arrays."""
+        return Path("data/prepared") / self.data.get("name", self.name)
+
+    def model_config(self, **overrides) -> ModelConfig:
+        return ModelConfig.from_dict({**self.model, **overrides})
+
+    def train_config(self, **overrides) -> TrainConfig:
+        return TrainConfig.from_dict({**self.train, **overrides})
+
+
+def _known(cls, d: dict, what: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} parameter(s) {unknown}; known: {sorted(names)}")
+    return dict(d)
+
+
+def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
+    raw = tomllib.loads(Path(path).read_text())
+    return {
+        name: Profile(
+            name=name,
+            data=spec.get("data", {}),
+            model=spec.get("model", {}),
+            train=spec.get("train", {}),
+            expert_counts=tuple(spec.get("expert_counts", [1])),
+        )
+        for name, spec in raw.items()
+    }
+
+
+def get_profile(name: str) -> Profile:
+    profiles = load_profiles()
+    if name not in profiles:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(profiles)}")
+    return profiles[name]

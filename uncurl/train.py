@@ -1,0 +1,238 @@
+"""Pretraining: AdamW, linear warm-up and decay, clipping, periodic validation, exact resume.
+
+    python -m uncurl.train --profile small --n-expert 16 --out runs/small/e16
+
+The run folder holds `checkpoint/` (weights, config, tokenizer, optimizer state; written
+atomically), `metrics.jsonl` (one line per step and per evaluation) and `summary.json`.
+Batches are a pure function of (seed, step), so a resumed run sees exactly the data it would have.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from uncurl import data
+from uncurl.checkpoint import load_train_state, save_checkpoint, write_json
+from uncurl.config import ModelConfig, TrainConfig, get_profile
+from uncurl.model import GPT, count_parameters
+from uncurl.provenance import environment
+
+
+def get_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int, seed: int):
+    """Random windows of the token array, drawn from a generator keyed by (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+    return _windows(tokens, starts, block_size)
+
+
+def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, block_size: int):
+    """Fixed, evenly spaced validation windows: the same for every model and every evaluation."""
+    n = n_batches * batch_size
+    starts = np.linspace(0, len(tokens) - block_size - 1, n).astype(np.int64)
+    return [_windows(tokens, s, block_size) for s in starts.reshape(n_batches, batch_size)]
+
+
+def _windows(tokens, starts, block_size):
+    x = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])  # (B, T), (B, T)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then linear decay to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(frac, 1.0))
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and stacked experts), none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches) -> float:
+    """Mean language-modelling loss (no aux loss) at evaluation capacity."""
+    was_training = model.training
+    model.eval()
+    loss = float(np.mean([model(x, y).lm_loss.item() for x, y in batches]))
+    model.train(was_training)
+    return loss
+
+
+def train(
+    out: Path,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    data_dir: Path,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a model in run folder `out`; returns the run summary.
+
+    `stop_after` ends the run early at that step, as an interruption would (tests use it).
+    """
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    meta = data.load_meta(data_dir)
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise ValueError(
+            f"model vocab_size {model_cfg.vocab_size} differs from the data's tokenizer "
+            f"({meta['vocab_size']} tokens in {data_dir}); set vocab_size to match"
+        )
+    train_tokens = data.load_tokens(data_dir, "train")
+    val = eval_batches(data.load_tokens(data_dir, "val"), cfg.eval_batches, cfg.batch_size,
+                       model_cfg.block_size)
+    tokens_per_step = cfg.batch_size * model_cfg.block_size
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).train()
+    opt = make_optimizer(model, cfg)
+    step, elapsed = 0, 0.0
+    state = load_train_state(out)
+    if state is not None:
+        _check_same_run(state, model_cfg, cfg)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed = state["step"], state["elapsed"]
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _open_metrics(out / "metrics.jsonl", keep_until=step)
+    tokenizer = data.load_tokenizer(data_dir)
+
+    def checkpoint():
+        state = {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
+            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
+        }
+        info = {"train": asdict(cfg), "data": str(data_dir), "step": step}
+        save_checkpoint(out / "checkpoint", model, tokenizer, info, state)
+
+    end = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc=out.name,
+               unit="step", dynamic_ncols=True)
+    val_loss = None
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(train_tokens, step, cfg.batch_size, model_cfg.block_size, cfg.seed)
+        res = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        res.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        step += 1
+        elapsed += time.perf_counter() - t0
+        record = {"step": step, "tokens": step * tokens_per_step, "loss": res.loss.item(),
+                  "lm_loss": res.lm_loss.item(), "aux_loss": res.aux_loss.item(), "lr": lr,
+                  "grad_norm": grad_norm, "elapsed": elapsed}
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val_loss = record["val_loss"] = evaluate(model, val)
+        metrics.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['lm_loss']:.3f}", val=f"{val_loss or float('nan'):.3f}")
+        if step % cfg.ckpt_interval == 0 or step == end:
+            metrics.flush()
+            checkpoint()
+    bar.close()
+    metrics.close()
+    summary = {
+        "name": out.name, "step": step, "tokens": step * tokens_per_step,
+        "val_loss": val_loss, "wall_time_s": elapsed, "parameters": count_parameters(model_cfg),
+        "model": model_cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir),
+        "data_hash": meta.get("hash"), "finished": step >= cfg.max_steps,
+        "environment": environment(),
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _check_same_run(state: dict, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Resuming with different settings would silently mix two runs: refuse."""
+    if state["model_config"] != model_cfg.to_dict() or state["train_config"] != asdict(cfg):
+        raise ValueError(
+            "the run folder holds a checkpoint trained with other settings; "
+            "use a new --out folder or delete the old run to start over"
+        )
+
+
+def _open_metrics(path: Path, keep_until: int):
+    """Open metrics.jsonl for appending, first dropping lines past the checkpoint being resumed."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_until]
+    path.write_text("".join(ln + "\n" for ln in kept))
+    return path.open("a")
+
+
+def load_metrics(run_dir) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs with values parsed as JSON where possible (numbers, null, lists)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"override {pair!r} is not of the form key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Route each override to the model or the training config by its name."""
+    model_keys = set(ModelConfig.__dataclass_fields__)
+    train_keys = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - model_keys - train_keys)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; model: {sorted(model_keys)}; "
+                         f"train: {sorted(train_keys)}")
+    return ({k: v for k, v in overrides.items() if k in model_keys},
+            {k: v for k, v in overrides.items() if k in train_keys})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m uncurl.train", description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="small", help="profile in uncurl/profiles.toml")
+    p.add_argument("--n-expert", type=int, required=True, help="experts per MoE layer (1 = dense)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
+    p.add_argument("--data", type=Path, help="prepared data folder (default: the profile's)")
+    p.add_argument("--seed", type=int, help="override the profile's seed")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override model or training parameters, e.g. lr=1e-3 top_k=2")
+    args = p.parse_args(argv)
+    profile = get_profile(args.profile)
+    model_over, train_over = split_overrides(parse_overrides(args.set))
+    if args.seed is not None:
+        train_over["seed"] = args.seed
+    data_dir = args.data or profile.data_dir
+    meta = data.load_meta(data_dir)
+    model_cfg = profile.model_config(n_expert=args.n_expert, vocab_size=meta["vocab_size"],
+                                     **model_over)
+    summary = train(args.out, model_cfg, profile.train_config(**train_over), data_dir)
+    print(f"{args.out}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
+          f"{summary['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
