@@ -8,8 +8,9 @@ Batches are a pure function of (seed, step), so a resumed run sees exactly the d
 """
 
 import argparse
+import concurrent.futures
 import json
-import math
+import multiprocessing
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -81,6 +82,7 @@ def train(
     data_dir: Path,
     stop_after: int | None = None,
     progress: bool = True,
+    position: int | None = None,
 ) -> dict:
     """Train (or resume) a model in run folder `out`; returns the run summary.
 
@@ -110,6 +112,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, elapsed = state["step"], state["elapsed"]
+        if step >= cfg.max_steps and (out / "summary.json").exists():
+            return json.loads((out / "summary.json").read_text())  # finished earlier
     out.mkdir(parents=True, exist_ok=True)
     metrics = _open_metrics(out / "metrics.jsonl", keep_until=step)
     tokenizer = data.load_tokenizer(data_dir)
@@ -125,7 +129,7 @@ def train(
 
     end = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc=out.name,
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, position=position)
     val_loss = None
     while step < end:
         t0 = time.perf_counter()
@@ -211,13 +215,40 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
             {k: v for k, v in overrides.items() if k in train_keys})
 
 
+def run_name(n_expert: int) -> str:
+    return "dense" if n_expert == 1 else f"e{n_expert}"
+
+
+def _train_job(job: dict) -> dict:
+    return train(job["out"], ModelConfig.from_dict(job["model"]),
+                 TrainConfig.from_dict(job["train"]), job["data"], progress=job["progress"],
+                 position=job.get("position"))
+
+
+def train_all(jobs: list[dict], procs: int = 2) -> list[dict]:
+    """Train several runs, `procs` processes at a time (one thread each is fastest here).
+
+    Each job is {"out", "model", "train", "data"} (configs as dicts). Finished runs are skipped,
+    interrupted ones resume.
+    """
+    todo = [dict(job, progress=True, position=i % procs) for i, job in enumerate(jobs)]
+    if procs <= 1:
+        return [_train_job(job) for job in todo]
+    ctx = multiprocessing.get_context("spawn")  # a forked torch can deadlock its thread pools
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+        return list(pool.map(_train_job, todo))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uncurl.train", description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="small", help="profile in uncurl/profiles.toml")
-    p.add_argument("--n-expert", type=int, required=True, help="experts per MoE layer (1 = dense)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
+    p.add_argument("--n-expert", type=int, nargs="+", required=True,
+                   help="experts per MoE layer (1 = dense); several train side by side")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder (resumed if it exists); with several --n-expert, their parent")
     p.add_argument("--data", type=Path, help="prepared data folder (default: the profile's)")
     p.add_argument("--seed", type=int, help="override the profile's seed")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override model or training parameters, e.g. lr=1e-3 top_k=2")
     args = p.parse_args(argv)
@@ -226,12 +257,16 @@ def main(argv=None):
     if args.seed is not None:
         train_over["seed"] = args.seed
     data_dir = args.data or profile.data_dir
-    meta = data.load_meta(data_dir)
-    model_cfg = profile.model_config(n_expert=args.n_expert, vocab_size=meta["vocab_size"],
-                                     **model_over)
-    summary = train(args.out, model_cfg, profile.train_config(**train_over), data_dir)
-    print(f"{args.out}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
-          f"{summary['wall_time_s']:.0f} s")
+    vocab = data.load_meta(data_dir)["vocab_size"]
+    jobs = [
+        {"out": args.out if len(args.n_expert) == 1 else args.out / run_name(n),
+         "model": profile.model_config(n_expert=n, vocab_size=vocab, **model_over).to_dict(),
+         "train": asdict(profile.train_config(**train_over)), "data": data_dir}
+        for n in args.n_expert
+    ]
+    for summary in train_all(jobs, args.jobs):
+        print(f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
+              f"{summary['wall_time_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""The premise sweep: at our scale, do more experts give lower validation loss at equal tokens?
+
+    python -m uncurl.sweep --out runs/sweep
+
+Every variant is the `small` profile with a few overrides; runs whose settings match the
+profile's own runs are shared with them (same folder, so trained once). Writes
+`premise_sweep.csv`: one row per run with its settings, final validation loss and wall time.
+The book's appendix reads the copy committed under `data/results/`.
+"""
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from uncurl import data
+from uncurl.config import get_profile
+from uncurl.train import run_name, train_all
+
+# (label, data vocabulary, model overrides, train overrides); each runs dense and 16 experts.
+VARIANTS = [
+    ("pilot width: d_model 128, vocab 4096, equal wall time", 4096, {"n_embd": 128},
+     {"max_steps": 250}),
+    ("small profile: d_model 64, vocab 2048", 2048, {}, {}),
+    ("small profile, seed 1", 2048, {}, {"seed": 1}),
+]
+EXPERTS = (1, 16)
+
+
+def data_dir_for(vocab: int, profile) -> Path:
+    """The profile's data folder, or a sibling prepared at another vocabulary size."""
+    if vocab == profile.data["vocab_size"]:
+        return profile.data_dir
+    out = profile.data_dir.with_name(f"{profile.data_dir.name}-v{vocab}")
+    if not (out / "meta.json").exists():
+        data.prepare(out, source=profile.data["source"], vocab_size=vocab)
+    return out
+
+
+def jobs_for(profile, runs: Path) -> list[dict]:
+    jobs = []
+    for label, vocab, model_over, train_over in VARIANTS:
+        data_dir = data_dir_for(vocab, profile)
+        for n in EXPERTS:
+            model = profile.model_config(n_expert=n, vocab_size=vocab, **model_over)
+            train = profile.train_config(**train_over)
+            # the profile's own settings share the profile's run folder
+            own = not model_over and not train_over and vocab == profile.data["vocab_size"]
+            folder = runs / profile.name / run_name(n) if own else (
+                runs / "sweep" / f"{_slug(label)}-{run_name(n)}")
+            jobs.append({"label": label, "out": folder, "model": model.to_dict(),
+                         "train": asdict(train), "data": data_dir})
+    return jobs
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.split(":")[0].lower()).strip("-")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m uncurl.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="small")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="parent of the run folders")
+    p.add_argument("--csv", type=Path, default=Path("runs/sweep/premise_sweep.csv"))
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args(argv)
+    jobs = jobs_for(get_profile(args.profile), args.runs)
+    summaries = train_all([{k: v for k, v in j.items() if k != "label"} for j in jobs], args.jobs)
+    rows = [
+        {"variant": j["label"], "n_expert": j["model"]["n_expert"], "seed": j["train"]["seed"],
+         "n_embd": j["model"]["n_embd"], "vocab_size": j["model"]["vocab_size"],
+         "tokens": s["tokens"], "val_loss": s["val_loss"], "wall_time_s": s["wall_time_s"],
+         "total_params": s["parameters"]["total"], "active_params": s["parameters"]["active"],
+         "git": s["environment"]["git"], "run": str(j["out"])}
+        for j, s in zip(jobs, summaries)
+    ]
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(args.csv, index=False)
+    print(pd.DataFrame(rows)[["variant", "n_expert", "seed", "val_loss", "wall_time_s"]])
+
+
+if __name__ == "__main__":
+    main()
