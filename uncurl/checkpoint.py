@@ -32,8 +32,8 @@ def save_checkpoint(path, model: GPT, tokenizer=None, info: dict | None = None, 
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, tmp / MODEL_FILE)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, tmp / MODEL_FILE)
     write_json(tmp / CONFIG_FILE, {"model": model.cfg.to_dict(), **(info or {})})
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from uncurl import corpus
+from uncurl.config import get_profile
 from uncurl.corpus import Document
 
 SPLITS = ("train", "val", "test")
@@ -257,6 +258,17 @@ def summarize(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_profile(profile, cache_dir=None) -> Path:
+    """The profile's prepared data, preparing it unless an identical preparation exists."""
+    spec = {k: v for k, v in profile.data.items() if k != "name"}
+    out = profile.data_dir
+    if (out / "meta.json").exists():
+        done = load_meta(out)["params"]
+        if all(done.get(k) == v for k, v in spec.items()):
+            return out
+    return prepare(out, cache_dir=cache_dir, **spec)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m uncurl.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,7 +276,8 @@ def main(argv=None) -> None:
     f.add_argument("--source", default="bundled", help="'bundled' or source names, comma-joined")
     f.add_argument("--cache", default=str(corpus.DEFAULT_CACHE))
     r = sub.add_parser("prepare", help="split, tokenize and write token arrays")
-    r.add_argument("--out", required=True, help="folder to write")
+    r.add_argument("--profile", help="prepare this profile's data (its settings, its folder)")
+    r.add_argument("--out", help="folder to write (required without --profile)")
     r.add_argument("--source", default="bundled", help="bundled | NAME[,NAME] | PATH | hf:NAME")
     r.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"])
     r.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (bpe only)")
@@ -277,6 +290,13 @@ def main(argv=None) -> None:
         for row in corpus.provenance(a.source, Path(a.cache)):
             print(f"{row['name']:<18} {row['package']}=={row['version']}  ({row['licence']})")
         return
+    if a.profile:
+        out = prepare_profile(get_profile(a.profile), a.cache)
+        print(summarize(load_meta(out)))
+        print(f"{out} is ready")
+        return
+    if not a.out:
+        p.error("prepare needs --profile or --out")
     out = prepare(
         a.out,
         a.source,
