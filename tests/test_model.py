@@ -46,9 +46,8 @@ def test_aux_loss_closed_form_on_crafted_routing():
     assert load_balancing_loss(torch.zeros(4, 2), torch.tensor([[0], [1], [0], [1]])) == 1.0
     # masked tokens do not count
     mask = torch.tensor([True, True, False, False])
-    torch.testing.assert_close(
-        load_balancing_loss(logits, experts, mask), 2 * (torch.tensor([1.0, 0.0]) * p[:2].mean(0)).sum()
-    )
+    expected_masked = 2 * (torch.tensor([1.0, 0.0]) * p[:2].mean(0)).sum()
+    torch.testing.assert_close(load_balancing_loss(logits, experts, mask), expected_masked)
 
 
 def test_capacity_drops_exactly_the_overflow_tokens():
@@ -159,3 +158,20 @@ def test_bad_config_errors_name_the_problem():
         ModelConfig(**{**TINY, "n_head": 3})
     with pytest.raises(ValueError, match="block_size"):
         GPT(ModelConfig(**TINY))(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_grouped_mlp_backward_matches_numerical_gradients():
+    from torch.autograd import gradcheck
+
+    from uncurl.model import GroupedMLP
+
+    torch.manual_seed(0)
+    shapes = [(7, 3), (3, 3, 5), (3, 5), (3, 5, 3), (3, 3)]
+    xs, w_fc, b_fc, w_proj, b_proj = (
+        torch.randn(s, dtype=torch.double, requires_grad=True) for s in shapes
+    )
+    sizes = [2, 0, 5]  # an expert with no tokens must get zero gradient, not garbage
+    assert gradcheck(lambda *t: GroupedMLP.apply(t[0], sizes, *t[1:]),
+                     (xs, w_fc, b_fc, w_proj, b_proj))
+    assert gradcheck(lambda x, a, c: GroupedMLP.apply(x, sizes, a, None, c, None),
+                     (xs, w_fc, w_proj))

@@ -1,4 +1,4 @@
-"""Checkpoints: `model.safetensors` + `config.json` (+ tokenizer files) in one folder, written atomically.
+"""Checkpoints: `model.safetensors` + `config.json` (+ tokenizer) in one folder, written atomically.
 
 A folder is written under a temporary name and swapped in by rename, so an interruption leaves
 either the previous checkpoint or the new one, never a mixture.

@@ -135,20 +135,24 @@ class GroupedMLP(torch.autograd.Function):
         for e, (a, b) in ctx.spans:
             torch.mm(xs[a:b].t(), g_pre[a:b], out=g_wfc[e])
             torch.mm(g_pre[a:b], w_fc[e].t(), out=g_xs[a:b])
-        g_bfc = g_pre.new_zeros(n_expert, g_pre.shape[1]).index_add_(0, row_expert, g_pre)
-        g_bproj = grad_out.new_zeros(n_expert, grad_out.shape[1]).index_add_(0, row_expert, grad_out)
         has_bfc, has_bproj = ctx.has_bias
-        return g_xs, None, g_wfc, g_bfc if has_bfc else None, g_wproj, g_bproj if has_bproj else None
+        g_bfc = _expert_sums(g_pre, row_expert, n_expert) if has_bfc else None
+        g_bproj = _expert_sums(grad_out, row_expert, n_expert) if has_bproj else None
+        return g_xs, None, g_wfc, g_bfc, g_wproj, g_bproj
 
 
 def _linear(x, w, bias, e, out):
     return torch.mm(x, w, out=out) if bias is None else torch.addmm(bias[e], x, w, out=out)
 
 
+def _expert_sums(rows, row_expert, n_expert):
+    return rows.new_zeros(n_expert, rows.shape[1]).index_add_(0, row_expert, rows)
+
+
 def _spans(sizes: list[int]) -> list[tuple[int, tuple[int, int]]]:
     """(expert, (start, end)) of each non-empty expert's rows."""
     ends = list(itertools.accumulate(sizes))
-    return [(e, (end - n, end)) for e, (n, end) in enumerate(zip(sizes, ends)) if n]
+    return [(e, (end - n, end)) for e, (n, end) in enumerate(zip(sizes, ends, strict=True)) if n]
 
 
 class CausalSelfAttention(nn.Module):
@@ -236,7 +240,8 @@ class GPT(nn.Module):
         )
         lm_loss = loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                      ignore_index=-1)
             loss = lm_loss + self.cfg.aux_loss_weight * aux
         return Output(logits, loss, lm_loss, aux, tuple(routing) if return_routing else None)
 

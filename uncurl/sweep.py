@@ -73,7 +73,7 @@ def main(argv=None):
          "tokens": s["tokens"], "val_loss": s["val_loss"], "wall_time_s": s["wall_time_s"],
          "total_params": s["parameters"]["total"], "active_params": s["parameters"]["active"],
          "git": s["environment"]["git"], "run": str(j["out"])}
-        for j, s in zip(jobs, summaries)
+        for j, s in zip(jobs, summaries, strict=True)
     ]
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(args.csv, index=False)

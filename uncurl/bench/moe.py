@@ -4,18 +4,19 @@ All four see the same tokens at the same shapes in one process:
 - floor: a dense FFN doing the active FLOPs of top-k experts (width top_k * d_ff);
 - uncurl: `uncurl.model.MoE` (sorted dispatch, each expert once on its slice);
 - deepspeed: `deepspeed.moe.layer.MoE` (GShard-style one-hot dispatch einsums), world size 1, gloo;
-- mixtral: transformers' `MixtralSparseMoeBlock`; its experts are gated (three matrices), so its
-  width is 2/3 of d_ff to match FLOPs and parameters.
+- mixtral: transformers' `MixtralSparseMoeBlock` with its default `grouped_mm` experts; they are
+  gated (three matrices), so their width is 2/3 of d_ff to match FLOPs and parameters.
 """
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from uncurl.bench import time_it
+from uncurl.bench import time_all
 from uncurl.config import get_profile
 from uncurl.model import MoE
 from uncurl.provenance import environment
@@ -25,10 +26,10 @@ def add_arguments(p):
     p.add_argument(
         "--profile", default="small", help="take d_model, d_ff, tokens from this profile"
     )
-    p.add_argument("--n-expert", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--n-expert", type=int, nargs="+", default=[8, 16, 64])
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (recorded)")
     p.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -64,15 +65,13 @@ def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
         min_capacity=cfg.min_capacity,
     )
     ds.set_deepspeed_parallelism()
-    mixtral = MixtralSparseMoeBlock(
-        MixtralConfig(
-            hidden_size=d,
-            intermediate_size=2 * h // 3,
-            num_local_experts=n_expert,
-            num_experts_per_tok=k,
-        )
-    )
-    ours = MoE(cfg.__class__(**{**cfg.to_dict(), "n_expert": n_expert}), n_expert)
+    # gated experts have three matrices: 2/3 of d_ff (rounded to 4 floats, which torch's
+    # grouped_mm needs for its strides) matches FLOPs and parameters
+    mixtral_cfg = MixtralConfig(hidden_size=d, intermediate_size=4 * round(2 * h / 3 / 4),
+                                num_local_experts=n_expert, num_experts_per_tok=k)
+    mixtral_cfg._experts_implementation = "grouped_mm"  # what from_pretrained picks by default
+    mixtral = MixtralSparseMoeBlock(mixtral_cfg)
+    ours = MoE(replace(cfg, n_expert=n_expert), n_expert)
     for p in (ours.w_fc, ours.w_proj):
         nn.init.normal_(p, 0, 0.02)
     first = lambda out: out[0]  # noqa: E731
@@ -84,6 +83,14 @@ def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
         "DeepSpeed MoE": _Wrap(ds, first),
         "HF Mixtral block": _Wrap(mixtral, lambda out: out[0] if isinstance(out, tuple) else out),
     }
+
+
+def _step(layer, x):
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x.requires_grad_()).sum().backward()
+
+    return step
 
 
 class _Wrap(nn.Module):
@@ -119,20 +126,12 @@ def run(args) -> dict:
         torch.manual_seed(0)
         x = torch.randn(batch, cfg.block_size, cfg.n_embd)
         layers = make_layers(cfg, n_expert)
-        floor = None
-        for name, layer in layers.items():
-            layer.train()
-
-            def step(layer=layer):
-                layer.zero_grad(set_to_none=True)
-                layer(x.requires_grad_()).sum().backward()
-
-            t = time_it(step, repeats=args.repeats)
-            floor = floor or t["median_ms"]
+        steps = {name: _step(layer.train(), x) for name, layer in layers.items()}
+        timings = time_all(steps, repeats=args.repeats)
+        floor = timings[next(iter(timings))]["median_ms"]
+        for name, t in timings.items():
             row = {"n_expert": n_expert, "layer": name, **t, "vs_floor": t["median_ms"] / floor}
             results["rows"].append(row)
-            print(
-                f"  E={n_expert:3d}  {name:34s} {t['median_ms']:8.2f} ms "
-                f"(IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})  {row['vs_floor']:.2f}x floor"
-            )
+            print(f"  E={n_expert:3d}  {name:34s} {t['median_ms']:8.2f} ms "
+                  f"(IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})  {row['vs_floor']:.2f}x floor")
     return results
