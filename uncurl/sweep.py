@@ -18,14 +18,16 @@ from uncurl import data
 from uncurl.config import get_profile
 from uncurl.train import run_name, train_all
 
-# (label, data vocabulary, model overrides, train overrides); each runs dense and 16 experts.
+# (label, data vocabulary, model overrides, train overrides, expert counts). Runs are kept, so
+# adding a variant and rerunning trains only the new runs.
 VARIANTS = [
     ("pilot width: d_model 128, vocab 4096, equal wall time", 4096, {"n_embd": 128},
-     {"max_steps": 250}),
-    ("small profile: d_model 64, vocab 2048", 2048, {}, {}),
-    ("small profile, seed 1", 2048, {}, {"seed": 1}),
+     {"max_steps": 250}, (1, 16)),
+    ("small profile: d_model 64, vocab 2048", 2048, {}, {}, (1, 16)),
+    ("small profile, seed 1", 2048, {}, {"seed": 1}, (1, 16)),
+    ("router init std 0.3", 2048, {"router_init_std": 0.3}, {}, (16,)),
+    ("router init std 1.0", 2048, {"router_init_std": 1.0}, {}, (16,)),
 ]
-EXPERTS = (1, 16)
 
 
 def data_dir_for(vocab: int, profile) -> Path:
@@ -40,9 +42,9 @@ def data_dir_for(vocab: int, profile) -> Path:
 
 def jobs_for(profile, runs: Path) -> list[dict]:
     jobs = []
-    for label, vocab, model_over, train_over in VARIANTS:
+    for label, vocab, model_over, train_over, experts in VARIANTS:
         data_dir = data_dir_for(vocab, profile)
-        for n in EXPERTS:
+        for n in experts:
             model = profile.model_config(n_expert=n, vocab_size=vocab, **model_over)
             train = profile.train_config(**train_over)
             # the profile's own settings share the profile's run folder

@@ -101,6 +101,9 @@ def train(
                        model_cfg.block_size)
     tokens_per_step = cfg.batch_size * model_cfg.block_size
 
+    done = _finished_summary(out, model_cfg, cfg)
+    if done is not None:
+        return done
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).train()
     opt = make_optimizer(model, cfg)
@@ -112,8 +115,6 @@ def train(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, elapsed = state["step"], state["elapsed"]
-        if step >= cfg.max_steps and (out / "summary.json").exists():
-            return json.loads((out / "summary.json").read_text())  # finished earlier
     out.mkdir(parents=True, exist_ok=True)
     metrics = _open_metrics(out / "metrics.jsonl", keep_until=step)
     tokenizer = data.load_tokenizer(data_dir)
@@ -166,6 +167,16 @@ def train(
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _finished_summary(out: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> dict | None:
+    """The summary of a finished run with these very settings, if there is one."""
+    path = out / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    same = summary["model"] == model_cfg.to_dict() and summary["train"] == asdict(cfg)
+    return summary if same and summary["finished"] else None
 
 
 def _check_same_run(state: dict, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
