@@ -18,15 +18,20 @@ from uncurl import data
 from uncurl.config import get_profile
 from uncurl.train import run_name, train_all
 
-# (label, data vocabulary, model overrides, train overrides, expert counts). Runs are kept, so
-# adding a variant and rerunning trains only the new runs.
+# (label, data vocabulary, model overrides, train overrides, expert counts), in the order they
+# were tried. Overrides are relative to the profile; a variant without overrides is the profile
+# itself and shares its run folders. Runs are kept, so adding a variant trains only its runs.
+OLD_INIT = {"router_init_std": 0.02}  # GPT-2's init for every linear layer, routers included
 VARIANTS = [
-    ("pilot width: d_model 128, vocab 4096, equal wall time", 4096, {"n_embd": 128},
-     {"max_steps": 250}, (1, 16)),
-    ("small profile: d_model 64, vocab 2048", 2048, {}, {}, (1, 16)),
+    ("d_model 128, vocab 4096, router std 0.02, 250 steps (equal wall time)", 4096,
+     {"n_embd": 128, **OLD_INIT}, {"max_steps": 250}, (1, 16)),
+    ("d_model 64, router std 0.02, 500 steps", 2048, OLD_INIT, {"max_steps": 500}, (1, 16)),
+    ("d_model 64, router std 0.02, 500 steps, seed 1", 2048, OLD_INIT,
+     {"max_steps": 500, "seed": 1}, (1, 16)),
+    ("router std 0.3, 500 steps", 2048, {}, {"max_steps": 500}, (16,)),
+    ("router std 1.0, 500 steps", 2048, {"router_init_std": 1.0}, {"max_steps": 500}, (16,)),
+    ("small profile (router std 0.3, 600 steps)", 2048, {}, {}, (1, 4, 8, 16, 32, 64)),
     ("small profile, seed 1", 2048, {}, {"seed": 1}, (1, 16)),
-    ("router init std 0.3", 2048, {"router_init_std": 0.3}, {}, (16,)),
-    ("router init std 1.0", 2048, {"router_init_std": 1.0}, {}, (16,)),
 ]
 
 
@@ -57,7 +62,8 @@ def jobs_for(profile, runs: Path) -> list[dict]:
 
 
 def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label.split(":")[0].lower()).strip("-")
+    slug = "".join(c if c.isalnum() else "-" for c in label.split("(")[0].lower()).strip("-")
+    return "-".join(filter(None, slug.split("-")))
 
 
 def main(argv=None):
