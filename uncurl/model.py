@@ -80,23 +80,21 @@ class MoE(nn.Module):
         order = slot_expert.argsort(stable=True)
         counts = torch.bincount(slot_expert, minlength=self.n_expert)  # (E,)
         starts = counts.cumsum(0) - counts
-        rank = torch.arange(k * n) - starts[slot_expert[order]]  # position within its expert
+        # position of each sorted slot within its expert's queue
+        rank = torch.arange(k * n, device=x.device) - starts[slot_expert[order]]
         capacity = self.cfg.capacity(n, self.n_expert, self.training)
         kept = order if capacity is None else order[rank < capacity]
         sizes = counts if capacity is None else counts.clamp(max=capacity)
-        dropped = torch.ones(k * n, dtype=torch.bool)
+        dropped = torch.ones(k * n, dtype=torch.bool, device=x.device)
         dropped[kept] = False
 
         token = kept % n
-        y = self._run_experts(x[token], sizes.tolist())  # (M, C), sorted by expert
+        y = GroupedMLP.apply(x[token], sizes.tolist(), self.w_fc, self.b_fc, self.w_proj,
+                             self.b_proj)  # (M, C), rows sorted by expert
         weight = gates.t().reshape(-1)[kept].unsqueeze(1).to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y * weight)
         routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
         return out.view(shape), routing
-
-    def _run_experts(self, xs, sizes):
-        return GroupedMLP.apply(xs, sizes, self.w_fc, self.b_fc, self.w_proj, self.b_proj)
-
 
 class GroupedMLP(torch.autograd.Function):
     """Expert e's MLP (linear, GELU, linear) on rows [offset_e, offset_e + sizes[e]) of xs.
@@ -116,7 +114,8 @@ class GroupedMLP(torch.autograd.Function):
         out = xs.new_empty(len(xs), w_proj.shape[2])  # (M, C)
         for e, (a, b) in spans:
             _linear(act[a:b], w_proj[e], b_proj, e, out=out[a:b])
-        row_expert = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        row_expert = torch.repeat_interleave(torch.arange(len(sizes), device=xs.device),
+                                             torch.tensor(sizes, device=xs.device))
         ctx.save_for_backward(xs, pre, act, w_fc, w_proj, row_expert)
         ctx.spans, ctx.has_bias = spans, (b_fc is not None, b_proj is not None)
         return out
