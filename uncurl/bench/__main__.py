@@ -1,17 +1,18 @@
-"""python -m uncurl.bench {moe} ...: each prints a table of times and ratios from one run."""
+"""python -m uncurl.bench {moe,reduce} ...: each prints a table of times and ratios from one run."""
 
 import argparse
 import json
 
-from uncurl.bench import moe
+from uncurl.bench import moe, reduce
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uncurl.bench", description=__doc__)
     sub = p.add_subparsers(dest="bench", required=True)
     moe.add_arguments(sub.add_parser("moe", help=moe.__doc__.split("\n")[0]))
+    reduce.add_arguments(sub.add_parser("reduce", help=reduce.__doc__.split("\n")[0]))
     args = p.parse_args(argv)
-    result = {"moe": moe.run}[args.bench](args)
+    result = {"moe": moe.run, "reduce": reduce.run}[args.bench](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 

@@ -1,0 +1,147 @@
+"""`python -m uncurl.reduce` and its task data: outputs that load, errors that name the fix."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from uncurl import data
+from uncurl.checkpoint import load_model, read_info, save_checkpoint
+from uncurl.config import get_profile
+from uncurl.model import GPT
+from uncurl.reduce import make_batches, register_task, taskdata
+from uncurl.reduce.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DRAMA_TXT = ROOT / "tests" / "fixtures" / "corpus" / "drama"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_checkpoint(path: Path, tokenizer=None, vocab_size=320, **model) -> Path:
+    torch.manual_seed(0)
+    cfg = get_profile("smoke").model_config(vocab_size=vocab_size, **model)
+    return save_checkpoint(path, GPT(cfg), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(smoke_data, tmp_path_factory) -> dict[str, Path]:
+    tok, root = data.load_tokenizer(smoke_data), tmp_path_factory.mktemp("ckpt")
+    other = data.train_tokenizer(["a different corpus entirely " * 50], 300)
+    return {
+        "e4": make_checkpoint(root / "e4", tok, n_expert=4),
+        "e4k2": make_checkpoint(root / "e4k2", tok, n_expert=4, top_k=2),
+        "dense": make_checkpoint(root / "dense", tok, n_expert=1),
+        "other-tokenizer": make_checkpoint(root / "other", other, vocab_size=300, n_expert=4),
+        "no-tokenizer": make_checkpoint(root / "bare", None, n_expert=4),
+    }
+
+
+def reduce(checkpoint, out, method="uncurl", d=2, task_data="drama", *extra):
+    main(["--checkpoint", str(checkpoint), "--method", method, "--n-expert", str(d),
+          "--task-data", str(task_data), "--out", str(out), "--max-tokens", "1024", *extra])
+
+
+def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(tmp_path, checkpoints,
+                                                                      smoke_data):
+    out = tmp_path / "reduced"
+    reduce(checkpoints["e4"], out, "uncurl", 2, f"{smoke_data}:drama", "--warmup-steps", "2")
+    model = load_model(out)
+    assert model.cfg.n_expert == 2 and model.moe_blocks[0].w_fc.shape[0] == 2
+    AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the checkpoint
+    info = read_info(out)["reduction"]
+    assert info["method"] == "uncurl" and info["router"] == "reinit"
+    assert sorted(e for group in info["sources"][0] for e in group) == [0, 1, 2, 3]
+    record = json.loads((out / "reduction.json").read_text())
+    layer = record["layers"][0]
+    assert np.array(layer["similarity"]).shape == (4, 4) and sum(layer["counts"]) > 0
+    assert np.array(record["plan"]["layers"][0]["embedding"]).shape == (4, 2)
+    assert 0 < record["n_tokens"] <= 1024 + 32
+    assert set(record["timings_s"]) == {"stats", "plan", "align", "apply", "warmup"}
+    assert len(record["warmup"]["losses"]) == 2
+
+
+@pytest.mark.parametrize("method", ["greedy", "freq-merge", "mcsmoe", "random", "reap", "naee",
+                                    "hcsmoe"])
+def test_every_method_reduces_a_top_2_model_from_text_files(tmp_path, checkpoints, method):
+    out = tmp_path / method
+    reduce(checkpoints["e4k2"], out, method, 2, DRAMA_TXT)
+    model = load_model(out)
+    assert model.cfg.top_k == 2 and np.mean([m.n_expert for m in model.moe_blocks]) == 2
+
+
+@pytest.mark.parametrize(("which", "method", "d", "task_data", "message"), [
+    ("dense", "greedy", 1, "smoke:drama", "dense model"),
+    ("e4", "uncurl", 4, "smoke:drama", "choose D < 4"),
+    ("e4", "uncurl", 0, "smoke:drama", "too small"),
+    ("e4", "kmeans", 2, "smoke:drama", "unknown method 'kmeans'"),
+    ("other-tokenizer", "uncurl", 2, "smoke:drama", "different tokenizer"),
+    ("no-tokenizer", "uncurl", 2, DRAMA_TXT, "needs the model's tokenizer"),
+    ("e4", "uncurl", 2, "smoke:poetry", "no domain 'poetry'"),
+    ("e4", "uncurl", 2, "no/such/data", "neither a registered task"),
+    ("e4", "uncurl", 2, "too-big-ids", "beyond the model's vocabulary of 320"),
+])
+def test_bad_input_is_named_and_nothing_is_written(tmp_path, checkpoints, smoke_data, capsys,
+                                                   monkeypatch, which, method, d, task_data,
+                                                   message):
+    monkeypatch.setitem(taskdata.TASKS, "too-big-ids", lambda tok: [np.array([1, 2, 999])])
+    task_data = str(task_data).replace("smoke", str(smoke_data))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        reduce(checkpoints[which], out, method, d, task_data)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_data,
+                                                  monkeypatch):
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("uncurl.reduce.__main__.write_json", fail)
+    with pytest.raises(OSError):
+        reduce(checkpoints["e4"], tmp_path / "out", "greedy", 2, f"{smoke_data}:drama")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_is_replaced_only_if_it_is_an_earlier_reduction(tmp_path, checkpoints,
+                                                                           smoke_data, capsys):
+    out = tmp_path / "out"
+    reduce(checkpoints["e4"], out, "greedy", 3, f"{smoke_data}:drama")
+    reduce(checkpoints["e4"], out, "greedy", 2, f"{smoke_data}:drama")
+    assert load_model(out).cfg.n_expert == 2
+    other = tmp_path / "precious"
+    other.mkdir()
+    with pytest.raises(SystemExit):
+        reduce(checkpoints["e4"], other, "greedy", 2, f"{smoke_data}:drama")
+    assert "not an earlier reduction" in capsys.readouterr().err and not any(other.iterdir())
+
+
+def test_registered_tasks_plug_in_by_name(monkeypatch):
+    monkeypatch.setitem(taskdata.TASKS, "counting", None)  # restored after the test
+    register_task("counting", lambda tok: [np.arange(10), np.arange(1), np.arange(3)])
+    docs = taskdata.load_task_docs("counting", vocab_size=64)
+    assert [d.tolist() for d in docs] == [list(range(10)), [0, 1, 2]]  # one-token docs dropped
+
+
+def test_batches_cover_every_token_once_with_shifted_targets_and_padding_masked():
+    docs = [np.arange(100, 137), np.arange(200, 205)]  # 37 and 5 tokens, block 16
+    batches = make_batches(docs, block_size=16, batch_size=2, seed=0)
+    inputs = sorted(int(t) for b in batches for t in b.idx[b.mask])
+    assert inputs == sorted([*range(100, 136), *range(200, 204)])  # all but each document's last
+    for b in batches:
+        assert torch.equal(b.targets[b.mask] - 1, b.idx[b.mask])  # next token (ids count up)
+        assert (b.targets[~b.mask] == -1).all() and (b.idx[~b.mask] == 0).all()
+    capped = make_batches(docs, block_size=16, batch_size=2, max_tokens=10, seed=0)
+    assert sum(int(b.mask.sum()) for b in capped) < 40
+    assert [b.idx.tolist() for b in make_batches(docs, 16, 2, seed=1)] == [
+        b.idx.tolist() for b in make_batches(docs, 16, 2, seed=1)]
