@@ -140,6 +140,9 @@ def _known(cls, d: dict, what: str) -> dict:
     return dict(d)
 
 
+STUDY_KEY = "study"  # the [[study]] tables of profiles.toml: the study's steps, not a profile
+
+
 def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
     raw = tomllib.loads(Path(path).read_text())
     return {
@@ -151,7 +154,13 @@ def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
             expert_counts=tuple(spec.get("expert_counts", [1])),
         )
         for name, spec in raw.items()
+        if name != STUDY_KEY
     }
+
+
+def load_study(path: Path = PROFILES_PATH) -> list[dict]:
+    """The study's steps (`[[study]]` in profiles.toml), as written; `uncurl.study` runs them."""
+    return tomllib.loads(Path(path).read_text()).get(STUDY_KEY, [])
 
 
 def get_profile(name: str) -> Profile:

@@ -1,0 +1,155 @@
+"""The study's notebooks: their shape, and the whole study at the smoke profile.
+
+The smoke study runs once per session (papermill, every notebook, then the book with warnings as
+errors) into temporary folders; the premise sweep reads a made-up stand-in for
+data/results/premise_sweep.csv, written in the temporary folder only.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+from test_report import standin_sweep
+
+from uncurl import study
+from uncurl.config import get_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PARAMETER = re.compile(r"^(\w+): (int|float|str|bool) = (.+?)  # \S.*$")
+GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
+GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\} (\S+)")
+
+# what each step promises to write in its results folder (besides results.json)
+PROMISED = {
+    "data": ["corpus.csv"],
+    "pretrain": [],
+    "pretraining_report": ["models.csv", "curves.csv", "corpus.csv", "loss_curves.png",
+                           "loss_params.png"],
+    "dense_equivalent": ["paper_comparison.csv", "our_ratios.csv", "law.csv",
+                         "paper_dense_equivalent.png", "our_dense_equivalent.png"],
+    "premise_sweep": ["gaps.csv", "premise_sweep.png"],
+}
+
+
+def cells(path: Path):
+    return nbformat.read(path, as_version=4).cells
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_thin_and_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    first, params, *rest = nb.cells
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert params.metadata.get("tags", [])[-1:] == ["parameters"]
+    for line in params.source.splitlines():
+        assert PARAMETER.match(line), f"parameter line needs 'name: type = literal  # help': {line}"
+    declared = papermill.inspect_notebook(str(path))
+    assert all(p["help"] for p in declared.values())
+    assert {"profile", "out"} <= set(declared)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+            assert not re.search(r"^\s*(async\s+)?(def|class)\s", cell.source, re.M), \
+                "no functions or classes in a notebook: they belong in uncurl/"
+    assert [c for c in rest if c.cell_type == "code"], "a notebook calls the library"
+
+
+def test_every_notebook_is_a_step_and_every_chapter_is_in_the_book():
+    steps = study.load_steps()
+    assert {s.notebook for s in steps} == {p.stem for p in NOTEBOOKS}
+    toc = yaml.safe_load((ROOT / "book/_toc.yml").read_text())
+    files = {c["file"] for part in toc["parts"] for c in part["chapters"]}
+    assert files == {s.chapter for s in steps if s.chapter}
+
+
+# ------------------------------------------------------------------------ the smoke study
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The study at the smoke profile, executed and rendered once, in temporary folders."""
+    root = tmp_path_factory.mktemp("smoke-study")
+    sweep = root / "premise_sweep.csv"
+    standin_sweep().to_csv(sweep, index=False)  # made up, for the test only
+    profile = get_profile("smoke")
+    args = dict(profile=profile, build=root / "build" / "smoke", runs_dir=root / "runs",
+                overrides={"sweep_csv": str(sweep)})
+    start = time.perf_counter()
+    outcome = study.run_study(jobs=2, **args)
+    runs = study.plan(profile, study.load_steps(), args["build"], args["runs_dir"],
+                      args["overrides"])
+    index = study.build_book(runs, args["build"], root / "html")
+    return {"root": root, "args": args, "outcome": outcome, "runs": runs, "index": index,
+            "seconds": time.perf_counter() - start}
+
+
+def test_every_run_executed(smoke):
+    assert set(smoke["outcome"].values()) == {"ran (never ran)"}
+    assert smoke["seconds"] < 300, "the smoke study should take well under 5 minutes"
+
+
+def test_every_notebook_writes_what_it_promises(smoke):
+    for run in smoke["runs"]:
+        nb = json.loads(run.executed.read_text())
+        errors = [o for c in nb["cells"] for o in c.get("outputs", [])
+                  if o["output_type"] == "error"]
+        assert not errors, f"{run.label}: {errors}"
+        record = json.loads((run.out / "results.json").read_text())
+        assert record["parameters"]["profile"] == "smoke"
+        assert {"git", "packages", "python", "wall_time_s", "library"} <= set(record)
+        for name in PROMISED[run.step.name]:
+            assert (run.out / name).stat().st_size > 0, f"{run.label} did not write {name}"
+        for output in record["outputs"]:
+            assert Path(output).exists(), f"{run.label} declared {output}, which is missing"
+    pretrain = [r for r in smoke["runs"] if r.step.name == "pretrain"]
+    assert [r.parameters["n_expert"] for r in pretrain] == [1, 4]
+    assert (smoke["root"] / "runs/smoke/e4/summary.json").exists()
+
+
+def glued(nb: dict) -> set[str]:
+    return {o["metadata"]["scrapbook"]["name"] for c in nb["cells"] for o in c.get("outputs", [])
+            if "scrapbook" in o.get("metadata", {})}
+
+
+def referenced(markdown: str) -> set[str]:
+    """Glue keys that MyST markdown pastes: `{glue:text}`[doc::]key[:format]`` and directives."""
+    roles = {re.match(r"^(?:.*::)?(\w+)", ref).group(1) for ref in GLUE_ROLE.findall(markdown)}
+    return roles | set(GLUE_DIRECTIVE.findall(markdown))
+
+
+def test_every_number_in_the_prose_is_glued(smoke):
+    for run in smoke["runs"]:
+        if run.step.chapter:
+            nb = json.loads(run.executed.read_text())
+            prose = "\n".join("".join(c["source"]) for c in nb["cells"]
+                              if c["cell_type"] == "markdown")
+            missing = referenced(prose) - glued(nb)
+            assert not missing, f"{run.step.chapter} pastes keys it never glues: {missing}"
+    intro = (ROOT / "book/intro.md").read_text()
+    chapter = next(r for r in smoke["runs"] if r.step.chapter == "pretraining")
+    assert referenced(intro) <= glued(json.loads(chapter.executed.read_text()))
+
+
+def test_the_book_builds_without_warnings(smoke):
+    html = smoke["index"].parent
+    assert smoke["index"].exists()
+    for page in ("intro", "pretraining", "dense_equivalent", "premise_sweep"):
+        assert (html / f"{page}.html").exists()
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", (html / "pretraining.html").read_text()))
+    assert "built at the smoke profile" in text
+    assert "glue" not in re.sub(r"<[^>]+>", "", (html / "intro.html").read_text()).lower()
+
+
+def test_an_unchanged_rerun_is_all_cached_and_quick(smoke, capsys):
+    start = time.perf_counter()
+    outcome = study.run_study(**smoke["args"])
+    study.build_book(smoke["runs"], smoke["args"]["build"], smoke["root"] / "html")
+    assert set(outcome.values()) == {"cached"}
+    assert "book up to date" in capsys.readouterr().out
+    assert time.perf_counter() - start < 15
