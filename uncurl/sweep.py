@@ -31,7 +31,7 @@ VARIANTS = [
     ("router std 0.3, 500 steps", 2048, {}, {"max_steps": 500}, (16,)),
     ("router std 1.0, 500 steps", 2048, {"router_init_std": 1.0}, {"max_steps": 500}, (16,)),
     ("small profile (router std 0.3, 600 steps)", 2048, {}, {}, (1, 4, 8, 16, 32, 64)),
-    ("small profile, seed 1", 2048, {}, {"seed": 1}, (1, 16)),
+    ("small profile (router std 0.3, 600 steps), seed 1", 2048, {}, {"seed": 1}, (1, 16)),
 ]
 
 
@@ -62,7 +62,7 @@ def jobs_for(profile, runs: Path) -> list[dict]:
 
 
 def _slug(label: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in label.split("(")[0].lower()).strip("-")
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower())
     return "-".join(filter(None, slug.split("-")))
 
 
@@ -78,6 +78,8 @@ def main(argv=None):
     rows = [
         {"variant": j["label"], "n_expert": j["model"]["n_expert"], "seed": j["train"]["seed"],
          "n_embd": j["model"]["n_embd"], "vocab_size": j["model"]["vocab_size"],
+         "router_init_std": j["model"]["router_init_std"], "steps": j["train"]["max_steps"],
+         "lr": j["train"]["lr"],
          "tokens": s["tokens"], "val_loss": s["val_loss"], "wall_time_s": s["wall_time_s"],
          "total_params": s["parameters"]["total"], "active_params": s["parameters"]["active"],
          "git": s["environment"]["git"], "run": str(j["out"])}
