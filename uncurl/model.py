@@ -124,7 +124,10 @@ class GroupedMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, pre, act, w_fc, w_proj, row_expert = ctx.saved_tensors
         n_expert = len(w_fc)
-        g_wfc, g_wproj = torch.zeros_like(w_fc), torch.zeros_like(w_proj)
+        g_wfc, g_wproj = torch.empty_like(w_fc), torch.empty_like(w_proj)
+        busy = {e for e, _ in ctx.spans}
+        idle = [e for e in range(n_expert) if e not in busy]
+        g_wfc[idle], g_wproj[idle] = 0, 0  # experts that saw no token get zero gradient
         g_act = torch.empty_like(act)
         for e, (a, b) in ctx.spans:
             torch.mm(act[a:b].t(), grad_out[a:b], out=g_wproj[e])
