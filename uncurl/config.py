@@ -6,6 +6,7 @@ for every parameter a run uses.
 """
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -168,3 +169,17 @@ def get_profile(name: str) -> Profile:
     if name not in profiles:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(profiles)}")
     return profiles[name]
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs with values parsed as JSON where possible (numbers, null, lists)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{pair!r} is not of the form KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

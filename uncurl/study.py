@@ -30,7 +30,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from uncurl.config import PROFILES_PATH, Profile, get_profile, load_study
+from uncurl.config import PROFILES_PATH, Profile, get_profile, load_study, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -540,16 +540,10 @@ def build_book(all_runs: list[Run], build: Path, html_parent: Path) -> Path:
 
 def parse_sets(pairs: list[str]) -> dict:
     """KEY=VALUE pairs; values are JSON where they parse (numbers, true, lists), else text."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise StudyError(f"--set {pair!r} is not of the form KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    try:
+        return parse_overrides(pairs)
+    except ValueError as e:
+        raise StudyError(f"--set: {e}") from None
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from uncurl import data
 from uncurl.checkpoint import load_train_state, save_checkpoint, write_json
-from uncurl.config import ModelConfig, TrainConfig, get_profile
+from uncurl.config import ModelConfig, TrainConfig, get_profile, parse_overrides
 from uncurl.model import GPT, count_parameters
 from uncurl.provenance import environment
 
@@ -198,20 +198,6 @@ def _open_metrics(path: Path, keep_until: int):
 
 def load_metrics(run_dir) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs with values parsed as JSON where possible (numbers, null, lists)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"override {pair!r} is not of the form key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
