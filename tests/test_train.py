@@ -90,3 +90,16 @@ def test_train_all_in_two_processes_matches_one_process(tmp_path, smoke_data):
     parallel = train_all([dict(job, out=tmp_path / f"p{i}") for i in range(2)], procs=2)
     single = train(tmp_path / "single", model, cfg, smoke_data, progress=False)
     assert [s["val_loss"] for s in parallel] == [single["val_loss"]] * 2
+
+
+def test_command_line_errors_are_one_line_naming_the_problem(capsys, tmp_path):
+    from uncurl.train import main
+    for argv, message in [
+        (["--profile", "nope", "--n-expert", "2"], "unknown profile 'nope'"),
+        (["--profile", "smoke", "--n-expert", "2", "--set", "colour=red"], "['colour']"),
+        (["--profile", "smoke", "--n-expert", "2", "--data", str(tmp_path)], "uncurl.data prepare"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", str(tmp_path / "run")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -236,6 +236,21 @@ def train_all(jobs: list[dict], procs: int = 2) -> list[dict]:
         return list(pool.map(_train_job, todo))
 
 
+def _jobs(args) -> list[dict]:
+    profile = get_profile(args.profile)
+    model_over, train_over = split_overrides(parse_overrides(args.set))
+    if args.seed is not None:
+        train_over["seed"] = args.seed
+    data_dir = args.data or profile.data_dir
+    vocab = data.load_meta(data_dir)["vocab_size"]
+    return [
+        {"out": args.out if len(args.n_expert) == 1 else args.out / run_name(n),
+         "model": profile.model_config(n_expert=n, vocab_size=vocab, **model_over).to_dict(),
+         "train": asdict(profile.train_config(**train_over)), "data": data_dir}
+        for n in args.n_expert
+    ]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uncurl.train", description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="small", help="profile in uncurl/profiles.toml")
@@ -249,18 +264,10 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override model or training parameters, e.g. lr=1e-3 top_k=2")
     args = p.parse_args(argv)
-    profile = get_profile(args.profile)
-    model_over, train_over = split_overrides(parse_overrides(args.set))
-    if args.seed is not None:
-        train_over["seed"] = args.seed
-    data_dir = args.data or profile.data_dir
-    vocab = data.load_meta(data_dir)["vocab_size"]
-    jobs = [
-        {"out": args.out if len(args.n_expert) == 1 else args.out / run_name(n),
-         "model": profile.model_config(n_expert=n, vocab_size=vocab, **model_over).to_dict(),
-         "train": asdict(profile.train_config(**train_over)), "data": data_dir}
-        for n in args.n_expert
-    ]
+    try:  # bad settings end with one line naming the problem, not a traceback
+        jobs = _jobs(args)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     for summary in train_all(jobs, args.jobs):
         print(f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
               f"{summary['wall_time_s']:.0f} s")
