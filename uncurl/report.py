@@ -199,9 +199,13 @@ def plot_sweep(df: pd.DataFrame) -> Figure:
     left.set_xlabel(LOSS_LABEL)
     left.legend(fontsize="small")
     left.set_title("(a) final validation loss")
+    # several expert counts in one variant share its row: each gets its own slice of the row
+    slot = gaps.groupby("variant").cumcount()
+    width = 0.8 / gaps.groupby("variant")["n_expert"].transform("size")
+    offset = -0.4 + width * (slot + 0.5)
     for n, group in gaps.groupby("n_expert"):
-        right.barh([y[v] for v in group["variant"]], group["gap"], color=expert_color(n),
-                   height=0.5, label=expert_label(n))
+        right.barh([y[v] for v in group["variant"]] + offset[group.index], group["gap"],
+                   height=width[group.index], color=expert_color(n), label=expert_label(n))
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel("MoE minus dense validation loss (nats per token)")
     right.set_title("(b) > 0: the MoE model is worse")
