@@ -71,30 +71,47 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C)
-        n, k = x.shape[0], self.cfg.top_k
-        logits = self.router(x)  # (N, E)
-        gates, experts = logits.float().softmax(-1).topk(k, dim=-1)  # (N, k)
-        # Slots are choice-major, so first choices win capacity before second choices, and
-        # earlier tokens before later ones (stable sort), as in Switch/GShard.
-        slot_expert = experts.t().reshape(-1)  # (k*N,)
-        order = slot_expert.argsort(stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.n_expert)  # (E,)
-        starts = counts.cumsum(0) - counts
-        # position of each sorted slot within its expert's queue
-        rank = torch.arange(k * n, device=x.device) - starts[slot_expert[order]]
-        capacity = self.cfg.capacity(n, self.n_expert, self.training)
-        kept = order if capacity is None else order[rank < capacity]
-        sizes = counts if capacity is None else counts.clamp(max=capacity)
-        dropped = torch.ones(k * n, dtype=torch.bool, device=x.device)
-        dropped[kept] = False
-
-        token = kept % n
-        y = GroupedMLP.apply(x[token], sizes.tolist(), self.w_fc, self.b_fc, self.w_proj,
+        capacity = self.cfg.capacity(len(x), self.n_expert, self.training)
+        d = dispatch(self.router(x), self.cfg.top_k, capacity)
+        y = GroupedMLP.apply(x[d.token], d.sizes.tolist(), self.w_fc, self.b_fc, self.w_proj,
                              self.b_proj)  # (M, C), rows sorted by expert
-        weight = gates.t().reshape(-1)[kept].unsqueeze(1).to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y * weight)
-        routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
-        return out.view(shape), routing
+        out = torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
+        return out.view(shape), d.routing
+
+
+class Dispatch(NamedTuple):
+    """Where each kept (token, choice) slot goes: rows sorted by expert, then by queue position."""
+
+    token: torch.Tensor  # (M,) token of each kept slot
+    sizes: torch.Tensor  # (E,) kept slots per expert
+    weight: torch.Tensor  # (M, 1) gate of each kept slot
+    routing: Routing
+
+
+def dispatch(logits: torch.Tensor, k: int, capacity: int | None) -> Dispatch:
+    """Top-k routing of N tokens from their router logits (N, E), at most `capacity` per expert.
+
+    A pure function, so that the single-process layer and the expert-parallel one
+    (`uncurl.expert_parallel`) route identically.
+    """
+    n, n_expert = logits.shape
+    gates, experts = logits.float().softmax(-1).topk(k, dim=-1)  # (N, k)
+    # Slots are choice-major, so first choices win capacity before second choices, and
+    # earlier tokens before later ones (stable sort), as in Switch/GShard.
+    slot_expert = experts.t().reshape(-1)  # (k*N,)
+    order = slot_expert.argsort(stable=True)
+    counts = torch.bincount(slot_expert, minlength=n_expert)  # (E,)
+    starts = counts.cumsum(0) - counts
+    # position of each sorted slot within its expert's queue
+    rank = torch.arange(k * n, device=logits.device) - starts[slot_expert[order]]
+    kept = order if capacity is None else order[rank < capacity]
+    sizes = counts if capacity is None else counts.clamp(max=capacity)
+    dropped = torch.ones(k * n, dtype=torch.bool, device=logits.device)
+    dropped[kept] = False
+    weight = gates.t().reshape(-1)[kept].unsqueeze(1)
+    routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
+    return Dispatch(kept % n, sizes, weight, routing)
+
 
 class GroupedMLP(torch.autograd.Function):
     """Expert e's MLP (linear, GELU, linear) on rows [offset_e, offset_e + sizes[e]) of xs.
@@ -185,10 +202,11 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
-        if isinstance(self.mlp, MoE):
-            y, routing = self.mlp(self.ln_2(x))
-            return x + y, routing
-        return x + self.mlp(self.ln_2(x)), None
+        if isinstance(self.mlp, MLP):
+            return x + self.mlp(self.ln_2(x)), None
+        # an MoE layer, or a stand-in for one (uncurl.expert_parallel): returns (y, routing)
+        y, routing = self.mlp(self.ln_2(x))
+        return x + y, routing
 
 
 class GPT(nn.Module):
