@@ -1,0 +1,179 @@
+"""Expert parallelism across real processes: each of P ranks holds E/P experts of every MoE layer
+and the ranks exchange tokens with two `all_to_all` calls (GShard; DeepSpeed-MoE), over gloo.
+
+    results = launch(worker, 2, *args)          # worker(rank, world, *args) in 2 processes
+    layers = shard_model(model, rank, world)    # in each: its MoE layers, expert-parallel
+
+Tokens are data-parallel, as in DeepSpeed: every rank runs the whole model on its own batch shard.
+In each MoE layer a rank routes its tokens exactly as `uncurl.model.MoE` does (the same
+`dispatch`), scatters the kept slots into a capacity buffer (E, C, d), sends each rank the rows
+of that rank's experts (first all_to_all), runs its own experts on what it received from every
+rank (the padding rows too, as GShard and DeepSpeed do), sends the outputs back (second
+all_to_all) and combines them with the gates. So each rank's output equals the single-process
+layer's output on that rank's tokens. Forward only: the exchanges carry no gradients.
+"""
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from uncurl.model import GPT, GroupedMLP, MoE, dispatch
+
+
+@dataclass
+class Phases:
+    """Seconds spent in each phase of one layer's forward calls, and bytes given to all_to_all.
+
+    An exchange's time includes waiting for the slowest rank to arrive, as DeepSpeed's own
+    timers do; `bytes_sent` counts the whole buffers handed to `all_to_all_single` (the 1/P of
+    each that a rank keeps for itself is copied locally, not sent).
+    """
+
+    route: float = 0.0  # router, dispatch, scatter into the capacity buffer
+    first_a2a: float = 0.0
+    compute: float = 0.0  # this rank's experts on every rank's slots
+    second_a2a: float = 0.0
+    combine: float = 0.0  # gather the outputs back to tokens, weighted by the gates
+    bytes_sent: int = 0
+    calls: int = 0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def _timed(phases: Phases, name: str):
+    t0 = time.perf_counter()
+    yield
+    setattr(phases, name, getattr(phases, name) + time.perf_counter() - t0)
+
+
+class ExpertParallelMoE(nn.Module):
+    """Rank `rank`'s part of an MoE layer: the shared router and a copy of its E/P experts."""
+
+    def __init__(self, moe: MoE, rank: int, world: int, group=None):
+        super().__init__()
+        if moe.n_expert % world:
+            raise ValueError(f"{moe.n_expert} experts cannot be split evenly over {world} ranks")
+        self.cfg, self.n_expert, self.world, self.group = moe.cfg, moe.n_expert, world, group
+        self.n_local = moe.n_expert // world
+        mine = slice(rank * self.n_local, (rank + 1) * self.n_local)
+        self.router = moe.router
+        for name in ("w_fc", "b_fc", "w_proj", "b_proj"):
+            full = getattr(moe, name)
+            local = None if full is None else nn.Parameter(full.detach()[mine].clone())
+            setattr(self, name, local)
+        self.phases = Phases()
+        self.train(moe.training)  # the capacity factor depends on the mode
+
+    @torch.no_grad()
+    def forward(self, x):
+        shape, ph = x.shape, self.phases
+        x = x.reshape(-1, shape[-1])  # (N, d): this rank's tokens; equal N on every rank
+        with _timed(ph, "route"):
+            capacity = self.cfg.capacity(len(x), self.n_expert, self.training)
+            d = dispatch(self.router(x), self.cfg.top_k, capacity)
+            buffer, slot = scatter(x, d.token, d.sizes, capacity or self._largest(d.sizes))
+        with _timed(ph, "first_a2a"):
+            received = self._exchange(buffer)  # (P, E/P, C, d): every rank's slots of my experts
+        with _timed(ph, "compute"):
+            p, e, c, width = received.shape
+            rows = received.transpose(0, 1).reshape(e * p * c, width)  # each expert contiguous
+            y = GroupedMLP.apply(rows, [p * c] * e, self.w_fc, self.b_fc, self.w_proj,
+                                 self.b_proj)
+            outputs = y.view(e, p, c, width).transpose(0, 1)  # (P, E/P, C, d): by origin rank
+        with _timed(ph, "second_a2a"):
+            returned = self._exchange(outputs)  # (P, E/P, C, d) = (E, C, d): my slots, computed
+        with _timed(ph, "combine"):
+            y = returned.reshape(-1, width)[slot]
+            out = torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
+        ph.calls += 1
+        return out.view(shape), d.routing
+
+    def _exchange(self, t: torch.Tensor) -> torch.Tensor:
+        """Block r of dim 0 goes to rank r; block r of the result came from rank r."""
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=self.group)
+        self.phases.bytes_sent += t.numel() * t.element_size()
+        return out.view(self.world, self.n_local, *t.shape[-2:])
+
+    def _largest(self, sizes: torch.Tensor) -> int:
+        """Dropless routing: the buffer must hold the fullest expert of any rank."""
+        largest = sizes.max().reshape(1).clone()
+        dist.all_reduce(largest, dist.ReduceOp.MAX, group=self.group)
+        return int(largest)
+
+
+def scatter(x: torch.Tensor, token: torch.Tensor, sizes: torch.Tensor,
+            capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The capacity buffer (E, C, d) holding each kept slot's token at (expert, queue position),
+    zeros elsewhere, and each slot's flat index into it; slots come sorted by expert."""
+    n_expert = len(sizes)
+    expert = torch.repeat_interleave(torch.arange(n_expert, device=x.device), sizes)  # (M,)
+    starts = sizes.cumsum(0) - sizes
+    slot = expert * capacity + torch.arange(len(token), device=x.device) - starts[expert]
+    buffer = x.new_zeros(n_expert * capacity, x.shape[1])
+    buffer[slot] = x[token]
+    return buffer.view(n_expert, capacity, x.shape[1]), slot
+
+
+def shard_model(model: GPT, rank: int, world: int, group=None) -> list[ExpertParallelMoE]:
+    """Replace each MoE layer of `model` (in place) by rank `rank`'s expert-parallel part; the
+    full expert tensors are released. Returns the new layers, whose `phases` time each call."""
+    layers = []
+    for block in model.h:
+        if isinstance(block.mlp, MoE):
+            block.mlp = ExpertParallelMoE(block.mlp, rank, world, group)
+            layers.append(block.mlp)
+    return layers
+
+
+# ------------------------------------------------------------------------------ processes
+
+def launch(fn, world: int, *args) -> list:
+    """Run `fn(rank, world, *args)` in `world` fresh processes joined in one gloo group on
+    localhost, one torch thread each; returns each rank's (picklable) result, by rank.
+
+    A failing rank raises here with its traceback (torch's ProcessRaisedException), and takes
+    the others down with it.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = mp.spawn(_run, args=(world, free_port(), queue, fn, args), nprocs=world, join=False)
+    results, done = {}, False
+    while not done:  # read while waiting: a rank blocks on a full pipe until its result is read
+        done = procs.join(timeout=0.05)
+        while not queue.empty():
+            rank, value = queue.get()
+            results[rank] = value
+    return [results[r] for r in range(world)]
+
+
+def _run(rank, world, port, queue, fn, args):
+    torch.set_num_threads(1)
+    # environment variables as well, so that DeepSpeed's initialisation finds the same group
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, fn(rank, world, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
