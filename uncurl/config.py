@@ -119,20 +119,23 @@ class FinetuneConfig(TrainConfig):
 
     `max_steps` is an upper bound: every `eval_interval` steps the held-out loss (a part of the
     training split) is measured, the best weights are kept, and training stops after `patience`
-    evaluations without improvement. `lr` is shared by every model being compared."""
-    batch_size: int = 16
-    max_steps: int = 200
-    lr: float = 1e-3
+    evaluations without improvement. `lr` is shared by every model being compared. A batch holds
+    about `batch_tokens` tokens: as many examples (lm: windows) as fit at their mean length, so
+    that every task costs the same per step; `batch_size` is not used."""
+    batch_tokens: int = 2048
+    max_steps: int = 100
+    lr: float = 3e-3
     min_lr_ratio: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    eval_interval: int = 25
+    eval_interval: int = 50
     patience: int = 2
     seeds: int = 3  # fine-tuning seeds per (model, task)
     val_frac: float = 0.2  # choice tasks: share of examples for validation
     heldout_frac: float = 0.1  # share of examples (lm: training documents) for early stopping
-    max_val: int = 1000  # validation examples (lm: windows) scored, a stable subset
-    max_heldout: int = 256
+    max_val: int = 1000  # validation examples scored (a stable subset)
+    max_val_windows: int = 256  # lm tasks: validation windows of block_size tokens scored
+    max_heldout: int = 128  # held-out examples (lm: windows) for early stopping
     router_warmup_steps: int = 20  # reduced models: router-only steps on the task first
     router_warmup_lr: float = 1e-3
     reduce_tokens: int = 65536  # task tokens for the reduction statistics

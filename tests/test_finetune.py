@@ -1,0 +1,155 @@
+"""Fine-tuning and evaluation: the scorer, learning a task, results that resume, honest verdicts."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from uncurl import data, evaluate, finetune, tasks
+from uncurl.checkpoint import save_checkpoint
+from uncurl.config import get_profile
+from uncurl.model import GPT, Output
+from uncurl.reduce.save import reduce_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = str(ROOT / "tests" / "fixtures" / "tasks")
+FAST = dict(max_steps=30, eval_interval=10, batch_tokens=256, max_val=40, max_heldout=16,
+            max_val_windows=8, router_warmup_steps=2, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Unigram(nn.Module):
+    """Every position predicts the same known distribution: log p(token) = logp[token]."""
+
+    def __init__(self, logp: torch.Tensor):
+        super().__init__()
+        self.logp = logp
+
+    def forward(self, idx):
+        return Output(self.logp.expand(*idx.shape, -1), None, None, None, None)
+
+
+def test_choice_scorer_ranks_answers_by_their_known_likelihood():
+    logp = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0]), 0)
+    model = Unigram(logp)
+    enc = [tasks.Encoded(np.array([0, 0]), (np.array([1]), np.array([3]), np.array([2, 2])), 1),
+           tasks.Encoded(np.array([4]), (np.array([4, 4]), np.array([1])), 0)]
+    scores = evaluate.choice_scores(model, enc)
+    expected = [[logp[1], logp[3], 2 * logp[2]], [2 * logp[4], logp[1], -np.inf]]
+    np.testing.assert_allclose(scores, np.array(expected, dtype=float), rtol=1e-6)
+    # picks: 3 (the likeliest single token) for the first, 1 for the second
+    assert evaluate.correct(model, enc).tolist() == [1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def smoke_ckpt(smoke_data, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = get_profile("smoke").model_config(vocab_size=320, n_expert=4)
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "e4", GPT(cfg),
+                           data.load_tokenizer(smoke_data))
+
+
+def _cfg(**kw):
+    return get_profile("smoke").finetune_config(**{**FAST, **kw})
+
+
+@pytest.mark.parametrize("task", ["rotten_tomatoes", "drama"])
+def test_finetuning_lowers_the_task_loss_and_keeps_the_best_weights(smoke_ckpt, smoke_data, task):
+    model = finetune.load_model(smoke_ckpt)
+    tok = data.load_tokenizer(smoke_data)
+    d = finetune.load_task(task, tok, model.cfg.block_size, _cfg(), smoke_data, SAMPLES)
+    before = finetune.heldout_loss(model, d)
+    out = finetune.finetune(model, d, _cfg(), seed=0)
+    assert out["best_heldout_loss"] < before - 0.05
+    assert finetune.heldout_loss(model, d) == pytest.approx(out["best_heldout_loss"], abs=1e-5)
+
+
+def test_a_run_records_per_example_scores_and_is_not_redone(smoke_ckpt, smoke_data, tmp_path):
+    args = (smoke_ckpt, "rotten_tomatoes", 0, tmp_path / "run", _cfg(), smoke_data, SAMPLES)
+    first = finetune.run(*args)
+    assert first["model"] == {"model": "e4", "source_experts": 4, "target_experts": 4,
+                              "method": "scratch"}
+    assert len(first["per_example"]) == first["sizes"]["val"]
+    assert first["metrics"]["accuracy"] == pytest.approx(np.mean(first["per_example"]))
+    assert finetune.run(*args)["wall_s"] == first["wall_s"]  # read back, not retrained
+    again = finetune.run(*args[:4], _cfg(lr=1e-4), *args[5:])  # other parameters: redone
+    assert again["params"]["finetune"]["lr"] == 1e-4
+
+
+def test_same_seed_same_numbers(smoke_ckpt, smoke_data, tmp_path):
+    runs = [finetune.run(smoke_ckpt, "drama", 1, tmp_path / str(i), _cfg(), smoke_data)
+            for i in range(2)]
+    assert runs[0]["per_example"] == runs[1]["per_example"]
+
+
+def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_data, tmp_path):
+    tok = data.load_tokenizer(smoke_data)
+    docs = tasks.answered(tasks.encode(tok, tasks.examples(
+        tasks.get_task("rotten_tomatoes"), SAMPLES)["train"]))
+    red = reduce_checkpoint(smoke_ckpt, tmp_path / "red", "uncurl", 2, docs, "rotten_tomatoes")
+    result = finetune.run(red, "rotten_tomatoes", 0, tmp_path / "ft", _cfg(), None, SAMPLES)
+    assert result["model"] == {"model": "e4-uncurl-d2", "source_experts": 4, "target_experts": 2,
+                               "method": "uncurl"}
+    assert len(result["router_warmup"]) == FAST["router_warmup_steps"]
+
+
+def test_paired_bootstrap_verdicts():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, (3, 400)).astype(float)
+    diff, lo, hi = evaluate.paired_bootstrap(a, a.copy())
+    assert diff == lo == hi == 0 and evaluate.verdict(lo, hi) == "="
+    shifted = np.clip(a + (rng.random(a.shape) < 0.3), 0, 1)  # right on 30% more examples
+    _, lo, hi = evaluate.paired_bootstrap(shifted, a)
+    assert lo > 0 and evaluate.verdict(lo, hi) == "+"
+    assert evaluate.verdict(lo, hi, higher_is_better=False) == "-"  # e.g. a loss that rose
+    noise = rng.integers(0, 2, a.shape).astype(float)
+    assert evaluate.verdict(*evaluate.paired_bootstrap(noise, a)[1:]) == "="
+    with pytest.raises(ValueError, match="same"):
+        evaluate.paired_bootstrap(a, a[:, :10])
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_examples():
+    rng = np.random.default_rng(1)
+    small, large = rng.random((3, 50)), rng.random((3, 5000))
+    m, lo, hi = evaluate.bootstrap_ci(small)
+    assert lo < m < hi
+    _, lo2, hi2 = evaluate.bootstrap_ci(large)
+    assert hi2 - lo2 < (hi - lo) / 5
+
+
+def _result(model, source, target, method, seed, per):
+    return {"model": {"model": model, "source_experts": source, "target_experts": target,
+                      "method": method}, "task": "t", "seed": seed, "metric": "accuracy",
+            "metrics": {"accuracy": float(np.mean(per))}, "per_example": list(per)}
+
+
+def test_tables_pair_each_reduced_model_with_its_from_scratch_size():
+    rng = np.random.default_rng(2)
+    results = [r for s in range(3) for r in (
+        _result("e2", 2, 2, "scratch", s, rng.integers(0, 2, 300)),
+        _result("e4-uncurl-d2", 4, 2, "uncurl", s, np.ones(300)))]
+    tidy = evaluate.tidy(results)
+    assert list(tidy.columns) == evaluate.COLUMNS and len(tidy) == 6
+    summary = evaluate.summary(results, n_boot=200)
+    assert set(summary["model"]) == {"e2", "e4-uncurl-d2"} and (summary["seeds"] == 3).all()
+    (row,) = evaluate.comparisons(results, n_boot=200).to_dict("records")
+    assert row["reference"] == "e2" and row["verdict"] == "+"
+
+
+def test_commands_name_the_fix(smoke_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--checkpoint", str(smoke_ckpt), "--task", "sst2", "--out", str(tmp_path),
+                       "--profile", "smoke"])
+    assert "registered tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--runs", str(tmp_path)])
+    assert "run python -m uncurl.finetune first" in capsys.readouterr().err

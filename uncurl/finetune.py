@@ -1,0 +1,231 @@
+"""Fine-tune a checkpoint on one task, then score it on the task's validation split.
+
+    python -m uncurl.finetune --checkpoint runs/small/e8 --task rotten_tomatoes --seed 0 \\
+        --out runs/small/finetune/rotten_tomatoes/e8/s0 [--profile small] [--set lr=3e-4]
+
+Choice tasks train on prompt + right answer with the loss on the answer tokens; lm tasks train as
+plain language modelling. A reduced checkpoint (one written by `uncurl.reduce`) first gets the
+router warm-up: router-only steps on the task (STUDY.md section 3, step 6). Early stopping watches
+the loss on a held-out part of the training split, never the validation split. The run writes
+`result.json` (parameters, metrics, per-example validation scores, timings, environment)
+atomically; a finished run with the same parameters is not redone.
+"""
+
+import argparse
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from uncurl import evaluate, tasks
+from uncurl.checkpoint import find_checkpoint, load_model, read_info, save_checkpoint, write_json
+from uncurl.config import FinetuneConfig, get_profile, parse_overrides
+from uncurl.provenance import environment
+from uncurl.reduce import router_warmup
+from uncurl.reduce.save import tokenizer as checkpoint_tokenizer
+from uncurl.train import lr_at, make_optimizer
+
+
+@dataclass
+class TaskData:
+    task: tasks.Task
+    train: list  # choice: tasks.Encoded; lm: token arrays (documents)
+    heldout: list  # choice: tasks.Encoded; lm: taskdata.Batch windows
+    val: list  # as heldout
+    batch_size: int  # examples (lm: windows) per training batch
+    majority: float = float("nan")  # choice: share of the most frequent answer in val
+    chance: float = float("nan")  # choice: expected accuracy of a uniform guess
+
+
+def load_task(name: str, tok, block_size: int, cfg: FinetuneConfig, data_dir=None,
+              task_source: str = "") -> TaskData:
+    """The task's splits, tokenized for a model; validation and held-out are stable subsets."""
+    task = tasks.get_task(name)
+    if task.kind == "lm":
+        if data_dir is None:
+            raise ValueError(f"lm task {name!r} needs the prepared corpus (--data-dir or --profile)")
+        docs = tasks.domain_docs(task, data_dir, cfg.heldout_frac)
+        size = max(1, cfg.batch_tokens // block_size)
+        return TaskData(task, docs["train"], *[
+            tasks.lm_batches(docs[s], block_size, size, n * block_size)
+            for s, n in (("heldout", cfg.max_heldout), ("val", cfg.max_val_windows))], size)
+    exs = tasks.examples(task, task_source or None, cfg.val_frac, cfg.heldout_frac)
+    val = _subset(exs["val"], cfg.max_val)
+    encoded = [tasks.encode(tok, split, block_size, task.max_text_tokens)
+               for split in (exs["train"], _subset(exs["heldout"], cfg.max_heldout), val)]
+    length = np.mean([len(e.prompt) + len(e.choices[e.label]) for e in encoded[0]])
+    size = max(1, int(cfg.batch_tokens // length))
+    return TaskData(task, *encoded, size, tasks.majority(val)[1], tasks.chance(val))
+
+
+def _subset(items: list, n: int) -> list:
+    """A fixed pseudo-random `n` of `items` (files are often ordered by label)."""
+    order = np.random.default_rng(0).permutation(len(items))[:n]
+    return [items[i] for i in sorted(order)]
+
+
+def training_batches(data: TaskData, cfg: FinetuneConfig, seed: int, block_size: int):
+    """Endless training batches, reshuffled every epoch, the order fixed by `seed`."""
+    for epoch in range(10**9):
+        if data.task.kind == "lm":
+            # an epoch is capped at what max_steps can use, so a large domain is not cut in full
+            yield from tasks.lm_batches(data.train, block_size, data.batch_size,
+                                        cfg.max_steps * data.batch_size * block_size,
+                                        seed=seed * 1000 + epoch)
+        else:
+            yield from tasks.train_batches(data.train, data.batch_size, seed, epoch)
+
+
+def heldout_loss(model, data: TaskData) -> float:
+    if data.task.kind == "lm":
+        return float(np.mean(evaluate.window_losses(model, data.heldout)))
+    return evaluate.answer_loss(model, data.heldout)
+
+
+def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
+             progress: bool = False) -> dict:
+    """Train `model` in place, ending with the weights of its best held-out evaluation."""
+    torch.manual_seed(seed)
+    opt = make_optimizer(model, cfg)
+    batches = training_batches(data, cfg, seed, model.cfg.block_size)
+    best = {"step": 0, "loss": heldout_loss(model, data), "state": copy.deepcopy(model.state_dict())}
+    curve, waited = [{"step": 0, "heldout_loss": best["loss"]}], 0
+    model.train()
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"finetune {data.task.name}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, cfg)
+        b = next(batches)
+        loss = model(b.idx, b.targets, loss_mask=b.mask).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if step % cfg.eval_interval and step != cfg.max_steps:
+            continue
+        held = heldout_loss(model, data)
+        curve.append({"step": step, "train_loss": loss.item(), "heldout_loss": held})
+        bar.set_postfix(heldout=f"{held:.3f}")
+        if held < best["loss"]:
+            best, waited = {"step": step, "loss": held, "state": copy.deepcopy(model.state_dict())}, 0
+        elif (waited := waited + 1) >= cfg.patience:
+            break
+    model.load_state_dict(best["state"])
+    model.eval()
+    return {"steps": step, "best_step": best["step"], "best_heldout_loss": best["loss"],
+            "curve": curve}
+
+
+def score(model, data: TaskData) -> tuple[dict, list[float]]:
+    """Validation metrics and the per-example scores the bootstrap resamples."""
+    if data.task.kind == "lm":
+        per = evaluate.window_losses(model, data.val)
+        return {"loss": float(per.mean()), "perplexity": float(np.exp(per.mean()))}, per.tolist()
+    per = evaluate.correct(model, data.val)
+    return {"accuracy": float(per.mean()), "majority": data.majority,
+            "chance": data.chance}, per.tolist()
+
+
+def describe(checkpoint) -> dict:
+    """The model's label and what it is: from scratch, or reduced from Z to D experts by a method."""
+    info = read_info(checkpoint)
+    n = info["model"]["n_expert"]
+    target = int(round(float(np.mean(n))))
+    red = info.get("reduction")
+    if red is None:
+        return {"model": "dense" if target == 1 else f"e{target}", "source_experts": target,
+                "target_experts": target, "method": "scratch"}
+    source = int(round(float(np.mean(red["source_n_expert"]))))
+    return {"model": f"e{source}-{red['method']}-d{target}", "source_experts": source,
+            "target_experts": target, "method": red["method"]}
+
+
+def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=None,
+        task_source: str = "", save_model: bool = False, progress: bool = False) -> dict:
+    """Fine-tune and score one (checkpoint, task, seed); write out/result.json; return it."""
+    out = Path(out)
+    params = {"checkpoint": str(checkpoint), "task": task, "seed": seed, "finetune": asdict(cfg),
+              "data_dir": str(data_dir) if data_dir else None}
+    if (out / evaluate.RESULT).exists():
+        done = evaluate.load_results(out)[0]
+        if done["params"] == params:
+            return done
+    started = time.time()
+    torch.set_num_threads(cfg.threads)
+    model = load_model(checkpoint)
+    tok = checkpoint_tokenizer(checkpoint)
+    data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
+    model_info = describe(checkpoint)
+    warmup = _router_warmup(model, model_info, data, cfg, seed)
+    trained = finetune(model, data, cfg, seed, progress)
+    metrics, per_example = score(model, data)
+    result = {"model": model_info, "task": task, "kind": data.task.kind, "seed": seed,
+              "metric": data.task.metric, "metrics": metrics, "per_example": per_example,
+              "router_warmup": warmup, "training": trained, "params": params,
+              "sizes": {"train": len(data.train), "heldout": _count(data.heldout),
+                        "val": _count(data.val), "batch": data.batch_size},
+              "wall_s": time.time() - started, "environment": environment()}
+    out.mkdir(parents=True, exist_ok=True)
+    if save_model:
+        save_checkpoint(out / "model", model, tok, {"finetune": params})
+    write_json(out / evaluate.RESULT, result)
+    return result
+
+
+def _router_warmup(model, model_info: dict, data: TaskData, cfg: FinetuneConfig,
+                   seed: int) -> list[float]:
+    """Reduced models only: router-only steps on the task's training batches."""
+    if model_info["method"] == "scratch" or cfg.router_warmup_steps == 0:
+        return []
+    batches = training_batches(data, cfg, seed, model.cfg.block_size)
+    return router_warmup(model, [next(batches) for _ in range(cfg.router_warmup_steps)],
+                         cfg.router_warmup_steps, cfg.router_warmup_lr, cfg.grad_clip)
+
+
+def _count(items: list) -> int:
+    """Examples, or windows of a list of batches."""
+    return sum(len(b.idx) for b in items) if items and hasattr(items[0], "idx") else len(items)
+
+
+def score_checkpoint(checkpoint, task: str, data_dir=None, task_source: str = "") -> dict:
+    """A checkpoint's validation metrics on a task as it is, without fine-tuning."""
+    cfg = FinetuneConfig()
+    model = load_model(checkpoint)
+    data = load_task(task, checkpoint_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir,
+                     task_source)
+    return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m uncurl.finetune", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder")
+    p.add_argument("--task", required=True, help=f"one of {', '.join(sorted(tasks.TASKS))}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for result.json")
+    p.add_argument("--profile", default="small", help="fine-tuning recipe and corpus of a profile")
+    p.add_argument("--data-dir", type=Path, help="prepared corpus for lm tasks (default: profile's)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override fine-tuning parameters (recorded with the result)")
+    p.add_argument("--save-model", action="store_true", help="also keep the fine-tuned weights")
+    args = p.parse_args(argv)
+    try:
+        find_checkpoint(args.checkpoint)
+        profile = get_profile(args.profile)
+        cfg = profile.finetune_config(**parse_overrides(args.set))
+        result = run(args.checkpoint, args.task, args.seed, args.out, cfg,
+                     args.data_dir or profile.data_dir, profile.task_source, args.save_model,
+                     progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+    print(f"{result['model']['model']} on {args.task} (seed {args.seed}): {metrics}; "
+          f"best step {result['training']['best_step']} of {result['training']['steps']}, "
+          f"{result['wall_s']:.1f} s -> {args.out / evaluate.RESULT}")
+
+
+if __name__ == "__main__":
+    main()
