@@ -34,6 +34,9 @@ PROMISED = {
     "dense_equivalent": ["paper_comparison.csv", "our_ratios.csv", "law.csv",
                          "paper_dense_equivalent.png", "our_dense_equivalent.png"],
     "premise_sweep": ["gaps.csv", "premise_sweep.png"],
+    "inference_cost": ["models.csv", "layer.csv", "forward.csv", "exchanges.csv", "fit.csv",
+                       "paper_fig4.csv", "bench.json", "loss_latency.png", "a2a_compute.png",
+                       "latency_procs.png", "cost_model.png"],
 }
 
 

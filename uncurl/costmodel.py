@@ -33,7 +33,7 @@ def buffer_bytes(cfg: ModelConfig, n_expert: int, tokens: int, dtype_bytes: int 
 
 def features(nbytes, world) -> np.ndarray:
     """Columns of the model: messages per rank and bytes leaving a rank, per exchange."""
-    nbytes, world = np.asarray(nbytes, float), np.asarray(world, float)
+    nbytes, world = np.broadcast_arrays(np.asarray(nbytes, float), np.asarray(world, float))
     return np.column_stack([world - 1, nbytes * (world - 1) / world])
 
 

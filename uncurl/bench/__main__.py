@@ -1,9 +1,9 @@
-"""python -m uncurl.bench {moe,reduce} ...: each prints a table of times and ratios from one run."""
+"""python -m uncurl.bench {moe,reduce,inference} ...: each prints tables of times and ratios."""
 
 import argparse
 import json
 
-from uncurl.bench import moe, reduce
+from uncurl.bench import inference, moe, reduce
 
 
 def main(argv=None):
@@ -11,8 +11,9 @@ def main(argv=None):
     sub = p.add_subparsers(dest="bench", required=True)
     moe.add_arguments(sub.add_parser("moe", help=moe.__doc__.split("\n")[0]))
     reduce.add_arguments(sub.add_parser("reduce", help=reduce.__doc__.split("\n")[0]))
+    inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.split("\n")[0]))
     args = p.parse_args(argv)
-    result = {"moe": moe.run, "reduce": reduce.run}[args.bench](args)
+    result = {"moe": moe.run, "reduce": reduce.run, "inference": inference.run}[args.bench](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 

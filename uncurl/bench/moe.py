@@ -49,22 +49,11 @@ def init_deepspeed():
 
 def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
     """The four layers; each returns its output tensor from `layer(x)`."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     d, h, k = cfg.n_embd, cfg.hidden, cfg.top_k
-    expert = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
-    ds = DeepSpeedMoE(
-        d,
-        expert,
-        n_expert,
-        ep_size=1,
-        k=k,
-        capacity_factor=cfg.capacity_factor,
-        min_capacity=cfg.min_capacity,
-    )
-    ds.set_deepspeed_parallelism()
+    ds = deepspeed_moe(cfg, n_expert)
     # gated experts have three matrices: 2/3 of d_ff (rounded to 4 floats, which torch's
     # grouped_mm needs for its strides) matches FLOPs and parameters
     mixtral_cfg = MixtralConfig(hidden_size=d, intermediate_size=4 * round(2 * h / 3 / 4),
@@ -83,6 +72,21 @@ def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
         "DeepSpeed MoE": _Wrap(ds, first),
         "HF Mixtral block": _Wrap(mixtral, lambda out: out[0] if isinstance(out, tuple) else out),
     }
+
+
+def deepspeed_moe(cfg, n_expert: int, ep_size: int = 1) -> nn.Module:
+    """DeepSpeed's MoE layer at cfg's shapes and capacity rules, its experts split over ep_size
+    ranks (after `init_deepspeed`); `layer(x)[0]` is the output."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    d, h = cfg.n_embd, cfg.hidden
+    expert = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+    layer = DeepSpeedMoE(d, expert, n_expert, ep_size=ep_size, k=cfg.top_k,
+                         capacity_factor=cfg.capacity_factor,
+                         eval_capacity_factor=cfg.eval_capacity_factor,
+                         min_capacity=cfg.min_capacity)
+    layer.set_deepspeed_parallelism()
+    return layer
 
 
 def _step(layer, x):

@@ -1,0 +1,355 @@
+"""Tables, figures and headline numbers of the chapter "What experts cost", from the results of
+`python -m uncurl.bench inference` (`uncurl.bench.inference.run_bench`), beside the paper's."""
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from uncurl import costmodel
+from uncurl.report import (
+    LOSS_LABEL,
+    display_table,
+    expert_color,
+    expert_label,
+    human,
+    plain_axis,
+    plain_values,
+)
+
+A2A, COMPUTE = "All2All (both exchanges)", "expert computation"
+
+
+def _experts(n_expert) -> int:
+    """One number for a model's expert count (the mean, for per-layer counts)."""
+    return round(float(np.mean(n_expert)))
+
+
+def _label(name: str, n_expert) -> str:
+    return name if name.startswith("reduced/") else expert_label(_experts(n_expert))
+
+
+# ----------------------------------------------------------------------------------- tables
+
+def models_table(result: dict) -> pd.DataFrame:
+    """One process: each model's latency, memory and validation loss."""
+    single = {r["model"]: r for r in result["single"]}
+    dense = single.get("dense", {}).get("median_ms")
+    rows = []
+    for m in result["models"]:
+        r = single[m["name"]]
+        rows.append({
+            "model": m["name"], "source": m["kind"], "experts": str(m["n_expert"]),
+            "validation loss": m["val_loss"], "parameters (MB)": r["param_bytes"] / 1e6,
+            "forward peak (MB)": None if r["forward_peak_bytes"] is None
+            else r["forward_peak_bytes"] / 1e6,
+            "latency (ms)": r["median_ms"], "q1 (ms)": r["q1_ms"], "q3 (ms)": r["q3_ms"],
+            "vs dense": r["median_ms"] / dense if dense else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def layer_table(result: dict) -> pd.DataFrame:
+    """One MoE layer under expert parallelism: All2All against expert computation."""
+    df = pd.DataFrame(result["layer"])
+    out = pd.DataFrame({
+        "implementation": df["impl"], "P": df["world"], "experts": df["n_expert"],
+        "layer (ms)": df["median_ms"], "first All2All (ms)": 1e3 * df["first_a2a"],
+        "expert computation (ms)": 1e3 * df["compute"],
+        "second All2All (ms)": 1e3 * df["second_a2a"],
+        "KiB per exchange": df["bytes_sent"] / 2 / 1024,
+    })
+    out["All2All / computation"] = (out["first All2All (ms)"] + out["second All2All (ms)"]) \
+        / out["expert computation (ms)"]
+    return out.sort_values(["implementation", "P", "experts"], ignore_index=True)
+
+
+def forward_table(result: dict) -> pd.DataFrame:
+    """Whole forward passes against P: latency, and its All2All and expert parts."""
+    df = pd.DataFrame(result["forward"])
+    out = pd.DataFrame({
+        "model": df["model"], "P": df["world"], "forward (ms)": df["median_ms"],
+        "q1 (ms)": df["q1_ms"], "q3 (ms)": df["q3_ms"],
+        "All2All (ms)": 1e3 * (df["first_a2a"] + df["second_a2a"]),
+        "expert computation (ms)": 1e3 * df["compute"],
+        "KiB exchanged per rank": df["bytes_sent"] / 1024,
+    })
+    first = out.groupby("model")["forward (ms)"].transform("first")
+    out["vs smallest P"] = out["forward (ms)"] / first
+    return out
+
+
+def exchanges_table(result: dict) -> pd.DataFrame:
+    """Bare all_to_all exchanges against the fitted cost model."""
+    df = pd.DataFrame(result["exchanges"])
+    fit = result["fit"]
+    model = costmodel.exchange_time(df["bytes"], df["world"], fit["alpha"], fit["bandwidth"])
+    return pd.DataFrame({"P": df["world"], "KiB per rank": df["bytes"] / 1024,
+                         "measured (ms)": df["median_ms"], "model (ms)": 1e3 * model,
+                         "q1 (ms)": df["q1_ms"], "q3 (ms)": df["q3_ms"]})
+
+
+def fit_table(result: dict) -> pd.DataFrame:
+    fit = result["fit"]
+    return pd.DataFrame([{
+        "alpha, per message (µs)": 1e6 * fit["alpha"],
+        "bandwidth (MB/s)": fit["bandwidth"] / 1e6, "R²": fit["r2"],
+        "points": fit["n_points"],
+        "largest |residual| (ms)": 1e3 * max(abs(r) for r in fit["residuals"]),
+    }])
+
+
+def paper_fig4_table(result: dict) -> pd.DataFrame:
+    df = pd.DataFrame(result["paper_fig4"])
+    return pd.DataFrame({
+        "experts": df["n_expert"], "link": df["link"], "KiB per exchange": df["buffer_bytes"]
+        / 1024, "model (µs)": df["model_us"], "paper (µs)": df["paper_us"],
+        "paper / model": df["paper_over_model"],
+        "alpha that would match (µs)": df["alpha_to_match_us"],
+    })
+
+
+def fig4_comparison(result: dict, world: int = costmodel.PAPER_FIG4["world"]) -> pd.DataFrame:
+    """Ours (our layer and DeepSpeed's at P = world) beside the paper's Fig. 4, microseconds."""
+    layer = layer_table(result)
+    layer = layer[layer["P"] == world]
+    rows = [{"source": f"{r['implementation']}, P = {world} (ours)", "experts": r["experts"],
+             "All2All (µs)": 1e3 * (r["first All2All (ms)"] + r["second All2All (ms)"]),
+             "expert computation (µs)": 1e3 * r["expert computation (ms)"]}
+            for r in layer.to_dict("records")]
+    for n, a2a in costmodel.PAPER_FIG4_A2A_US.items():
+        rows.append({"source": "Sarkar et al. Fig. 4", "experts": n, "All2All (µs)": a2a,
+                     "expert computation (µs)": costmodel.PAPER_FIG4_COMPUTE_US})
+    out = pd.DataFrame(rows)
+    out["All2All / computation"] = out["All2All (µs)"] / out["expert computation (µs)"]
+    return out
+
+
+def reduced_table(result: dict, world: int | None = None) -> pd.DataFrame:
+    """Each reduced model against the model it came from and its from-scratch equivalent:
+    latency in one process, parameters, and All2All per forward at P = world."""
+    world = world or _comparison_world(result)
+    single = {r["model"]: r for r in result["single"]}
+    fwd = forward_table(result)
+    a2a = dict(zip(fwd.loc[fwd["P"] == world, "model"],
+                   fwd.loc[fwd["P"] == world, "All2All (ms)"], strict=True))
+    rows = []
+    for m in result["models"]:
+        if m["kind"] != "reduced":
+            continue
+        for role, name in (("reduced", m["name"]), ("came from", m.get("source")),
+                           ("from scratch", m.get("equivalent"))):
+            r = single.get(name)
+            rows.append({"reduced model": m["name"], "role": role, "model": name or "unknown",
+                         "latency (ms)": r["median_ms"] if r else None,
+                         "parameters (MB)": r["param_bytes"] / 1e6 if r else None,
+                         f"All2All per forward, P = {world} (ms)": a2a.get(name)})
+    return pd.DataFrame(rows, columns=["reduced model", "role", "model", "latency (ms)",
+                                       "parameters (MB)",
+                                       f"All2All per forward, P = {world} (ms)"])
+
+
+def _comparison_world(result: dict) -> int:
+    """P = 2 as in the paper when measured, else the largest P measured."""
+    worlds = sorted({r["world"] for r in result["forward"]})
+    return 2 if 2 in worlds else worlds[-1]
+
+
+TITLES = {
+    "models": "Latency of one forward pass, one process",
+    "layer": "One MoE layer under expert parallelism (P processes)",
+    "forward": "Whole forward pass against P (each rank its own batch)",
+    "exchanges": "Bare all_to_all exchanges and the fitted cost model",
+    "fit": "Cost model fit",
+    "paper_fig4": "Cost model at the paper's Fig. 4 setup (a model, not a measurement)",
+    "fig4_comparison": "Our layer beside the paper's Fig. 4",
+    "reduced": "Reduced models against their source and from-scratch equivalent",
+}
+
+
+def chapter_tables(result: dict) -> dict[str, pd.DataFrame]:
+    """Every table of the chapter (and of the command's output), by name."""
+    makers = {"models": models_table, "layer": layer_table, "forward": forward_table,
+              "exchanges": exchanges_table, "fit": fit_table, "paper_fig4": paper_fig4_table,
+              "fig4_comparison": fig4_comparison, "reduced": reduced_table}
+    return {name: make(result) for name, make in makers.items()}
+
+
+def printed_tables(result: dict) -> list[tuple[str, pd.DataFrame]]:
+    """What the command prints, rounded for reading."""
+    out = []
+    for name, df in chapter_tables(result).items():
+        title = TITLES[name]
+        if name == "reduced" and df.empty:
+            title = f"No reduced models under {result['runs']}/{result['profile']}/reduced/"
+        out.append((title, df.round(3)))
+    return out
+
+
+def display(df: pd.DataFrame):
+    """A table for the book, numbers to four significant digits."""
+    numeric = df.select_dtypes("number").columns
+    return display_table(df, {c: "{:.4g}" for c in numeric})
+
+
+# ---------------------------------------------------------------------------------- figures
+
+def plot_loss_vs_latency(result: dict) -> Figure:
+    """Fig. 2a's analog: validation loss against forward latency, one point per model."""
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ours, theirs = fig.subplots(1, 2)
+    single = {r["model"]: r["median_ms"] for r in result["single"]}
+    for m in result["models"]:
+        if m["val_loss"] is None:
+            continue
+        reduced = m["kind"] == "reduced"
+        ours.scatter(single[m["name"]], m["val_loss"], s=45, zorder=3,
+                     marker="D" if reduced else "o", facecolors="none" if reduced else None,
+                     color=expert_color(_experts(m["n_expert"])))
+        ours.annotate(_label(m["name"], m["n_expert"]), (single[m["name"]], m["val_loss"]),
+                      textcoords="offset points", xytext=(5, 4), fontsize="small")
+    for n, (ms, loss) in costmodel.PAPER_FIG2A.items():
+        theirs.scatter(ms, loss, s=45, color=expert_color(n), zorder=3)
+        theirs.annotate(expert_label(n), (ms, loss), textcoords="offset points", xytext=(5, 4),
+                        fontsize="small")
+    for ax in (ours, theirs):
+        ax.set_xlabel("forward latency (ms)")
+        ax.set_ylabel(LOSS_LABEL)
+    ours.set_title(f"(a) this study, {result['profile']} profile, one process")
+    theirs.set_title("(b) Sarkar et al. Fig. 2a: 354M, 8 A10 GPUs")
+    return fig
+
+
+def plot_a2a_vs_compute(result: dict) -> Figure:
+    """Fig. 4's analog: per expert count, the layer's All2All and expert computation stacked."""
+    layer = layer_table(result)
+    layer = layer[layer["P"] > 1]
+    panels = [(f"{impl}, P = {p}", g) for (impl, p), g in layer.groupby(["implementation", "P"])]
+    fig = Figure(figsize=(3.4 * (len(panels) + 1), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels) + 1))
+    paper = pd.DataFrame({"experts": list(costmodel.PAPER_FIG4_A2A_US),
+                          "a2a": list(costmodel.PAPER_FIG4_A2A_US.values()),
+                          "compute": costmodel.PAPER_FIG4_COMPUTE_US})
+    for ax, (title, g) in zip(axes, panels, strict=False):
+        a2a = 1e3 * (g["first All2All (ms)"] + g["second All2All (ms)"])
+        _stacked(ax, g["experts"], a2a, 1e3 * g["expert computation (ms)"], title)
+    _stacked(axes[-1], paper["experts"], paper["a2a"], paper["compute"],
+             "Sarkar et al. Fig. 4: 124M, GPUs, EP 2")
+    axes[0].legend(fontsize="small")
+    return fig
+
+
+def _stacked(ax, experts, a2a, compute, title):
+    x = np.arange(len(experts))
+    ax.bar(x, compute, color="C0", label=COMPUTE)
+    ax.bar(x, a2a, bottom=compute, color="C3", label=A2A)
+    ax.set_xticks(x, [str(e) for e in experts])
+    ax.set_xlabel("experts per MoE layer")
+    ax.set_ylabel("µs per layer")
+    ax.set_title(title, fontsize="medium")
+
+
+def plot_latency_vs_procs(result: dict) -> Figure:
+    """Fig. 5's analog: forward latency against the number of processes, one line per model."""
+    fwd = forward_table(result)
+    names = {m["name"]: m["n_expert"] for m in result["models"]}
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ours, theirs = fig.subplots(1, 2)
+    for model, g in fwd.groupby("model", sort=False):
+        n = names[model]
+        ours.plot(g["P"], g["forward (ms)"], marker="o", color=expert_color(_experts(n)),
+                  linestyle="--" if model.startswith("reduced/") else "-",
+                  label=_label(model, n))
+        ours.fill_between(g["P"], g["q1 (ms)"], g["q3 (ms)"], color=expert_color(_experts(n)),
+                          alpha=0.15)
+    theirs.plot(list(costmodel.PAPER_FIG5_MS), list(costmodel.PAPER_FIG5_MS.values()),
+                marker="o", color=expert_color(32), label="124M+32e")
+    ours.set_xlabel(f"processes P on {result['environment']['cpus']} cores")
+    theirs.set_xlabel("GPUs")
+    for ax in (ours, theirs):
+        ax.set_xscale("log", base=2)
+        plain_axis(ax.xaxis)
+        ax.set_ylabel("forward latency (ms)")
+        ax.legend(fontsize="small")
+    ours.set_title("(a) this study: each process its own batch")
+    theirs.set_title("(b) Sarkar et al. Fig. 5: 1 x 256 tokens per GPU")
+    return fig
+
+
+def plot_cost_model(result: dict) -> Figure:
+    """(a) the fit to bare exchanges, our layers' exchanges beside it; (b) the model at the
+    paper's Fig. 4 setup on published links against the paper's measurement."""
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    ex, fit = pd.DataFrame(result["exchanges"]), result["fit"]
+    layer = pd.DataFrame(result["layer"])
+    layer = layer[(layer["impl"] == "uncurl") & (layer["world"] > 1)]
+    for i, (world, g) in enumerate(ex.groupby("world")):
+        grid = np.geomspace(g["bytes"].min(), g["bytes"].max(), 50)
+        left.plot(grid, 1e3 * costmodel.exchange_time(grid, world, fit["alpha"],
+                                                      fit["bandwidth"]), color=f"C{i}")
+        left.scatter(g["bytes"], g["median_ms"], color=f"C{i}", label=f"bare, P = {world}")
+        mine = layer[layer["world"] == world]
+        left.scatter(mine["bytes_sent"] / 2, 1e3 * (mine["first_a2a"] + mine["second_a2a"]) / 2,
+                     marker="x", color=f"C{i}", label=f"in our layer, P = {world}")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    plain_axis(left.xaxis, human)
+    left.set_xlabel("bytes per rank and exchange")
+    left.set_ylabel("ms per exchange")
+    left.legend(fontsize="small")
+    left.set_title(f"(a) fit on gloo: {1e6 * fit['alpha']:.0f} µs per message, "
+                   f"{fit['bandwidth'] / 1e6:.0f} MB/s", fontsize="medium")
+    paper = pd.DataFrame(result["paper_fig4"])
+    for i, (link, g) in enumerate(paper.groupby("link", sort=False)):
+        right.plot(g["n_expert"], g["model_us"], marker="s", color=f"C{i + 2}",
+                   label=f"model: {link}")
+    right.plot(list(costmodel.PAPER_FIG4_A2A_US), list(costmodel.PAPER_FIG4_A2A_US.values()),
+               marker="o", color="black", label="Sarkar et al. Fig. 4, measured")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    plain_axis(right.xaxis)
+    right.set_xlabel("experts per MoE layer")
+    right.set_ylabel("All2All per layer (µs)")
+    right.legend(fontsize="small")
+    right.set_title("(b) the paper's setup: model against measurement", fontsize="medium")
+    return fig
+
+
+# ---------------------------------------------------------------------------------- numbers
+
+def headline(result: dict) -> dict:
+    """The numbers and phrases the chapter pastes."""
+    layer = layer_table(result)
+    world = _comparison_world(result)
+    ours = layer[(layer["implementation"] == "uncurl") & (layer["P"] == world)]
+    top = ours.iloc[-1] if len(ours) else None
+    fwd = forward_table(result)
+    dense = fwd[fwd["model"] == "dense"]
+    a100 = [r for r in result["paper_fig4"] if r["link"] == costmodel.LINKS[0].name]
+    kinds = {m["kind"] for m in result["models"]}
+    n_reduced = sum(m["kind"] == "reduced" for m in result["models"])
+    return plain_values({
+        "profile": result["profile"], "threads": result["threads"],
+        "cpus": result["environment"]["cpus"], "load_before": result["load_avg_before"],
+        "load_after": result["load_avg_after"], "batch_size": result["settings"]["batch_size"],
+        "seq_len": result["settings"]["seq_len"], "repeats": result["settings"]["repeats"],
+        "warmup": result["settings"]["warmup"],
+        "procs": ", ".join(map(str, result["settings"]["procs"])),
+        "max_procs": max(result["settings"]["procs"]),
+        "models_source": ("trained checkpoints" if kinds <= {"trained", "reduced"} else
+                          "randomly initialised models at the profile's shapes (no trained "
+                          "checkpoints were found)"),
+        "world": world, "top_experts": int(top["experts"]) if top is not None else 0,
+        "top_ratio": float(top["All2All / computation"]) if top is not None else float("nan"),
+        "dense_slowdown": float(dense["vs smallest P"].iloc[-1]) if len(dense) else float("nan"),
+        "fit_alpha_us": 1e6 * result["fit"]["alpha"],
+        "fit_bandwidth_mbs": result["fit"]["bandwidth"] / 1e6, "fit_r2": result["fit"]["r2"],
+        "a100_min_us": min(r["model_us"] for r in a100),
+        "a100_ratio_min": min(r["paper_over_model"] for r in a100),
+        "a100_ratio_max": max(r["paper_over_model"] for r in a100),
+        "gpu_alpha_us": 1e6 * costmodel.GPU_ALPHA,
+        "reduced_sentence": (f"{n_reduced} reduced model(s) were found and are compared below."
+                             if n_reduced else "No reduced models were found under "
+                             f"{result['runs']}/{result['profile']}/reduced/ when this copy was "
+                             "built, so this section has nothing to compare yet."),
+    })
