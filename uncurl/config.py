@@ -163,6 +163,10 @@ class Profile:
         """Where `python -m uncurl.data prepare` writes this profile's token arrays."""
         return Path("data/prepared") / self.data.get("name", self.name)
 
+    @property
+    def all_tasks(self) -> tuple[str, ...]:
+        return self.tasks + self.appendix_tasks
+
     def model_config(self, **overrides) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, **overrides})
 

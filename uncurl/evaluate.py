@@ -46,7 +46,7 @@ def dropless(model):
     try:
         yield model
     finally:
-        for m, cfg in zip(holders, saved):
+        for m, cfg in zip(holders, saved, strict=True):
             m.cfg = cfg
         model.train(was_training)
 
@@ -84,9 +84,10 @@ def correct(model, encoded: list[Encoded], batch_size: int = 64) -> np.ndarray:
 
 
 def answer_loss(model, encoded: list[Encoded], batch_size: int = 64) -> float:
-    """Mean loss per token of the right answers: the smooth held-out signal for early stopping."""
+    """Mean negative log-likelihood of the right answers (per example): the smooth held-out
+    signal for early stopping, the quantity fine-tuning minimises."""
     ll = answer_logliks(model, [(e.prompt, e.choices[e.label]) for e in encoded], batch_size)
-    return float(-ll.sum() / sum(len(e.choices[e.label]) for e in encoded))
+    return float(-ll.mean())
 
 
 @torch.no_grad()
@@ -203,7 +204,8 @@ def _n_seeds(results, model, task) -> int:
 # ------------------------------------------------------------------------------------ command
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uncurl.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m uncurl.evaluate",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=Path, help="folder of fine-tuning results (result.json files)")
     p.add_argument("--out", type=Path, help="write the tidy table here (.csv)")
     p.add_argument("--checkpoint", type=Path, help="score this checkpoint as it is, on --task")

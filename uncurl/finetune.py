@@ -26,8 +26,9 @@ from uncurl.checkpoint import find_checkpoint, load_model, read_info, save_check
 from uncurl.config import FinetuneConfig, get_profile, parse_overrides
 from uncurl.provenance import environment
 from uncurl.reduce import router_warmup
+from uncurl.reduce.save import RECORD, reduce_checkpoint
 from uncurl.reduce.save import tokenizer as checkpoint_tokenizer
-from uncurl.train import lr_at, make_optimizer
+from uncurl.train import lr_at, make_optimizer, run_name
 
 
 @dataclass
@@ -47,7 +48,8 @@ def load_task(name: str, tok, block_size: int, cfg: FinetuneConfig, data_dir=Non
     task = tasks.get_task(name)
     if task.kind == "lm":
         if data_dir is None:
-            raise ValueError(f"lm task {name!r} needs the prepared corpus (--data-dir or --profile)")
+            raise ValueError(f"lm task {name!r} needs the prepared corpus: give --data-dir or "
+                             "--profile")
         docs = tasks.domain_docs(task, data_dir, cfg.heldout_frac)
         size = max(1, cfg.batch_tokens // block_size)
         return TaskData(task, docs["train"], *[
@@ -86,13 +88,23 @@ def heldout_loss(model, data: TaskData) -> float:
     return evaluate.answer_loss(model, data.heldout)
 
 
+def task_loss(model, b, kind: str):
+    """lm: mean loss per token. choice: the answer's negative log-likelihood per example (its
+    tokens summed), so that a many-token answer does not dilute the token that decides it."""
+    out = model(b.idx, b.targets, loss_mask=b.mask)
+    if kind == "lm":
+        return out.loss
+    per_example = (b.targets >= 0).sum() / len(b.idx)
+    return out.lm_loss * per_example + model.cfg.aux_loss_weight * out.aux_loss
+
+
 def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
              progress: bool = False) -> dict:
     """Train `model` in place, ending with the weights of its best held-out evaluation."""
     torch.manual_seed(seed)
     opt = make_optimizer(model, cfg)
     batches = training_batches(data, cfg, seed, model.cfg.block_size)
-    best = {"step": 0, "loss": heldout_loss(model, data), "state": copy.deepcopy(model.state_dict())}
+    best = _best(model, 0, heldout_loss(model, data))
     curve, waited = [{"step": 0, "heldout_loss": best["loss"]}], 0
     model.train()
     bar = tqdm(range(1, cfg.max_steps + 1), desc=f"finetune {data.task.name}", disable=not progress)
@@ -100,7 +112,7 @@ def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, cfg)
         b = next(batches)
-        loss = model(b.idx, b.targets, loss_mask=b.mask).loss
+        loss = task_loss(model, b, data.task.kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -111,13 +123,17 @@ def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
         curve.append({"step": step, "train_loss": loss.item(), "heldout_loss": held})
         bar.set_postfix(heldout=f"{held:.3f}")
         if held < best["loss"]:
-            best, waited = {"step": step, "loss": held, "state": copy.deepcopy(model.state_dict())}, 0
+            best, waited = _best(model, step, held), 0
         elif (waited := waited + 1) >= cfg.patience:
             break
     model.load_state_dict(best["state"])
     model.eval()
     return {"steps": step, "best_step": best["step"], "best_heldout_loss": best["loss"],
             "curve": curve}
+
+
+def _best(model, step: int, loss: float) -> dict:
+    return {"step": step, "loss": loss, "state": copy.deepcopy(model.state_dict())}
 
 
 def score(model, data: TaskData) -> tuple[dict, list[float]]:
@@ -131,7 +147,7 @@ def score(model, data: TaskData) -> tuple[dict, list[float]]:
 
 
 def describe(checkpoint) -> dict:
-    """The model's label and what it is: from scratch, or reduced from Z to D experts by a method."""
+    """The model's label and kind: from scratch, or reduced from Z to D experts by a method."""
     info = read_info(checkpoint)
     n = info["model"]["n_expert"]
     target = int(round(float(np.mean(n))))
@@ -200,14 +216,61 @@ def score_checkpoint(checkpoint, task: str, data_dir=None, task_source: str = ""
     return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
 
 
+# ------------------------------------------------------------------------ the study's protocol
+
+def study_models(profile) -> list[tuple[int, str, int]]:
+    """(source Z, method, target D) of every model the profile fine-tunes: each reduction's
+    from-scratch D-expert reference (method "scratch", Z = D) and the reduced models."""
+    models = []
+    for spec in profile.reductions:
+        z, d = spec["source"], spec["target"]
+        models += [(d, "scratch", d)] + [(z, m, d) for m in spec["methods"]]
+    return list(dict.fromkeys(models))  # in order, each once
+
+
+def finetune_task(profile, task: str, runs, progress: bool = True) -> list[dict]:
+    """STUDY.md section 5 for one task: reduce each source model on the task's training split,
+    then fine-tune and score every model with every seed. Finished work is reused."""
+    root, cfg = Path(runs) / profile.name, profile.finetune_config()
+    jobs = [(z, m, d, seed) for z, m, d in study_models(profile) for seed in range(cfg.seeds)]
+    results = []
+    for z, method, d, seed in tqdm(jobs, desc=f"{task}: models x seeds", disable=not progress):
+        ckpt = root / run_name(d) if method == "scratch" else reduced(profile, task, z, method, d,
+                                                                        root)
+        out = root / "finetune" / task / describe(ckpt)["model"] / f"s{seed}"
+        results.append(run(ckpt, task, seed, out, cfg, profile.data_dir, profile.task_source))
+    return results
+
+
+def reduced(profile, task: str, source: int, method: str, target: int, root: Path) -> Path:
+    """The source model reduced on the task's training split (made once; its record says how)."""
+    cfg = profile.finetune_config()
+    out = root / "reduced" / f"e{source}-{method}-d{target}-{task}"
+    if (out / RECORD).exists():
+        return out
+    ckpt = root / run_name(source)
+    tok = checkpoint_tokenizer(ckpt)
+    t = tasks.get_task(task)
+    if t.kind == "lm":
+        docs = tasks.domain_docs(t, profile.data_dir, cfg.heldout_frac)["train"]
+    else:
+        train = tasks.examples(t, profile.task_source or None, cfg.val_frac, cfg.heldout_frac)
+        docs = tasks.answered(tasks.encode(tok, train["train"], read_info(ckpt)["model"][
+            "block_size"], t.max_text_tokens))
+    return reduce_checkpoint(ckpt, out, method, target, docs, f"{task} (train split)",
+                             max_tokens=cfg.reduce_tokens)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uncurl.finetune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m uncurl.finetune",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder")
     p.add_argument("--task", required=True, help=f"one of {', '.join(sorted(tasks.TASKS))}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for result.json")
     p.add_argument("--profile", default="small", help="fine-tuning recipe and corpus of a profile")
-    p.add_argument("--data-dir", type=Path, help="prepared corpus for lm tasks (default: profile's)")
+    p.add_argument("--data-dir", type=Path, help="prepared corpus for lm tasks (default: the "
+                   "profile's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override fine-tuning parameters (recorded with the result)")
     p.add_argument("--save-model", action="store_true", help="also keep the fine-tuned weights")

