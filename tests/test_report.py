@@ -156,7 +156,7 @@ def test_profiles_table_lists_every_profile():
     table = report.profiles_table()
     assert {"smoke", "small", "paper"} <= set(table["profile"])
     smoke = table.set_index("profile").loc["smoke"]
-    assert smoke["experts"] == "1, 4"
+    assert smoke["experts"] == "1, 2, 4"
 
 
 def test_paper_model_sizes_match_the_paper():

@@ -122,8 +122,8 @@ class FinetuneConfig(TrainConfig):
     evaluations without improvement. `lr` is shared by every model being compared. A batch holds
     about `batch_tokens` tokens: as many examples (lm: windows) as fit at their mean length, so
     that every task costs the same per step; `batch_size` is not used."""
-    batch_tokens: int = 2048
-    max_steps: int = 100
+    batch_tokens: int = 1024
+    max_steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.0
     warmup_steps: int = 10

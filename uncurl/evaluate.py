@@ -55,14 +55,18 @@ def dropless(model):
 def answer_logliks(model, pairs: list[tuple[np.ndarray, np.ndarray]],
                    batch_size: int = 64) -> np.ndarray:
     """Summed log-probability of each answer's tokens after its prompt."""
-    out = []
+    order = np.argsort([len(p) + len(a) for p, a in pairs], kind="stable")  # little padding
+    out = np.zeros(len(pairs))
     with dropless(model):
         for i in range(0, len(pairs), batch_size):
-            b = answer_batch(pairs[i : i + batch_size])
-            logp = F.log_softmax(model(b.idx).logits.float(), dim=-1)
-            picked = logp.gather(-1, b.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            out.append((picked * (b.targets >= 0)).sum(1).numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+            rows = order[i : i + batch_size]
+            b = answer_batch([pairs[j] for j in rows])
+            answer = b.targets >= 0
+            logp = F.log_softmax(model(b.idx).logits[answer].float(), dim=-1)  # answers only
+            picked = logp.gather(1, b.targets[answer].unsqueeze(1)).squeeze(1)
+            row_of = answer.nonzero()[:, 0]
+            out[rows] = torch.zeros(len(rows)).index_add_(0, row_of, picked).numpy()
+    return out
 
 
 def choice_scores(model, encoded: list[Encoded], batch_size: int = 64) -> np.ndarray:

