@@ -50,6 +50,34 @@ def test_choice_scorer_ranks_answers_by_their_known_likelihood():
     assert evaluate.correct(model, enc).tolist() == [1.0, 0.0]
 
 
+class Bigram(nn.Module):
+    """The next token's distribution depends on the current one: log p(b | a) = logp[a, b]."""
+
+    def __init__(self, logp: torch.Tensor):
+        super().__init__()
+        self.logp = logp
+
+    def forward(self, idx):
+        return Output(self.logp[idx], None, None, None, None)
+
+
+def test_scores_use_each_answer_token_after_its_own_context_in_any_batch():
+    rng = np.random.default_rng(0)
+    logp = torch.log_softmax(torch.tensor(rng.normal(size=(6, 6))), 1)
+    enc = [tasks.Encoded(rng.integers(0, 6, n), tuple(rng.integers(0, 6, (k, m))), 0)
+           for n, k, m in [(3, 2, 2), (1, 3, 1), (5, 2, 3), (2, 2, 1), (4, 3, 2)]]
+
+    def by_hand(prompt, answer):
+        seq = np.concatenate([prompt, answer])
+        return sum(float(logp[seq[i - 1], seq[i]]) for i in range(len(prompt), len(seq)))
+
+    expected = [[by_hand(e.prompt, c) for c in e.choices] for e in enc]
+    for batch_size in (1, 2, 64):  # sorted by length into batches, then put back in order
+        got = evaluate.choice_scores(Bigram(logp), enc, batch_size)
+        for row, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(row[: len(want)], want, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def smoke_ckpt(smoke_data, tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -71,6 +99,7 @@ def test_finetuning_lowers_the_task_loss_and_keeps_the_best_weights(smoke_ckpt, 
     out = finetune.finetune(model, d, _cfg(), seed=0)
     assert out["best_heldout_loss"] < before - 0.05
     assert finetune.heldout_loss(model, d) == pytest.approx(out["best_heldout_loss"], abs=1e-5)
+    assert out["best_step"] > 0  # the untrained weights are never the answer
 
 
 def test_a_run_records_per_example_scores_and_is_not_redone(smoke_ckpt, smoke_data, tmp_path):
@@ -137,12 +166,16 @@ def test_tables_pair_each_reduced_model_with_its_from_scratch_size():
     results = [r for s in range(3) for r in (
         _result("e2", 2, 2, "scratch", s, rng.integers(0, 2, 300)),
         _result("e4-uncurl-d2", 4, 2, "uncurl", s, np.ones(300)))]
+    results.append(_result("e2", 2, 2, "scratch", 7, np.zeros(300)))  # a seed only one has
     tidy = evaluate.tidy(results)
-    assert list(tidy.columns) == evaluate.COLUMNS and len(tidy) == 6
+    assert list(tidy.columns) == evaluate.COLUMNS and len(tidy) == 7
     summary = evaluate.summary(results, n_boot=200)
-    assert set(summary["model"]) == {"e2", "e4-uncurl-d2"} and (summary["seeds"] == 3).all()
+    assert dict(zip(summary["model"], summary["seeds"], strict=True)) == {"e2": 4,
+                                                                           "e4-uncurl-d2": 3}
     (row,) = evaluate.comparisons(results, n_boot=200).to_dict("records")
-    assert row["reference"] == "e2" and row["verdict"] == "+"
+    assert row["reference"] == "e2" and row["verdict"] == "+" and row["seeds"] == 3
+    ones = evaluate.score_matrix(results, "e2", "t", seeds=[7, 0])
+    assert ones[0].sum() == 0 and ones[1].tolist() == results[0]["per_example"]
 
 
 def test_commands_name_the_fix(smoke_ckpt, tmp_path, capsys):

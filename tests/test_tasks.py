@@ -33,13 +33,29 @@ def test_choice_splits_are_disjoint_stable_and_independent_of_order():
     assert {s: {_key(e) for e in exs} for s, exs in again.items()} == keys
 
 
-def test_a_duplicated_text_never_lands_in_two_splits():
+def _task(read, group=None):
+    return tasks.Task("t", "choice", "", "", "", "accuracy", tasks.SCATTERTEXT, read, group=group)
+
+
+def test_near_duplicates_are_kept_once_and_conflicting_ones_dropped():
     ex = tasks.Example("Review: same words", "\nSentiment:", (" negative", " positive"), 1)
+    near = tasks.Example("review: SAME words!! https://t.co/x", ex.query, ex.choices, 1)
+    clash = tasks.Example("Review: mixed", ex.query, ex.choices, 0)
+    clash2 = tasks.Example("review: mixed.", ex.query, ex.choices, 1)
     many = [tasks.Example(f"Review: text {i}", ex.query, ex.choices, i % 2) for i in range(200)]
-    task = tasks.Task("dup", "choice", "", "", "", "accuracy", tasks.SCATTERTEXT,
-                      lambda f: [ex, *many, ex])
-    splits = tasks.examples(task, SAMPLES)
-    assert sum(_key(e) == _key(ex) for exs in splits.values() for e in exs) == 1
+    splits = tasks.examples(_task(lambda f: [ex, *many, near, clash, clash2]), SAMPLES)
+    kept = [e for exs in splits.values() for e in exs]
+    assert sum(tasks.normal(e.text) == tasks.normal(ex.text) for e in kept) == 1
+    assert not any("mixed" in e.text for e in kept)
+
+
+def test_examples_sharing_a_premise_share_a_split():
+    exs = [tasks.Example(f"Premise {i // 4}. The 'it' refers to option {i % 4}.", "\nIs:",
+                         (" yes", " no"), i % 2) for i in range(400)]
+    splits = tasks.examples(_task(lambda f: exs, group=lambda e: e.text.split(".")[0]), SAMPLES)
+    where = {e.text.split(".")[0]: s for s, es in splits.items() for e in es}
+    assert all(where[e.text.split(".")[0]] == s for s, es in splits.items() for e in es)
+    assert tasks.get_task("winowhy").group is not None
 
 
 def test_rotten_tomatoes_reader_maps_fresh_and_rotten_to_answers():

@@ -4,6 +4,7 @@ A folder is written under a temporary name and swapped in by rename, so an inter
 either the previous checkpoint or the new one, never a mixture.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,6 +58,18 @@ def find_checkpoint(path) -> Path:
         f"no checkpoint at {path}: expected {MODEL_FILE} and {CONFIG_FILE} there or in "
         f"{path / 'checkpoint'} (train one with `python -m uncurl.train`)"
     )
+
+
+def digest(path) -> str:
+    """A short content hash of a checkpoint's weights and config: which model a result came from,
+    whatever folder it sits in, so that work on a retrained model is never mistaken for done."""
+    ckpt = find_checkpoint(path)
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, MODEL_FILE):
+        with open(ckpt / name, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_info(path) -> dict:

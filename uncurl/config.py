@@ -129,7 +129,7 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_interval: int = 50
-    patience: int = 2
+    patience: int = 3
     seeds: int = 3  # fine-tuning seeds per (model, task)
     val_frac: float = 0.2  # choice tasks: share of examples for validation
     heldout_frac: float = 0.1  # share of examples (lm: training documents) for early stopping

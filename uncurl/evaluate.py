@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from uncurl.config import get_profile
 from uncurl.tasks import Encoded, answer_batch
 
 RESULT = "result.json"  # one per fine-tuning run: parameters, metrics, per-example scores
@@ -160,13 +161,17 @@ def tidy(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def score_matrix(results: list[dict], model: str, task: str) -> np.ndarray:
-    """Per-example validation scores of one (model, task), shape (seeds, examples), by seed."""
-    runs = sorted((r for r in results if r["model"]["model"] == model and r["task"] == task),
-                  key=lambda r: r["seed"])
+def score_matrix(results: list[dict], model: str, task: str, seeds=None) -> np.ndarray:
+    """Per-example validation scores of one (model, task), shape (seeds, examples), in the order
+    of `seeds` (default: every seed it has, ascending)."""
+    runs = {r["seed"]: r for r in results if r["model"]["model"] == model and r["task"] == task}
     if not runs:
         raise ValueError(f"no results for model {model!r} on task {task!r}")
-    return np.array([r["per_example"] for r in runs])
+    return np.array([runs[s]["per_example"] for s in (sorted(runs) if seeds is None else seeds)])
+
+
+def _seeds(results: list[dict], model: str, task: str) -> set[int]:
+    return {r["seed"] for r in results if r["model"]["model"] == model and r["task"] == task}
 
 
 def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
@@ -174,38 +179,45 @@ def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
     rows = []
     for (model, task), r in _groups(results).items():
         mean, lo, hi = bootstrap_ci(score_matrix(results, model, task), n_boot)
-        rows.append({**r["model"], "task": task, "metric": r["metric"], "seeds": _n_seeds(
-            results, model, task), "mean": mean, "ci_low": lo, "ci_high": hi})
+        rows.append({**r["model"], "task": task, "metric": r["metric"],
+                     "seeds": len(_seeds(results, model, task)), "mean": mean, "ci_low": lo,
+                     "ci_high": hi})
     return pd.DataFrame(rows)
 
 
 def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
-    """Each reduced model against the from-scratch model of its target size, per task."""
+    """Each reduced model against the from-scratch model of its target size, per task, on the
+    seeds both have (seed i of each saw the same data order)."""
     groups = _groups(results)
     rows = []
     for (model, task), r in groups.items():
         m = r["model"]
-        ref = f"e{m['target_experts']}"
-        if m["method"] in ("scratch", "unreduced") or (ref, task) not in groups:
+        ref = next((k for k, g in groups.items() if k[1] == task and g["model"]["method"] ==
+                    "scratch" and g["model"]["target_experts"] == m["target_experts"]), None)
+        if m["method"] == "scratch" or ref is None:
             continue
-        a, b = score_matrix(results, model, task), score_matrix(results, ref, task)
-        n = min(len(a), len(b))  # seeds both have
-        diff, lo, hi = paired_bootstrap(a[:n], b[:n], n_boot)
-        rows.append({"model": model, "reference": ref, "task": task, "metric": r["metric"],
-                     "seeds": n, "difference": diff, "ci_low": lo, "ci_high": hi,
+        seeds = sorted(_seeds(results, model, task) & _seeds(results, *ref))
+        diff, lo, hi = paired_bootstrap(score_matrix(results, model, task, seeds),
+                                        score_matrix(results, *ref, seeds), n_boot)
+        rows.append({"model": model, "reference": ref[0], "task": task, "metric": r["metric"],
+                     "seeds": len(seeds), "difference": diff, "ci_low": lo, "ci_high": hi,
                      "verdict": verdict(lo, hi, r["metric"] == "accuracy")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "reference", "task", "metric", "seeds",
+                                       "difference", "ci_low", "ci_high", "verdict"])
 
 
 def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:
     return {(r["model"]["model"], r["task"]): r for r in results}
 
 
-def _n_seeds(results, model, task) -> int:
-    return sum(r["model"]["model"] == model and r["task"] == task for r in results)
-
-
 # ------------------------------------------------------------------------------------ command
+
+def _score(checkpoint, task: str, profile) -> dict:
+    from uncurl.finetune import score_checkpoint  # fine-tuning imports this module
+
+    return score_checkpoint(checkpoint, task, profile.finetune_config(), profile.data_dir,
+                            profile.task_source)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uncurl.evaluate",
@@ -214,14 +226,16 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="write the tidy table here (.csv)")
     p.add_argument("--checkpoint", type=Path, help="score this checkpoint as it is, on --task")
     p.add_argument("--task", help="task name, with --checkpoint")
-    p.add_argument("--data-dir", type=Path, help="prepared corpus, for lm tasks with --checkpoint")
+    p.add_argument("--profile", default="small",
+                   help="with --checkpoint: the profile whose corpus, task data and sizes to use")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
     try:
         if args.checkpoint:
-            from uncurl.finetune import score_checkpoint
-
-            print(json.dumps(score_checkpoint(args.checkpoint, args.task, args.data_dir), indent=2))
+            if not args.task:
+                raise ValueError("--checkpoint needs --task T (a registered task)")
+            print(json.dumps(_score(args.checkpoint, args.task, get_profile(args.profile)),
+                             indent=2))
             return
         if not args.runs:
             raise ValueError("give --runs DIR (fine-tuning results) or --checkpoint DIR --task T")

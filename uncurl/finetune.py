@@ -13,6 +13,7 @@ atomically; a finished run with the same parameters is not redone.
 
 import argparse
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +23,17 @@ import torch
 from tqdm import tqdm
 
 from uncurl import evaluate, tasks
-from uncurl.checkpoint import find_checkpoint, load_model, read_info, save_checkpoint, write_json
+from uncurl.checkpoint import (
+    digest,
+    find_checkpoint,
+    load_model,
+    read_info,
+    save_checkpoint,
+    write_json,
+)
 from uncurl.config import FinetuneConfig, get_profile, parse_overrides
 from uncurl.provenance import environment
-from uncurl.reduce import router_warmup
+from uncurl.reduce import make_batches, router_warmup
 from uncurl.reduce.save import RECORD, reduce_checkpoint
 from uncurl.reduce.save import tokenizer as checkpoint_tokenizer
 from uncurl.train import lr_at, make_optimizer, run_name
@@ -53,14 +61,17 @@ def load_task(name: str, tok, block_size: int, cfg: FinetuneConfig, data_dir=Non
         docs = tasks.domain_docs(task, data_dir, cfg.heldout_frac)
         size = max(1, cfg.batch_tokens // block_size)
         return TaskData(task, docs["train"], *[
-            tasks.lm_batches(docs[s], block_size, size, n * block_size)
+            make_batches(docs[s], block_size, size, n * block_size)
             for s, n in (("heldout", cfg.max_heldout), ("val", cfg.max_val_windows))], size)
+    if tok is None:
+        raise ValueError(f"labelled task {name!r} needs the model's tokenizer, but the checkpoint "
+                         "has none (tokenizer.json); save the checkpoint with its tokenizer")
     exs = tasks.examples(task, task_source or None, cfg.val_frac, cfg.heldout_frac)
     val = _subset(exs["val"], cfg.max_val)
     encoded = [tasks.encode(tok, split, block_size, task.max_text_tokens)
                for split in (exs["train"], _subset(exs["heldout"], cfg.max_heldout), val)]
     length = np.mean([len(e.prompt) + len(e.choices[e.label]) for e in encoded[0]])
-    size = max(1, int(cfg.batch_tokens // length))
+    size = min(len(encoded[0]), max(1, int(cfg.batch_tokens // length)))
     return TaskData(task, *encoded, size, tasks.majority(val)[1], tasks.chance(val))
 
 
@@ -75,9 +86,9 @@ def training_batches(data: TaskData, cfg: FinetuneConfig, seed: int, block_size:
     for epoch in range(10**9):
         if data.task.kind == "lm":
             # an epoch is capped at what max_steps can use, so a large domain is not cut in full
-            yield from tasks.lm_batches(data.train, block_size, data.batch_size,
-                                        cfg.max_steps * data.batch_size * block_size,
-                                        seed=seed * 1000 + epoch)
+            yield from make_batches(data.train, block_size, data.batch_size,
+                                    cfg.max_steps * data.batch_size * block_size,
+                                    seed=seed * 1000 + epoch)
         else:
             yield from tasks.train_batches(data.train, data.batch_size, seed, epoch)
 
@@ -100,12 +111,14 @@ def task_loss(model, b, kind: str):
 
 def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
              progress: bool = False) -> dict:
-    """Train `model` in place, ending with the weights of its best held-out evaluation."""
+    """Train `model` in place, ending with the weights of its best held-out evaluation after
+    training began (the untrained weights are measured, never chosen: early in fine-tuning the
+    held-out loss can rise before it falls)."""
     torch.manual_seed(seed)
     opt = make_optimizer(model, cfg)
     batches = training_batches(data, cfg, seed, model.cfg.block_size)
-    best = _best(model, 0, heldout_loss(model, data))
-    curve, waited = [{"step": 0, "heldout_loss": best["loss"]}], 0
+    best = {"loss": float("inf")}
+    curve, waited = [{"step": 0, "heldout_loss": heldout_loss(model, data)}], 0
     model.train()
     bar = tqdm(range(1, cfg.max_steps + 1), desc=f"finetune {data.task.name}", disable=not progress)
     for step in bar:
@@ -164,7 +177,8 @@ def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=Non
         task_source: str = "", save_model: bool = False, progress: bool = False) -> dict:
     """Fine-tune and score one (checkpoint, task, seed); write out/result.json; return it."""
     out = Path(out)
-    params = {"checkpoint": str(checkpoint), "task": task, "seed": seed, "finetune": asdict(cfg),
+    params = {"checkpoint": str(checkpoint), "digest": digest(checkpoint), "task": task,
+              "seed": seed, "finetune": asdict(cfg), "task_source": task_source,
               "data_dir": str(data_dir) if data_dir else None}
     if (out / evaluate.RESULT).exists():
         done = evaluate.load_results(out)[0]
@@ -207,9 +221,9 @@ def _count(items: list) -> int:
     return sum(len(b.idx) for b in items) if items and hasattr(items[0], "idx") else len(items)
 
 
-def score_checkpoint(checkpoint, task: str, data_dir=None, task_source: str = "") -> dict:
+def score_checkpoint(checkpoint, task: str, cfg: FinetuneConfig, data_dir=None,
+                     task_source: str = "") -> dict:
     """A checkpoint's validation metrics on a task as it is, without fine-tuning."""
-    cfg = FinetuneConfig()
     model = load_model(checkpoint)
     data = load_task(task, checkpoint_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir,
                      task_source)
@@ -243,22 +257,20 @@ def finetune_task(profile, task: str, runs, progress: bool = True) -> list[dict]
 
 
 def reduced(profile, task: str, source: int, method: str, target: int, root: Path) -> Path:
-    """The source model reduced on the task's training split (made once; its record says how)."""
+    """The source model reduced on the task's training split, made once: an earlier reduction is
+    reused only if it came from the same weights, task data and statistics budget."""
     cfg = profile.finetune_config()
-    out = root / "reduced" / f"e{source}-{method}-d{target}-{task}"
+    out, ckpt = root / "reduced" / f"e{source}-{method}-d{target}-{task}", root / run_name(source)
+    label = (f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
+             f"source={profile.task_source or 'packages'}, weights {digest(ckpt)})")
     if (out / RECORD).exists():
-        return out
-    ckpt = root / run_name(source)
-    tok = checkpoint_tokenizer(ckpt)
-    t = tasks.get_task(task)
-    if t.kind == "lm":
-        docs = tasks.domain_docs(t, profile.data_dir, cfg.heldout_frac)["train"]
-    else:
-        train = tasks.examples(t, profile.task_source or None, cfg.val_frac, cfg.heldout_frac)
-        docs = tasks.answered(tasks.encode(tok, train["train"], read_info(ckpt)["model"][
-            "block_size"], t.max_text_tokens))
-    return reduce_checkpoint(ckpt, out, method, target, docs, f"{task} (train split)",
-                             max_tokens=cfg.reduce_tokens)
+        done = json.loads((out / RECORD).read_text())
+        if (done["task_data"], done["max_tokens"]) == (label, cfg.reduce_tokens):
+            return out
+    docs = tasks.training_documents(tasks.get_task(task), checkpoint_tokenizer(ckpt),
+                                    read_info(ckpt)["model"]["block_size"], profile.data_dir,
+                                    profile.task_source, cfg.val_frac, cfg.heldout_frac)
+    return reduce_checkpoint(ckpt, out, method, target, docs, label, max_tokens=cfg.reduce_tokens)
 
 
 def main(argv=None):

