@@ -78,6 +78,17 @@ def test_scores_use_each_answer_token_after_its_own_context_in_any_batch():
             np.testing.assert_allclose(row[: len(want)], want, rtol=1e-5)
 
 
+def test_an_examples_score_does_not_depend_on_its_batch(smoke_data):
+    torch.manual_seed(0)  # an MoE whose evaluation capacity (1.0) would drop tokens
+    model = GPT(get_profile("smoke").model_config(vocab_size=320, n_expert=4,
+                                                  eval_capacity_factor=1.0, min_capacity=1))
+    exs = tasks.examples(tasks.get_task("rotten_tomatoes"), SAMPLES)["val"]
+    enc = tasks.encode(data.load_tokenizer(smoke_data), exs, model.cfg.block_size)
+    alone = evaluate.choice_scores(model, enc, batch_size=1)
+    np.testing.assert_allclose(evaluate.choice_scores(model, enc, batch_size=64), alone,
+                               rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def smoke_ckpt(smoke_data, tmp_path_factory) -> Path:
     torch.manual_seed(0)
