@@ -197,3 +197,11 @@ def test_commands_name_the_fix(smoke_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--runs", str(tmp_path)])
     assert "run python -m uncurl.finetune first" in capsys.readouterr().err
+
+
+def test_a_task_can_adjust_the_recipe_for_every_model_on_it():
+    from uncurl.config import Profile
+
+    p = Profile("p", finetune={"lr": 1e-3, "max_steps": 50}, task_finetune={"t": {"lr": 5e-4}})
+    assert p.finetune_config("t").lr == 5e-4 and p.finetune_config("t").max_steps == 50
+    assert p.finetune_config("other").lr == 1e-3 and p.finetune_config().lr == 1e-3

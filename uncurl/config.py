@@ -153,6 +153,7 @@ class Profile:
     train: dict = field(default_factory=dict)
     expert_counts: tuple[int, ...] = (1,)
     finetune: dict = field(default_factory=dict)
+    task_finetune: dict = field(default_factory=dict)  # {task: overrides of `finetune` for it}
     tasks: tuple[str, ...] = ()  # fine-tuning tasks of the study
     appendix_tasks: tuple[str, ...] = ()  # paper-like tasks kept in an appendix table
     task_source: str = ""  # folder standing in for the task packages (tests); "" = fetch them
@@ -173,8 +174,11 @@ class Profile:
     def train_config(self, **overrides) -> TrainConfig:
         return TrainConfig.from_dict({**self.train, **overrides})
 
-    def finetune_config(self, **overrides) -> FinetuneConfig:
-        return FinetuneConfig.from_dict({**self.finetune, **overrides})
+    def finetune_config(self, task: str | None = None, **overrides) -> FinetuneConfig:
+        """The fine-tuning recipe, for `task` if the profile adjusts it for that task (the same
+        for every model compared on it)."""
+        return FinetuneConfig.from_dict({**self.finetune, **self.task_finetune.get(task, {}),
+                                         **overrides})
 
 
 def _known(cls, d: dict, what: str) -> dict:
@@ -198,6 +202,7 @@ def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
             train=spec.get("train", {}),
             expert_counts=tuple(spec.get("expert_counts", [1])),
             finetune=spec.get("finetune", {}),
+            task_finetune=spec.get("task_finetune", {}),
             tasks=tuple(spec.get("tasks", [])),
             appendix_tasks=tuple(spec.get("appendix_tasks", [])),
             task_source=spec.get("task_source", ""),

@@ -215,7 +215,7 @@ def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:
 def _score(checkpoint, task: str, profile) -> dict:
     from uncurl.finetune import score_checkpoint  # fine-tuning imports this module
 
-    return score_checkpoint(checkpoint, task, profile.finetune_config(), profile.data_dir,
+    return score_checkpoint(checkpoint, task, profile.finetune_config(task), profile.data_dir,
                             profile.task_source)
 
 

@@ -245,7 +245,7 @@ def study_models(profile) -> list[tuple[int, str, int]]:
 def finetune_task(profile, task: str, runs, progress: bool = True) -> list[dict]:
     """STUDY.md section 5 for one task: reduce each source model on the task's training split,
     then fine-tune and score every model with every seed. Finished work is reused."""
-    root, cfg = Path(runs) / profile.name, profile.finetune_config()
+    root, cfg = Path(runs) / profile.name, profile.finetune_config(task)
     jobs = [(z, m, d, seed) for z, m, d in study_models(profile) for seed in range(cfg.seeds)]
     results = []
     for z, method, d, seed in tqdm(jobs, desc=f"{task}: models x seeds", disable=not progress):
@@ -259,7 +259,7 @@ def finetune_task(profile, task: str, runs, progress: bool = True) -> list[dict]
 def reduced(profile, task: str, source: int, method: str, target: int, root: Path) -> Path:
     """The source model reduced on the task's training split, made once: an earlier reduction is
     reused only if it came from the same weights, task data and statistics budget."""
-    cfg = profile.finetune_config()
+    cfg = profile.finetune_config(task)
     out, ckpt = root / "reduced" / f"e{source}-{method}-d{target}-{task}", root / run_name(source)
     label = (f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
              f"source={profile.task_source or 'packages'}, weights {digest(ckpt)})")
@@ -290,7 +290,7 @@ def main(argv=None):
     try:
         find_checkpoint(args.checkpoint)
         profile = get_profile(args.profile)
-        cfg = profile.finetune_config(**parse_overrides(args.set))
+        cfg = profile.finetune_config(args.task, **parse_overrides(args.set))
         result = run(args.checkpoint, args.task, args.seed, args.out, cfg,
                      args.data_dir or profile.data_dir, profile.task_source, args.save_model,
                      progress=True)

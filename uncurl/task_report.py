@@ -20,7 +20,8 @@ def task_table(results: list[dict], profile) -> pd.DataFrame:
             continue
         sizes, metrics = runs[0]["sizes"], runs[0]["metrics"]
         rows.append({**row, "train": sizes["train"], "heldout": sizes["heldout"],
-                     "val": sizes["val"], "chance": metrics.get("chance", np.nan),
+                     "val": sizes["val"], "max steps": runs[0]["params"]["finetune"]["max_steps"],
+                     "chance": metrics.get("chance", np.nan),
                      "majority": metrics.get("majority", np.nan),
                      "appendix": row["task"] in profile.appendix_tasks})
     return pd.DataFrame(rows)
@@ -173,6 +174,9 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "n_plus": int(counts.get("+", 0)), "n_equal": int(counts.get("=", 0)),
         "n_minus": int(counts.get("-", 0)), "n_comparisons": len(readable),
         "warmup_steps": cfg.warmup_steps, "threads": cfg.threads,
+        "task_adjustments": "; ".join(
+            f"{t}: " + ", ".join(f"{k} = {v}" for k, v in o.items())
+            for t, o in profile.task_finetune.items() if t in profile.all_tasks) or "none",
     }
 
 
