@@ -21,6 +21,7 @@ def task_table(results: list[dict], profile) -> pd.DataFrame:
         sizes, metrics = runs[0]["sizes"], runs[0]["metrics"]
         rows.append({**row, "train": sizes["train"], "heldout": sizes["heldout"],
                      "val": sizes["val"], "max steps": runs[0]["params"]["finetune"]["max_steps"],
+                     "batch tokens": runs[0]["params"]["finetune"]["batch_tokens"],
                      "chance": metrics.get("chance", np.nan),
                      "majority": metrics.get("majority", np.nan),
                      "appendix": row["task"] in profile.appendix_tasks})
