@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from uncurl import data
 from uncurl.config import get_profile
@@ -14,3 +15,12 @@ def smoke_data(tmp_path_factory) -> Path:
     spec = get_profile("smoke").data
     out = tmp_path_factory.mktemp("data") / "smoke"
     return data.prepare(out, source=str(ROOT / spec["source"]), vocab_size=spec["vocab_size"])
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the tests' matrices are tiny, and more threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,12 +19,7 @@ FAST = dict(max_steps=30, eval_interval=10, batch_tokens=256, max_val=40, max_he
             max_val_windows=8, router_warmup_steps=2, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Unigram(nn.Module):

@@ -27,13 +27,7 @@ from uncurl.reduce.apply import expert_params
 from uncurl.reduce.plan import make_group
 from uncurl.reduce.stats import LayerStats, expert_forward, trace_moe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(n_expert=8, top_k=1, seed=0, **kw) -> GPT:

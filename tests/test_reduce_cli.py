@@ -19,12 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DRAMA_TXT = ROOT / "tests" / "fixtures" / "corpus" / "drama"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(path: Path, tokenizer=None, vocab_size=320, **model) -> Path:
