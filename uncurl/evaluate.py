@@ -29,6 +29,7 @@ from uncurl.config import get_profile
 from uncurl.tasks import Encoded, answer_batch
 
 RESULT = "result.json"  # one per fine-tuning run: parameters, metrics, per-example scores
+TASK_LEVELS = ("chance", "majority")  # recorded with each labelled result, for the report
 COLUMNS = ["model", "source_experts", "target_experts", "method", "task", "seed", "metric",
            "value"]
 
@@ -154,10 +155,12 @@ def load_results(root) -> list[dict]:
 
 
 def tidy(results: list[dict]) -> pd.DataFrame:
-    """One row per (model, task, seed, metric): what the book reads."""
+    """One row per (model, task, seed, metric): what the book reads. Chance and the majority
+    share are properties of the task, not of a model, and stay in the results only."""
     rows = [{**{k: r["model"][k] for k in COLUMNS[:4]}, "task": r["task"], "seed": r["seed"],
              "metric": name, "value": value}
-            for r in results for name, value in r["metrics"].items()]
+            for r in results for name, value in r["metrics"].items()
+            if name not in TASK_LEVELS]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
