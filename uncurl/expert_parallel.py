@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from uncurl import cpu
 from uncurl.model import GPT, GroupedMLP, MoE, dispatch
 
 
@@ -162,7 +163,7 @@ def launch(fn, world: int, *args) -> list:
 
 
 def _run(rank, world, port, queue, fn, args):
-    torch.set_num_threads(1)
+    cpu.configure(1)
     # environment variables as well, so that DeepSpeed's initialisation finds the same group
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uncurl import evaluate, tasks
+from uncurl import cpu, evaluate, tasks
 from uncurl.checkpoint import (
     digest,
     find_checkpoint,
@@ -185,7 +185,7 @@ def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=Non
         if done["params"] == params:
             return done
     started = time.time()
-    torch.set_num_threads(cfg.threads)
+    cpu.configure(cfg.threads)
     model = load_model(checkpoint)
     tok = checkpoint_tokenizer(checkpoint)
     data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)

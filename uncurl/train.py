@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncurl import data
+from uncurl import cpu, data
 from uncurl.checkpoint import load_train_state, save_checkpoint, write_json
 from uncurl.config import ModelConfig, TrainConfig, get_profile, parse_overrides
 from uncurl.model import GPT, count_parameters
@@ -89,7 +89,7 @@ def train(
     `stop_after` ends the run early at that step, as an interruption would (tests use it).
     """
     out = Path(out)
-    torch.set_num_threads(cfg.threads)
+    cpu.configure(cfg.threads)
     meta = data.load_meta(data_dir)
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise ValueError(

@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from uncurl import costmodel
+from uncurl import costmodel, cpu
 from uncurl.bench import time_all
 from uncurl.bench.parallel import measure_parallel
 from uncurl.checkpoint import find_checkpoint, load_model, read_info
@@ -199,7 +199,7 @@ def run_bench(profile_name: str, runs="runs", **overrides) -> dict:
     profile = get_profile(profile_name)
     s = settings(profile_name, **overrides)
     threads = s.pop("threads", 1)
-    torch.set_num_threads(threads)
+    cpu.configure(threads)
     load_before = os.getloadavg()[0]
     models = find_models(runs, profile)
     single = measure_single(models, s)

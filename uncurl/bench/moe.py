@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from uncurl import cpu
 from uncurl.bench import time_all
 from uncurl.config import get_profile
 from uncurl.model import MoE
@@ -107,7 +108,7 @@ class _Wrap(nn.Module):
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
+    cpu.configure(args.threads)
     init_deepspeed()
     profile = get_profile(args.profile)
     cfg = profile.model_config(n_expert=max(args.n_expert), top_k=args.top_k)

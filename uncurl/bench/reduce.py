@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uncurl import cpu
 from uncurl.bench import time_it
 from uncurl.checkpoint import load_model
 from uncurl.config import get_profile
@@ -59,7 +60,7 @@ def add_arguments(p):
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
+    cpu.configure(args.threads)
     return {"steps": time_steps(args) if args.methods else None,
             "alignment": time_alignment(args), "environment": environment()}
 

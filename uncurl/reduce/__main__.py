@@ -9,9 +9,8 @@ What the output folder holds: `uncurl.reduce.save`.
 import argparse
 from pathlib import Path
 
-import torch
-
 import uncurl.tasks  # noqa: F401  (registers the fine-tuning tasks as task data names)
+from uncurl import cpu
 from uncurl.checkpoint import read_info
 from uncurl.reduce import METHODS, ROUTERS, SOLVERS, load_task_docs
 from uncurl.reduce.save import check_out, reduce_checkpoint, tokenizer
@@ -36,7 +35,7 @@ def main(argv=None):
     p.add_argument("--warmup-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    cpu.configure(args.threads)
     try:
         out = run(args)
     except (ValueError, FileNotFoundError) as e:

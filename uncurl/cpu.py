@@ -1,0 +1,34 @@
+"""Process set-up for CPU work: torch's thread count and a heap that keeps freed memory.
+
+glibc hands freed memory at the top of its heap back to the OS (and serves big blocks with
+fresh mmaps), so a training step that frees its multi-megabyte activations faults every page
+back in on the next step. Measured on the small profile's 64-expert model: 60 training steps
+took 32 s with 3.1M page faults and 10 s of system time, 25 s with 0.3M faults and 2 s.
+"""
+
+import ctypes
+import ctypes.util
+
+import torch
+
+# mallopt parameters from glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MiB = 1 << 20
+
+
+def configure(threads: int) -> bool:
+    """Use `threads` torch threads and keep freed memory; True if the heap setting took."""
+    torch.set_num_threads(threads)
+    return keep_freed_memory()
+
+
+def keep_freed_memory(trim_threshold: int = 1024 * MiB, mmap_threshold: int = 256 * MiB) -> bool:
+    """Tell glibc malloc to keep up to `trim_threshold` bytes of freed heap instead of returning
+    it to the OS, and to take blocks below `mmap_threshold` from that heap. The cost is that the
+    process keeps its peak heap. False (and nothing changed) where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, trim_threshold) and
+                mallopt(M_MMAP_THRESHOLD, mmap_threshold))
