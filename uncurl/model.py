@@ -73,8 +73,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, C)
         capacity = self.cfg.capacity(len(x), self.n_expert, self.training)
         d = dispatch(self.router(x), self.cfg.top_k, capacity)
-        y = GroupedMLP.apply(x[d.token], d.sizes.tolist(), self.w_fc, self.b_fc, self.w_proj,
-                             self.b_proj)  # (M, C), rows sorted by expert
+        # index_select, not x[d.token]: its backward is an index_add, not an index_put
+        xs = x.index_select(0, d.token)  # (M, C), rows sorted by expert
+        y = GroupedMLP.apply(xs, d.sizes.tolist(), self.w_fc, self.b_fc, self.w_proj, self.b_proj)
         out = torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
         return out.view(shape), d.routing
 
