@@ -91,8 +91,8 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 32
+class OptimConfig:
+    """AdamW, linear warm-up and decay, gradient clipping: shared by pretraining and fine-tuning."""
     max_steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
@@ -103,10 +103,15 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     eval_interval: int = 100
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimConfig):
+    batch_size: int = 32
     eval_batches: int = 20
     ckpt_interval: int = 100
     seed: int = 0
-    threads: int = 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -114,14 +119,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(TrainConfig):
-    """Fine-tuning on a task: the training recipe's fields plus early stopping and task sizes.
+class FinetuneConfig(OptimConfig):
+    """Fine-tuning on a task: the optimiser's fields plus early stopping and task sizes.
 
     `max_steps` is an upper bound: every `eval_interval` steps the held-out loss (a part of the
     training split) is measured, the best weights are kept, and training stops after `patience`
     evaluations without improvement. `lr` is shared by every model being compared. A batch holds
     about `batch_tokens` tokens: as many examples (lm: windows) as fit at their mean length, so
-    that every task costs the same per step; `batch_size` is not used."""
+    that every task costs the same per step. Seeds are per run (`range(seeds)`)."""
     batch_tokens: int = 1024
     max_steps: int = 300
     lr: float = 3e-3

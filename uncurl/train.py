@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from uncurl import cpu, data
 from uncurl.checkpoint import load_train_state, save_checkpoint, write_json
-from uncurl.config import ModelConfig, TrainConfig, get_profile, parse_overrides
+from uncurl.config import ModelConfig, OptimConfig, TrainConfig, get_profile, parse_overrides
 from uncurl.model import GPT, count_parameters
 from uncurl.provenance import environment
 
@@ -45,7 +45,7 @@ def _windows(tokens, starts, block_size):
     return torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])  # (B, T), (B, T)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimConfig) -> float:
     """Linear warm-up to cfg.lr, then linear decay to cfg.lr * cfg.min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -53,7 +53,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(frac, 1.0))
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (and stacked experts), none on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
