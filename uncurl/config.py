@@ -92,7 +92,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW, linear warm-up and decay, gradient clipping: shared by pretraining and fine-tuning."""
+    """What pretraining and fine-tuning share: AdamW, linear warm-up and decay, gradient
+    clipping, the evaluation interval and torch threads."""
     max_steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
@@ -126,7 +127,7 @@ class FinetuneConfig(OptimConfig):
     training split) is measured, the best weights are kept, and training stops after `patience`
     evaluations without improvement. `lr` is shared by every model being compared. A batch holds
     about `batch_tokens` tokens: as many examples (lm: windows) as fit at their mean length, so
-    that every task costs the same per step. Seeds are per run (`range(seeds)`)."""
+    that every task costs the same per step. Each run takes its seed, 0 to `seeds` - 1."""
     batch_tokens: int = 1024
     max_steps: int = 300
     lr: float = 3e-3
