@@ -15,6 +15,7 @@ layer's output on that rank's tokens. Forward only: the exchanges carry no gradi
 
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -169,9 +170,16 @@ def _run(rank, world, port, queue, fn, args):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        queue.put((rank, fn(rank, world, *args)))
+        result = fn(rank, world, *args)
+        dist.barrier()  # no rank tears its groups down while another still talks to them
+        queue.put((rank, result))
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo groups that DeepSpeed still references are destroyed
+    # there, and that can abort the process (std::terminate) after its work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
