@@ -70,13 +70,20 @@ class MoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C)
+        d = self.route(x)
+        return self.experts(x, d).view(shape), d.routing
+
+    def route(self, x: torch.Tensor) -> "Dispatch":
+        """Where each of the N tokens (rows of x) goes, at the capacity of the current mode."""
         capacity = self.cfg.capacity(len(x), self.n_expert, self.training)
-        d = dispatch(self.router(x), self.cfg.top_k, capacity)
+        return dispatch(self.router(x), self.cfg.top_k, capacity)
+
+    def experts(self, x: torch.Tensor, d: "Dispatch") -> torch.Tensor:
+        """The gate-weighted sum of each token's experts' outputs (zero for dropped tokens)."""
         # index_select, not x[d.token]: its backward is an index_add, not an index_put
         xs = x.index_select(0, d.token)  # (M, C), rows sorted by expert
         y = GroupedMLP.apply(xs, d.sizes.tolist(), self.w_fc, self.b_fc, self.w_proj, self.b_proj)
-        out = torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
-        return out.view(shape), d.routing
+        return torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
 
 
 class Dispatch(NamedTuple):

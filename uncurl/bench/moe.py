@@ -6,6 +6,9 @@ All four see the same tokens at the same shapes in one process:
 - deepspeed: `deepspeed.moe.layer.MoE` (GShard-style one-hot dispatch einsums), world size 1, gloo;
 - mixtral: transformers' `MixtralSparseMoeBlock` with its default `grouped_mm` experts; they are
   gated (three matrices), so their width is 2/3 of d_ff to match FLOPs and parameters.
+
+A fifth row splits uncurl's time: its experts alone, on a routing decided once beforehand (the
+router, softmax, top-k and sort left out; the gather, experts and gated combine kept).
 """
 
 import os
@@ -98,6 +101,19 @@ def _step(layer, x):
     return step
 
 
+class _FixedRouting(nn.Module):
+    """An MoE layer's experts on the routing its router chose for x, decided once."""
+
+    def __init__(self, moe: MoE, x: torch.Tensor):
+        super().__init__()
+        self.moe = moe
+        with torch.no_grad():
+            self.d = moe.route(x.reshape(-1, x.shape[-1]))
+
+    def forward(self, x):
+        return self.moe.experts(x.reshape(-1, x.shape[-1]), self.d).view(x.shape)
+
+
 class _Wrap(nn.Module):
     def __init__(self, layer, pick):
         super().__init__()
@@ -131,6 +147,8 @@ def run(args) -> dict:
         torch.manual_seed(0)
         x = torch.randn(batch, cfg.block_size, cfg.n_embd)
         layers = make_layers(cfg, n_expert)
+        ours = layers["uncurl MoE"].layer.train()
+        layers["uncurl experts, routing fixed"] = _FixedRouting(ours, x)
         steps = {name: _step(layer.train(), x) for name, layer in layers.items()}
         timings = time_all(steps, repeats=args.repeats)
         floor = timings[next(iter(timings))]["median_ms"]

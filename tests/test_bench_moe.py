@@ -1,0 +1,40 @@
+"""`python -m uncurl.bench moe`: the layers it times compute what they claim, and the command
+prints and records one row per layer and expert count."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from uncurl.bench.moe import _FixedRouting
+from uncurl.config import get_profile
+from uncurl.model import MoE
+
+LAYERS = ["floor (dense, same active FLOPs)", "uncurl MoE", "DeepSpeed MoE", "HF Mixtral block",
+          "uncurl experts, routing fixed"]
+
+
+def test_fixed_routing_row_is_the_layer_without_its_router():
+    cfg = get_profile("smoke").model_config(n_expert=4)
+    torch.manual_seed(0)
+    moe = MoE(cfg, 4).train()
+    torch.nn.init.normal_(moe.w_fc, 0, 0.02)
+    x = torch.randn(2, cfg.block_size, cfg.n_embd)
+    fixed = _FixedRouting(moe, x)
+    assert torch.equal(fixed(x), moe(x)[0])
+    fixed(x).sum().backward()
+    assert moe.router.weight.grad is None and moe.w_fc.grad.abs().sum() > 0
+
+
+def test_command_prints_and_records_every_layer(tmp_path):
+    out = tmp_path / "moe.json"
+    proc = subprocess.run([sys.executable, "-m", "uncurl.bench", "moe", "--profile", "smoke",
+                           "--n-expert", "2", "4", "--repeats", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["n_expert"], r["layer"]) for r in rows] == [(e, n) for e in (2, 4) for n in LAYERS]
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert [r["vs_floor"] for r in rows if r["layer"] == LAYERS[0]] == [1.0, 1.0]
+    assert proc.stdout.count("x floor") == len(rows)
