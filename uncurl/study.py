@@ -322,8 +322,6 @@ def execute(notebook: str, executed: str, parameters: dict, cwd: str) -> dict:
 
     start = time.perf_counter()
     os.environ.setdefault("MPLBACKEND", "Agg")
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):  # faster training (glibc)
-        os.environ.setdefault(name, "17179869184")
     Path(executed).parent.mkdir(parents=True, exist_ok=True)
     try:
         papermill.execute_notebook(notebook, executed, parameters=parameters, cwd=cwd,
