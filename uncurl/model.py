@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uncurl.config import ModelConfig
+from uncurl.grouped_gemm import expert_mm, expert_outer
 
 
 class Routing(NamedTuple):
@@ -125,17 +126,15 @@ class GroupedMLP(torch.autograd.Function):
 
     A hand-written backward writes each expert's gradient straight into one stacked buffer;
     through autograd, 64 small experts cost more in per-op bookkeeping and in concatenating
-    gradients than in arithmetic. GELU runs once over all rows, and each tensor is cut into
-    per-expert views by one `split`/`unbind` call rather than by slicing in the loop.
+    gradients than in arithmetic. GELU runs once over all rows, and each of the six products runs
+    every expert in one call (`uncurl.grouped_gemm`).
     """
 
     @staticmethod
     def forward(ctx, xs, sizes, w_fc, b_fc, w_proj, b_proj):
-        pre = xs.new_empty(len(xs), w_fc.shape[2])  # (M, H) pre-activation
-        _grouped_mm(xs.split(sizes), w_fc.unbind(), pre.split(sizes), b_fc)
+        pre = expert_mm(xs, w_fc, sizes, b_fc)  # (M, H) pre-activation
         act = F.gelu(pre)
-        out = xs.new_empty(len(xs), w_proj.shape[2])  # (M, C)
-        _grouped_mm(act.split(sizes), w_proj.unbind(), out.split(sizes), b_proj)
+        out = expert_mm(act, w_proj, sizes, b_proj)  # (M, C)
         row_expert = torch.repeat_interleave(torch.arange(len(sizes), device=xs.device),
                                              torch.tensor(sizes, device=xs.device))
         ctx.save_for_backward(xs, pre, act, w_fc, w_proj, row_expert)
@@ -146,30 +145,15 @@ class GroupedMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, pre, act, w_fc, w_proj, row_expert = ctx.saved_tensors
         sizes, n_expert = ctx.sizes, len(w_fc)
-        rows = lambda t: t.split(sizes)  # noqa: E731  expert e's rows
-        rows_t = lambda t: t.t().split(sizes, dim=1)  # noqa: E731  ... transposed
-        # an expert that saw no token multiplies (C, 0) by (0, H): zero gradient
-        g_wproj, g_act = torch.empty_like(w_proj), torch.empty_like(act)
-        _grouped_mm(rows_t(act), rows(grad_out), g_wproj.unbind())
-        _grouped_mm(rows(grad_out), w_proj.transpose(1, 2).unbind(), rows(g_act))
-        g_pre = torch.ops.aten.gelu_backward(g_act, pre)
-        g_wfc, g_xs = torch.empty_like(w_fc), torch.empty_like(xs)
-        _grouped_mm(rows_t(xs), rows(g_pre), g_wfc.unbind())
-        _grouped_mm(rows(g_pre), w_fc.transpose(1, 2).unbind(), rows(g_xs))
+        g_wproj = expert_outer(act, grad_out, sizes)
+        g_pre = torch.ops.aten.gelu_backward(expert_mm(grad_out, w_proj.transpose(1, 2), sizes),
+                                             pre)
+        g_wfc = expert_outer(xs, g_pre, sizes)
+        g_xs = expert_mm(g_pre, w_fc.transpose(1, 2), sizes)
         has_bfc, has_bproj = ctx.has_bias
         g_bfc = _expert_sums(g_pre, row_expert, n_expert) if has_bfc else None
         g_bproj = _expert_sums(grad_out, row_expert, n_expert) if has_bproj else None
         return g_xs, None, g_wfc, g_bfc, g_wproj, g_bproj
-
-
-def _grouped_mm(a, b, out, bias=None):
-    """out[e] = a[e] @ b[e] (+ bias[e]) for every expert e, each argument a sequence of views."""
-    if bias is None:
-        for a_e, b_e, out_e in zip(a, b, out, strict=True):
-            torch.mm(a_e, b_e, out=out_e)
-    else:
-        for a_e, b_e, out_e, bias_e in zip(a, b, out, bias.unbind(), strict=True):
-            torch.addmm(bias_e, a_e, b_e, out=out_e)
 
 
 def _expert_sums(rows, row_expert, n_expert):

@@ -1,0 +1,156 @@
+/* Grouped single-precision matrix products for mixture-of-experts layers (x86-64, AVX2 + FMA).
+ *
+ * One call runs every expert's product on its own block of rows, so 64 small experts cost one
+ * call instead of 64 BLAS calls, each of which packs its operands and pays its own set-up.
+ * Compiled and loaded at run time by uncurl/grouped_gemm.py, which falls back to torch where this
+ * file cannot be built or the CPU lacks AVX2/FMA.
+ *
+ * Products are C = A @ B (+ bias) with A and B read through arbitrary element strides and C
+ * row-major. The summation order depends only on the shapes, so results are deterministic.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define MR 6    /* rows of C per register tile */
+#define NR 16   /* columns of C per register tile: two 8-float registers */
+#define KC 256  /* depth per pass, so that a panel of B stays in L1/L2 */
+#define KERNEL __attribute__((target("avx2,fma")))
+
+/* One MR x NR tile of C over depth K: C (+)= A[:, :K] @ P, P being K rows of NR floats at stride
+ * ldp. Rows past mr and columns past nr are computed on repeats/zeros and not stored. */
+KERNEL static inline void tile(int64_t K, const float *A, int64_t sai, int64_t sak,
+                               const float *P, int64_t ldp, const float *bias, int accumulate,
+                               float *C, int64_t ldc, int mr, int nr) {
+    float t[MR][NR];
+    int direct = nr == NR;
+    float *rows[MR];
+    for (int r = 0; r < MR; r++) rows[r] = direct && r < mr ? C + r * ldc : t[r];
+    if (accumulate && !direct)
+        for (int r = 0; r < mr; r++) memcpy(t[r], C + r * ldc, nr * sizeof(float));
+    __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+#define INIT(r) __m256 c##r##0 = b0, c##r##1 = b1; \
+    if (accumulate && r < mr) { c##r##0 = _mm256_loadu_ps(rows[r]); \
+                                c##r##1 = _mm256_loadu_ps(rows[r] + 8); }
+    INIT(0) INIT(1) INIT(2) INIT(3) INIT(4) INIT(5)
+#undef INIT
+    /* rows past mr re-read row 0, which is always valid */
+    const float *a0 = A, *a1 = A + (mr > 1) * sai, *a2 = A + (mr > 2) * 2 * sai,
+                *a3 = A + (mr > 3) * 3 * sai, *a4 = A + (mr > 4) * 4 * sai,
+                *a5 = A + (mr > 5) * 5 * sai;
+    for (int64_t k = 0, o = 0; k < K; k++, o += sak, P += ldp) {
+        __m256 p0 = _mm256_loadu_ps(P), p1 = _mm256_loadu_ps(P + 8), x;
+#define ROW(r) x = _mm256_broadcast_ss(a##r + o); \
+        c##r##0 = _mm256_fmadd_ps(x, p0, c##r##0); c##r##1 = _mm256_fmadd_ps(x, p1, c##r##1);
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+#define STORE(r) if (r < mr) { _mm256_storeu_ps(rows[r], c##r##0); \
+                               _mm256_storeu_ps(rows[r] + 8, c##r##1); }
+    STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef STORE
+    if (!direct)
+        for (int r = 0; r < mr; r++) memcpy(C + r * ldc, t[r], nr * sizeof(float));
+}
+
+/* Copies an operand into the layouts the tiles read: B (K x N) into panels of NR columns, each K
+ * rows of NR floats, zero-padded; A (M x K), when its rows are not contiguous, into blocks of MR
+ * rows, each K columns of MR floats. Both are read in memory order: a panel or block read in
+ * place at a stride of a power of two thrashes the L1 cache and brings each expert's weights in
+ * one cache miss at a time. */
+KERNEL static void pack_b(int64_t N, int64_t K, const float *B, int64_t sbk, int64_t sbj,
+                          float *out) {
+    int64_t panels = (N + NR - 1) / NR;
+    if (N % NR) memset(out, 0, panels * K * NR * sizeof(float));
+    if (sbj == 1)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t p = 0; p < panels; p++)
+                memcpy(out + (p * K + k) * NR, B + k * sbk + p * NR,
+                       (N - p * NR < NR ? N - p * NR : NR) * sizeof(float));
+    else
+        for (int64_t j = 0; j < N; j++)
+            for (int64_t k = 0; k < K; k++) out[((j / NR) * K + k) * NR + j % NR] = B[k * sbk + j * sbj];
+}
+
+KERNEL static void pack_a(int64_t M, int64_t K, const float *A, int64_t sai, int64_t sak,
+                          float *out) {
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t i = 0; i < M; i += MR) {
+            float *dst = out + (i / MR * K + k) * MR;
+            const float *src = A + i * sai + k * sak;
+            for (int r = 0; r < MR && i + r < M; r++) dst[r] = src[r * sai];
+        }
+}
+
+/* C (M x N, row stride ldc) = A (M x K) @ B (K x N) + bias (N, or NULL), using `scratch` (at
+ * least K * (roundup(N, NR) + roundup(M, MR)) floats) for packed operands. */
+KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t sai, int64_t sak,
+                        const float *B, int64_t sbk, int64_t sbj, const float *bias, float *C,
+                        int64_t ldc, float *scratch) {
+    int64_t panels = (N + NR - 1) / NR;
+    pack_b(N, K, B, sbk, sbj, scratch);
+    int packed_a = sai < sak;  /* a transposed operand, as in weight gradients */
+    float *Ap = scratch + panels * K * NR;
+    if (packed_a) pack_a(M, K, A, sai, sak, Ap);
+    float padded_bias[NR];
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += KC) {
+        int64_t kc = K - k0 < KC ? K - k0 : KC;
+        for (int64_t i = 0; i < M; i += MR) {
+            int mr = M - i < MR ? (int)(M - i) : MR;
+            const float *a = packed_a ? Ap + (i / MR * K + k0) * MR : A + i * sai + k0 * sak;
+            for (int64_t p = 0; p < panels; p++) {
+                int nr = N - p * NR < NR ? (int)(N - p * NR) : NR;
+                const float *b = bias ? bias + p * NR : NULL;
+                if (b && nr < NR) {
+                    memset(padded_bias, 0, sizeof padded_bias);
+                    memcpy(padded_bias, b, nr * sizeof(float));
+                    b = padded_bias;
+                }
+                tile(kc, a, packed_a ? 1 : sai, packed_a ? MR : sak, scratch + (p * K + k0) * NR,
+                     NR, k0 ? NULL : b, k0 > 0, C + i * ldc + p * NR, ldc, mr, nr);
+            }
+        }
+    }
+}
+
+int uncurl_gemm_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* For each expert e, one product on its block. sizes[e] rows of the sorted tokens belong to e;
+ * they are the M dimension of e's product when k_grouped is 0, its K dimension when it is 1.
+ * Along the grouped dimension, operands advance by those rows; otherwise by their per-expert
+ * strides be, ce, biase. Returns 0, or -1 if scratch memory ran out. */
+KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
+                               int64_t M, int64_t N, int64_t K,
+                               const float *A, int64_t sai, int64_t sak,
+                               const float *B, int64_t sbk, int64_t sbj, int64_t be,
+                               const float *bias, int64_t biase,
+                               float *C, int64_t ldc, int64_t ce) {
+    int64_t largest = 1;
+    for (int64_t e = 0; e < E; e++) largest = sizes[e] > largest ? sizes[e] : largest;
+    int64_t depth = k_grouped ? largest : K, rows = k_grouped ? M : largest;
+    float *scratch = malloc(((depth > 0 ? depth : 1) * ((N + NR - 1) / NR * NR + (rows + MR - 1) / MR * MR))
+                            * sizeof(float));
+    if (!scratch) return -1;
+    for (int64_t e = 0, row = 0; e < E; row += sizes[e++]) {
+        const float *be_bias = bias ? bias + e * biase : NULL;
+        if (!k_grouped)
+            gemm(sizes[e], N, K, A + row * sai, sai, sak, B + e * be, sbk, sbj, be_bias,
+                 C + row * ldc, ldc, scratch);
+        else  /* an expert with no rows gets bias or zeros */
+            gemm(M, N, sizes[e], A + row * sak, sai, sak, B + row * sbk + e * be, sbk,
+                 sbj, be_bias, C + e * ce, ldc, scratch);
+    }
+    free(scratch);
+    return 0;
+}
+
+#else
+int uncurl_gemm_supported(void) { return 0; }
+#endif
