@@ -87,12 +87,19 @@ KERNEL static void pack_a(int64_t M, int64_t K, const float *A, int64_t sai, int
 }
 
 /* C (M x N, row stride ldc) = A (M x K) @ B (K x N) + bias (N, or NULL), using `scratch` (at
- * least K * (roundup(N, NR) + roundup(M, MR)) floats) for packed operands. */
+ * least K * (roundup(N, NR) + roundup(M, MR)) floats) for packed operands; and, unless b_sums is
+ * NULL, b_sums (N) = the sum of B's rows (the bias gradient, when B is an output gradient). */
 KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t sai, int64_t sak,
                         const float *B, int64_t sbk, int64_t sbj, const float *bias, float *C,
-                        int64_t ldc, float *scratch) {
+                        int64_t ldc, float *scratch, float *b_sums) {
     int64_t panels = (N + NR - 1) / NR;
     pack_b(N, K, B, sbk, sbj, scratch);
+    for (int64_t p = 0; b_sums && p < panels; p++) {  /* from the copy, while it is in cache */
+        float sum[NR] = {0};
+        for (int64_t k = 0; k < K; k++)
+            for (int j = 0; j < NR; j++) sum[j] += scratch[(p * K + k) * NR + j];
+        memcpy(b_sums + p * NR, sum, (N - p * NR < NR ? N - p * NR : NR) * sizeof(float));
+    }
     int packed_a = sai < sak;  /* a transposed operand, as in weight gradients */
     float *Ap = scratch + panels * K * NR;
     if (packed_a) pack_a(M, K, A, sai, sak, Ap);
@@ -125,13 +132,14 @@ int uncurl_gemm_supported(void) {
 /* For each expert e, one product on its block. sizes[e] rows of the sorted tokens belong to e;
  * they are the M dimension of e's product when k_grouped is 0, its K dimension when it is 1.
  * Along the grouped dimension, operands advance by those rows; otherwise by their per-expert
- * strides be, ce, biase. Returns 0, or -1 if scratch memory ran out. */
+ * strides be, ce, biase. With k_grouped, b_sums (E x N, or NULL) gets the sum of each expert's
+ * rows of B. Returns 0, or -1 if scratch memory ran out. */
 KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
                                int64_t M, int64_t N, int64_t K,
                                const float *A, int64_t sai, int64_t sak,
                                const float *B, int64_t sbk, int64_t sbj, int64_t be,
                                const float *bias, int64_t biase,
-                               float *C, int64_t ldc, int64_t ce) {
+                               float *C, int64_t ldc, int64_t ce, float *b_sums) {
     int64_t largest = 1;
     for (int64_t e = 0; e < E; e++) largest = sizes[e] > largest ? sizes[e] : largest;
     int64_t depth = k_grouped ? largest : K, rows = k_grouped ? M : largest;
@@ -142,10 +150,10 @@ KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
         const float *be_bias = bias ? bias + e * biase : NULL;
         if (!k_grouped)
             gemm(sizes[e], N, K, A + row * sai, sai, sak, B + e * be, sbk, sbj, be_bias,
-                 C + row * ldc, ldc, scratch);
+                 C + row * ldc, ldc, scratch, NULL);
         else  /* an expert with no rows gets bias or zeros */
             gemm(M, N, sizes[e], A + row * sak, sai, sak, B + row * sbk + e * be, sbk,
-                 sbj, be_bias, C + e * ce, ldc, scratch);
+                 sbj, be_bias, C + e * ce, ldc, scratch, b_sums ? b_sums + e * N : NULL);
     }
     free(scratch);
     return 0;

@@ -41,18 +41,20 @@ def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> 
     return out
 
 
-def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None) -> torch.Tensor:
     """Each expert's rows of a against its rows of b (a weight gradient): a (M, P) and b (M, Q)
     give out (E, P, Q) with out[e] = a[rows of e].T @ b[rows of e], zero for an expert with no
-    rows."""
+    rows. If given, b_sums (E, Q) receives each expert's sum of its rows of b (a bias gradient)."""
     out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
-    if _kernel_for(a, b):
+    if _kernel_for(a, b, b_sums) and (b_sums is None or b_sums.is_contiguous()):
         _run(sizes, True, a.shape[1], b.shape[1], 0, a, (a.stride(1), a.stride(0)),
-             b, (b.stride(0), b.stride(1), 0), None, out, out.stride(1), out.stride(0))
-    else:  # an (P, 0) @ (0, Q) product writes zeros
-        for a_e, b_e, out_e in zip(a.t().split(sizes, dim=1), b.split(sizes), out.unbind(),
-                                   strict=True):
-            torch.mm(a_e, b_e, out=out_e)
+             b, (b.stride(0), b.stride(1), 0), None, out, out.stride(1), out.stride(0), b_sums)
+        return out
+    for a_e, b_e, out_e in zip(a.t().split(sizes, dim=1), b.split(sizes), out.unbind(),
+                               strict=True):
+        torch.mm(a_e, b_e, out=out_e)  # (P, 0) @ (0, Q) writes zeros
+    if b_sums is not None:
+        torch.stack([b_e.sum(0) for b_e in b.split(sizes)], out=b_sums)
     return out
 
 
@@ -66,12 +68,14 @@ def _kernel_for(*tensors) -> bool:
                for t in tensors) and _library() is not None
 
 
-def _run(sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc, out_stride):
+def _run(sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc, out_stride,
+         b_sums=None):
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     status = _library().uncurl_grouped_gemm(
         len(sizes), (ctypes.c_int64 * len(sizes))(*sizes), k_grouped, M, N, K,
         ptr(a), *a_strides, ptr(b), *b_strides,
         ptr(bias), 0 if bias is None else bias.stride(0), ptr(out), ldc, out_stride,
+        ptr(b_sums),
     )
     if status:
         raise MemoryError("uncurl.grouped_gemm: no memory for the kernel's scratch buffer")
@@ -94,7 +98,7 @@ def _library():
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.uncurl_grouped_gemm.argtypes = [i64, ptr, ctypes.c_int, i64, i64, i64,
-                                        ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
+                                        ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr]
     return lib
 
 

@@ -135,29 +135,23 @@ class GroupedMLP(torch.autograd.Function):
         pre = expert_mm(xs, w_fc, sizes, b_fc)  # (M, H) pre-activation
         act = F.gelu(pre)
         out = expert_mm(act, w_proj, sizes, b_proj)  # (M, C)
-        row_expert = torch.repeat_interleave(torch.arange(len(sizes), device=xs.device),
-                                             torch.tensor(sizes, device=xs.device))
-        ctx.save_for_backward(xs, pre, act, w_fc, w_proj, row_expert)
+        ctx.save_for_backward(xs, pre, act, w_fc, w_proj)
         ctx.sizes, ctx.has_bias = sizes, (b_fc is not None, b_proj is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, pre, act, w_fc, w_proj, row_expert = ctx.saved_tensors
-        sizes, n_expert = ctx.sizes, len(w_fc)
-        g_wproj = expert_outer(act, grad_out, sizes)
+        xs, pre, act, w_fc, w_proj = ctx.saved_tensors
+        sizes = ctx.sizes
+        # bias gradients are the experts' row sums of the output gradients
+        g_bfc, g_bproj = (xs.new_empty(len(sizes), w.shape[2]) if has else None
+                          for w, has in zip((w_fc, w_proj), ctx.has_bias))
+        g_wproj = expert_outer(act, grad_out, sizes, g_bproj)
         g_pre = torch.ops.aten.gelu_backward(expert_mm(grad_out, w_proj.transpose(1, 2), sizes),
                                              pre)
-        g_wfc = expert_outer(xs, g_pre, sizes)
+        g_wfc = expert_outer(xs, g_pre, sizes, g_bfc)
         g_xs = expert_mm(g_pre, w_fc.transpose(1, 2), sizes)
-        has_bfc, has_bproj = ctx.has_bias
-        g_bfc = _expert_sums(g_pre, row_expert, n_expert) if has_bfc else None
-        g_bproj = _expert_sums(grad_out, row_expert, n_expert) if has_bproj else None
         return g_xs, None, g_wfc, g_bfc, g_wproj, g_bproj
-
-
-def _expert_sums(rows, row_expert, n_expert):
-    return rows.new_zeros(n_expert, rows.shape[1]).index_add_(0, row_expert, rows)
 
 
 class CausalSelfAttention(nn.Module):
