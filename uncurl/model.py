@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uncurl.config import ModelConfig
-from uncurl.grouped_gemm import expert_mm, expert_outer
+from uncurl.kernels import SoftmaxTopK, expert_mm, expert_outer, sort_slots
 
 
 class Routing(NamedTuple):
@@ -103,19 +103,8 @@ def dispatch(logits: torch.Tensor, k: int, capacity: int | None) -> Dispatch:
     (`uncurl.expert_parallel`) route identically.
     """
     n, n_expert = logits.shape
-    gates, experts = logits.float().softmax(-1).topk(k, dim=-1)  # (N, k)
-    # Slots are choice-major, so first choices win capacity before second choices, and
-    # earlier tokens before later ones (stable sort), as in Switch/GShard.
-    slot_expert = experts.t().reshape(-1)  # (k*N,)
-    order = slot_expert.argsort(stable=True)
-    counts = torch.bincount(slot_expert, minlength=n_expert)  # (E,)
-    starts = counts.cumsum(0) - counts
-    # position of each sorted slot within its expert's queue
-    rank = torch.arange(k * n, device=logits.device) - starts[slot_expert[order]]
-    kept = order if capacity is None else order[rank < capacity]
-    sizes = counts if capacity is None else counts.clamp(max=capacity)
-    dropped = torch.ones(k * n, dtype=torch.bool, device=logits.device)
-    dropped[kept] = False
+    gates, experts = SoftmaxTopK.apply(logits.float(), k)  # (N, k)
+    kept, counts, sizes, dropped = sort_slots(experts, n_expert, capacity)
     weight = gates.t().reshape(-1)[kept].unsqueeze(1)
     routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
     return Dispatch(kept % n, sizes, weight, routing)
@@ -127,7 +116,7 @@ class GroupedMLP(torch.autograd.Function):
     A hand-written backward writes each expert's gradient straight into one stacked buffer;
     through autograd, 64 small experts cost more in per-op bookkeeping and in concatenating
     gradients than in arithmetic. GELU runs once over all rows, and each of the six products runs
-    every expert in one call (`uncurl.grouped_gemm`).
+    every expert in one call (`uncurl.kernels`).
     """
 
     @staticmethod

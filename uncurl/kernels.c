@@ -1,8 +1,9 @@
-/* Grouped single-precision matrix products for mixture-of-experts layers (x86-64, AVX2 + FMA).
+/* CPU kernels for mixture-of-experts layers: grouped single-precision matrix products (x86-64,
+ * AVX2 + FMA) and top-k selection of router probabilities.
  *
  * One call runs every expert's product on its own block of rows, so 64 small experts cost one
  * call instead of 64 BLAS calls, each of which packs its operands and pays its own set-up.
- * Compiled and loaded at run time by uncurl/grouped_gemm.py, which falls back to torch where this
+ * Compiled and loaded at run time by uncurl/kernels.py, which falls back to torch where this
  * file cannot be built or the CPU lacks AVX2/FMA.
  *
  * Products are C = A @ B (+ bias) with A and B read through arbitrary element strides and C
@@ -124,9 +125,32 @@ KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t
     }
 }
 
+/* Index of the first largest of p[0..E), E >= 8: a vector maximum, then a vector search for it. */
+KERNEL static int64_t argmax8(const float *p, int64_t E) {
+    __m256 m = _mm256_loadu_ps(p);
+    int64_t e = 8;
+    for (; e + 8 <= E; e += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(p + e));
+    float lanes[8], best;
+    _mm256_storeu_ps(lanes, m);
+    best = lanes[0];
+    for (int i = 1; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+    for (; e < E; e++) best = p[e] > best ? p[e] : best;
+    __m256 b = _mm256_set1_ps(best);
+    for (e = 0; e + 8 <= E; e += 8) {
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + e), b, _CMP_EQ_OQ));
+        if (mask) return e + __builtin_ctz(mask);
+    }
+    for (; e < E; e++)
+        if (p[e] == best) return e;
+    return -1;  /* NaNs: left to the scalar path */
+}
+
+static int gemm_supported = -1;
+
 int uncurl_gemm_supported(void) {
+    if (gemm_supported >= 0) return gemm_supported;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return gemm_supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 /* For each expert e, one product on its block. sizes[e] rows of the sorted tokens belong to e;
@@ -161,4 +185,64 @@ KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
 
 #else
 int uncurl_gemm_supported(void) { return 0; }
+static int64_t argmax8(const float *p, int64_t E) { (void)p, (void)E; return -1; }
 #endif
+
+/* The k largest of each row of P (N x E, row-major), largest first, ties to the lower index.
+ * torch.topk reduces each row of 64 experts several times slower than this single pass. */
+void uncurl_topk(int64_t N, int64_t E, int64_t k, const float *restrict P, float *restrict values,
+                 int64_t *restrict indices) {
+    for (int64_t n = 0; n < N; n++, P += E, values += k, indices += k) {
+        if (k == 1 && E >= 8 && uncurl_gemm_supported()
+            && (indices[0] = argmax8(P, E)) >= 0) {  /* the common case, vectorised */
+            values[0] = P[indices[0]];
+            continue;
+        }
+        if (k == 1) {
+            float best = P[0];
+            int64_t arg = 0;
+            for (int64_t e = 1; e < E; e++)
+                if (P[e] > best) best = P[e], arg = e;
+            values[0] = best, indices[0] = arg;
+            continue;
+        }
+        int64_t filled = 0;
+        for (int64_t e = 0; e < E; e++) {
+            float v = P[e];
+            if (filled == k && !(v > values[k - 1])) continue;
+            int64_t j = filled < k ? filled++ : k - 1;  /* insert v, keeping values descending */
+            for (; j > 0 && v > values[j - 1]; j--) {
+                values[j] = values[j - 1];
+                indices[j] = indices[j - 1];
+            }
+            values[j] = v;
+            indices[j] = e;
+        }
+    }
+}
+
+/* Top-k routing's dispatch: slots s = j * N + n (token n's j-th choice, choices major) sorted by
+ * expert, stably, keeping each expert's first `capacity` (all if capacity < 0). Writes the kept
+ * slots in that order to kept (returns their number, or -1 if out of memory), tokens routed and
+ * kept per expert to counts and sizes (E), and 1 for each dropped slot to dropped (k * N). A
+ * counting sort: one pass to count, one to place. */
+int64_t uncurl_dispatch(int64_t N, int64_t k, int64_t E, const int64_t *restrict experts,
+                        int64_t capacity, int64_t *restrict kept, int64_t *restrict counts,
+                        int64_t *restrict sizes, uint8_t *restrict dropped) {
+    int64_t *next = malloc(2 * E * sizeof(int64_t)), *end = next + E, total = 0;
+    if (!next) return -1;
+    memset(counts, 0, E * sizeof(int64_t));
+    for (int64_t i = 0; i < N * k; i++) counts[experts[i]]++;
+    for (int64_t e = 0; e < E; e++) {
+        sizes[e] = capacity >= 0 && counts[e] > capacity ? capacity : counts[e];
+        next[e] = total;
+        end[e] = total += sizes[e];
+    }
+    for (int64_t s = 0; s < N * k; s++) {
+        int64_t e = experts[(s % N) * k + s / N];
+        dropped[s] = next[e] == end[e];
+        if (!dropped[s]) kept[next[e]++] = s;
+    }
+    free(next);
+    return total;
+}

@@ -1,0 +1,186 @@
+"""CPU kernels for MoE layers: every expert's matrix product in one call, and softmax top-k.
+
+Tokens arrive sorted by expert, `sizes[e]` rows each. On x86-64 CPUs with AVX2 and FMA, float32
+products run through the C kernels in kernels.c, compiled on first use into a cache folder
+($UNCURL_CACHE, else ~/.cache/uncurl); elsewhere (other dtypes, GPUs, other CPUs, no C compiler)
+they run as one torch.mm per expert, and top-k as torch.topk. With 64 experts of about 60 rows
+each, torch.mm per expert costs 1.3-1.6x one torch.mm over all rows (MKL packs each expert's
+operands and pays its set-up each call); the grouped kernel costs 1.0-1.2x
+(`python -m uncurl.bench moe`). `UNCURL_KERNELS=torch` forces the torch paths.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-shared", "-fPIC")
+
+
+def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> torch.Tensor:
+    """Rows of expert e times its matrix: a (M, K) and b (E, K, N) give out (M, N) with
+    out[rows of e] = a[rows of e] @ b[e] (+ bias[e], bias being (E, N))."""
+    out = a.new_empty(len(a), b.shape[2])
+    if _gemm_for(a, b, bias):
+        bias = None if bias is None else bias.contiguous()  # the kernel reads its rows whole
+        _gemm(sizes, False, 0, b.shape[2], b.shape[1], a, (a.stride(0), a.stride(1)),
+              b, (b.stride(1), b.stride(2), b.stride(0)), bias, out, out.stride(0), 0)
+    elif bias is None:
+        for a_e, b_e, out_e in zip(a.split(sizes), b.unbind(), out.split(sizes), strict=True):
+            torch.mm(a_e, b_e, out=out_e)
+    else:
+        for a_e, b_e, out_e, bias_e in zip(a.split(sizes), b.unbind(), out.split(sizes),
+                                           bias.unbind(), strict=True):
+            torch.addmm(bias_e, a_e, b_e, out=out_e)
+    return out
+
+
+def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None) -> torch.Tensor:
+    """Each expert's rows of a against its rows of b (a weight gradient): a (M, P) and b (M, Q)
+    give out (E, P, Q) with out[e] = a[rows of e].T @ b[rows of e], zero for an expert with no
+    rows. If given, b_sums (E, Q) receives each expert's sum of its rows of b (a bias gradient)."""
+    out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
+    if _gemm_for(a, b, b_sums) and (b_sums is None or b_sums.is_contiguous()):
+        _gemm(sizes, True, a.shape[1], b.shape[1], 0, a, (a.stride(1), a.stride(0)),
+              b, (b.stride(0), b.stride(1), 0), None, out, out.stride(1), out.stride(0), b_sums)
+        return out
+    for a_e, b_e, out_e in zip(a.t().split(sizes, dim=1), b.split(sizes), out.unbind(),
+                               strict=True):
+        torch.mm(a_e, b_e, out=out_e)  # (P, 0) @ (0, Q) writes zeros
+    if b_sums is not None:
+        torch.stack([b_e.sum(0) for b_e in b.split(sizes)], out=b_sums)
+    return out
+
+
+class SoftmaxTopK(torch.autograd.Function):
+    """The k largest softmax probabilities of each row of logits (N, E), largest first, and their
+    columns: `gates, experts = SoftmaxTopK.apply(logits, k)`. Gradients reach every logit through
+    the full softmax; the backward is written out because autograd's (a scatter into a dense
+    zero tensor, then softmax's backward) makes two more passes over (N, E)."""
+
+    @staticmethod
+    def forward(ctx, logits, k):
+        probs = logits.softmax(-1)
+        lib = _library()
+        if lib and probs.dtype == torch.float32 and probs.device.type == "cpu":
+            probs = probs.contiguous()
+            gates = probs.new_empty(len(probs), k)
+            experts = torch.empty(len(probs), k, dtype=torch.long)
+            lib.uncurl_topk(len(probs), probs.shape[1], k, probs.data_ptr(), gates.data_ptr(),
+                            experts.data_ptr())
+        else:
+            gates, experts = probs.topk(k, dim=-1)
+        ctx.save_for_backward(probs, gates, experts)
+        ctx.mark_non_differentiable(experts)
+        return gates, experts
+
+    @staticmethod
+    def backward(ctx, grad_gates, _):
+        probs, gates, experts = ctx.saved_tensors
+        # d gate_j / d logit_m = gate_j * ([m == expert_j] - p_m)
+        weighted = grad_gates * gates
+        grad = probs * -weighted.sum(-1, keepdim=True)
+        return grad.scatter_add_(1, experts, weighted), None
+
+
+def sort_slots(experts: torch.Tensor, n_expert: int, capacity: int | None):
+    """Dispatch of top-k choices experts (N, k): the slots s = j * N + n (token n's j-th choice)
+    sorted by expert, stably, each expert keeping its first `capacity` (all if None). Returns kept
+    slots (M,), tokens routed and kept per expert (E,) each, and a dropped flag per slot (k * N,).
+    Slots are choice-major, so first choices win capacity before second choices, and earlier
+    tokens before later ones, as in Switch/GShard."""
+    n, k = experts.shape
+    lib = _library()
+    if lib and experts.device.type == "cpu":
+        experts = experts.contiguous()
+        kept, dropped = torch.empty(n * k, dtype=torch.long), torch.empty(n * k, dtype=torch.bool)
+        counts, sizes = (torch.empty(n_expert, dtype=torch.long) for _ in range(2))
+        m = lib.uncurl_dispatch(n, k, n_expert, experts.data_ptr(),
+                                -1 if capacity is None else capacity, kept.data_ptr(),
+                                counts.data_ptr(), sizes.data_ptr(), dropped.data_ptr())
+        if m < 0:
+            raise MemoryError("uncurl.kernels: no memory for dispatch")
+        return kept[:m], counts, sizes, dropped
+    slot_expert = experts.t().reshape(-1)  # (k*N,)
+    order = slot_expert.argsort(stable=True)
+    counts = torch.bincount(slot_expert, minlength=n_expert)
+    starts = counts.cumsum(0) - counts
+    # position of each sorted slot within its expert's queue
+    rank = torch.arange(k * n, device=experts.device) - starts[slot_expert[order]]
+    kept = order if capacity is None else order[rank < capacity]
+    sizes = counts if capacity is None else counts.clamp(max=capacity)
+    dropped = torch.ones(k * n, dtype=torch.bool, device=experts.device)
+    dropped[kept] = False
+    return kept, counts, sizes, dropped
+
+
+def backend() -> str:
+    """Which path float32 CPU products take here: 'avx2 kernel' or 'torch'."""
+    return "avx2 kernel" if _has_gemm() else "torch"
+
+
+def _gemm_for(*tensors) -> bool:
+    return _has_gemm() and all(
+        t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+
+
+@functools.cache
+def _has_gemm() -> bool:
+    lib = _library()
+    return bool(lib and lib.uncurl_gemm_supported())
+
+
+def _gemm(sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc, out_stride,
+          b_sums=None):
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    status = _library().uncurl_grouped_gemm(
+        len(sizes), (ctypes.c_int64 * len(sizes))(*sizes), k_grouped, M, N, K,
+        ptr(a), *a_strides, ptr(b), *b_strides,
+        ptr(bias), 0 if bias is None else bias.stride(0), ptr(out), ldc, out_stride, ptr(b_sums),
+    )
+    if status:
+        raise MemoryError("uncurl.kernels: no memory for the grouped product's scratch buffer")
+
+
+@functools.cache
+def _library():
+    """The compiled kernels, or None where they cannot be built (after one warning)."""
+    if os.environ.get("UNCURL_KERNELS") == "torch":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        warnings.warn(f"uncurl.kernels: could not build {SOURCE.name} ({detail}); MoE layers "
+                      "run on torch ops alone. Install a C compiler (or set CC) to get the "
+                      "kernels, or set UNCURL_KERNELS=torch to silence this.", stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.uncurl_grouped_gemm.argtypes = [i64, ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64,
+                                        ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr]
+    lib.uncurl_topk.argtypes = [i64, i64, i64, ptr, ptr, ptr]
+    lib.uncurl_dispatch.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.uncurl_dispatch.restype = i64
+    return lib
+
+
+def _build() -> Path:
+    """Compile the kernels once per source and flags; the library is renamed into place whole."""
+    cache = Path(os.environ.get("UNCURL_CACHE", Path.home() / ".cache" / "uncurl"))
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = cache / f"kernels-{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = Path(tmp) / lib.name
+            subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(built)],
+                           check=True, capture_output=True, text=True)
+            os.replace(built, lib)
+    return lib
