@@ -7,12 +7,12 @@ import sys
 
 import torch
 
-from uncurl.bench.moe import _FixedRouting
+from uncurl.bench.moe import FLOOR, _DenseOnKernel, _FixedRouting
 from uncurl.config import get_profile
 from uncurl.model import MoE
 
-LAYERS = ["floor (dense, same active FLOPs)", "uncurl MoE", "DeepSpeed MoE", "HF Mixtral block",
-          "uncurl experts, routing fixed"]
+LAYERS = [FLOOR, "uncurl MoE", "DeepSpeed MoE", "HF Mixtral block",
+          "uncurl experts, routing fixed", "floor on uncurl's kernel"]
 
 
 def test_fixed_routing_row_is_the_layer_without_its_router():
@@ -25,6 +25,18 @@ def test_fixed_routing_row_is_the_layer_without_its_router():
     assert torch.equal(fixed(x), moe(x)[0])
     fixed(x).sum().backward()
     assert moe.router.weight.grad is None and moe.w_fc.grad.abs().sum() > 0
+
+
+def test_floor_on_the_kernel_computes_the_floor():
+    torch.manual_seed(0)
+    floor = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    on_kernel = _DenseOnKernel(floor)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y, y_kernel = floor(x), on_kernel(x)
+    torch.testing.assert_close(y_kernel, y)
+    g, = torch.autograd.grad(y.square().sum(), x)
+    g_kernel, = torch.autograd.grad(y_kernel.square().sum(), x)
+    torch.testing.assert_close(g_kernel, g)
 
 
 def test_command_prints_and_records_every_layer(tmp_path):

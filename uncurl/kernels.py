@@ -1,9 +1,10 @@
 """CPU kernels for MoE layers: every expert's matrix product in one call, and softmax top-k.
 
 Tokens arrive sorted by expert, `sizes[e]` rows each. On x86-64 CPUs with AVX2 and FMA, float32
-products run through the C kernels in kernels.c, compiled on first use into a cache folder
-($UNCURL_CACHE, else ~/.cache/uncurl); elsewhere (other dtypes, GPUs, other CPUs, no C compiler)
-they run as one torch.mm per expert, and top-k as torch.topk. With 64 experts of about 60 rows
+products on one torch thread (uncurl's training default) run through the C kernels in kernels.c,
+compiled on first use into a cache folder ($UNCURL_CACHE, else ~/.cache/uncurl); elsewhere
+(other dtypes, more threads, GPUs, other CPUs, no C compiler) they run as one torch.mm per
+expert, and top-k and the dispatch sort as torch ops. With 64 experts of about 60 rows
 each, torch.mm per expert costs 1.3-1.6x one torch.mm over all rows (MKL packs each expert's
 operands and pays its set-up each call); the grouped kernel costs 1.0-1.2x
 (`python -m uncurl.bench moe`). `UNCURL_KERNELS=torch` forces the torch paths.
@@ -127,7 +128,8 @@ def backend() -> str:
 
 
 def _gemm_for(*tensors) -> bool:
-    return _has_gemm() and all(
+    # the kernel runs on one thread; with more, torch's threaded BLAS is the safer choice
+    return _has_gemm() and torch.get_num_threads() == 1 and all(
         t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
 
 

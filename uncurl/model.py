@@ -134,7 +134,7 @@ class GroupedMLP(torch.autograd.Function):
         sizes = ctx.sizes
         # bias gradients are the experts' row sums of the output gradients
         g_bfc, g_bproj = (xs.new_empty(len(sizes), w.shape[2]) if has else None
-                          for w, has in zip((w_fc, w_proj), ctx.has_bias))
+                          for w, has in zip((w_fc, w_proj), ctx.has_bias, strict=True))
         g_wproj = expert_outer(act, grad_out, sizes, g_bproj)
         g_pre = torch.ops.aten.gelu_backward(expert_mm(grad_out, w_proj.transpose(1, 2), sizes),
                                              pre)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from uncurl import kernels
+
 PACKAGES = ("torch", "transformers", "tokenizers", "deepspeed", "numpy", "pandas", "scikit-learn")
 
 
@@ -41,6 +43,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "moe_kernels": kernels.backend(),
         "load_avg_1m": os.getloadavg()[0],
         "packages": package_versions(),
     }

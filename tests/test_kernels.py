@@ -1,0 +1,156 @@
+"""uncurl.kernels: the C kernels compute what their torch fallbacks compute, on awkward shapes, and
+a kernel that cannot be built falls back with a warning instead of failing."""
+
+import pytest
+import torch
+
+from uncurl import kernels
+from uncurl.config import get_profile
+from uncurl.model import MoE
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the grouped product's condition
+needs_kernels = pytest.mark.skipif(kernels.backend() != "avx2 kernel",
+                                   reason="needs x86-64 with AVX2/FMA and a C compiler")
+# rows per expert: empty experts, fewer rows than a register tile (6), and ragged remainders
+SIZES = [5, 0, 13, 7, 1, 40, 300, 0]
+# (K, N): a panel (16 columns) exactly, ragged columns, and K past one depth pass (256)
+SHAPES = [(64, 256), (72, 40), (3, 5), (700, 17)]
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the torch fallbacks, then give the kernels back."""
+    monkeypatch.setenv("UNCURL_KERNELS", "torch")
+    _reset()
+    yield
+    monkeypatch.delenv("UNCURL_KERNELS")
+    _reset()
+
+
+def _reset():
+    kernels._library.cache_clear()
+    kernels._has_gemm.cache_clear()
+
+
+def _both(fn, *args):
+    """fn(*args) on the kernels and on the torch fallbacks."""
+    out = fn(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNCURL_KERNELS", "torch")
+        _reset()
+        ref = fn(*args)
+    _reset()
+    return out, ref
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_expert_mm_matches_one_product_per_expert(k, n):
+    torch.manual_seed(0)
+    a, b = torch.randn(sum(SIZES), k), torch.randn(len(SIZES), k, n)
+    bias = torch.randn(len(SIZES), n)
+    for args in [(a, b, SIZES, bias), (a, b, SIZES),
+                 (a.t().contiguous().t(), b.transpose(1, 2).contiguous().transpose(1, 2), SIZES)]:
+        out, ref = _both(kernels.expert_mm, *args)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_expert_outer_matches_and_sums_rows(k, n):
+    torch.manual_seed(0)
+    a, b = torch.randn(sum(SIZES), k), torch.randn(sum(SIZES), n)
+    sums = {}
+
+    def outer(a, b):
+        sums[kernels.backend()] = torch.full((len(SIZES), n), float("nan"))
+        return kernels.expert_outer(a, b, SIZES, sums[kernels.backend()])
+
+    out, ref = _both(outer, a, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums["avx2 kernel"], sums["torch"], rtol=1e-5, atol=1e-4)
+    assert out[1].abs().sum() == 0 and sums["avx2 kernel"][1].abs().sum() == 0  # no rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_softmax_topk_matches_torch_and_its_gradient(k):
+    torch.manual_seed(0)
+    logits = torch.randn(300, 13, requires_grad=True)
+    weights = torch.randn(300, k)
+    gates, experts = kernels.SoftmaxTopK.apply(logits, k)
+    ref_gates, ref_experts = logits.softmax(-1).topk(k, dim=-1)
+    assert torch.equal(experts, ref_experts)
+    torch.testing.assert_close(gates, ref_gates, rtol=0, atol=0)
+    grad, = torch.autograd.grad((gates * weights).sum(), logits)
+    ref, = torch.autograd.grad((ref_gates * weights).sum(), logits)
+    torch.testing.assert_close(grad, ref)
+
+
+def test_softmax_topk_gradcheck():
+    torch.manual_seed(0)
+    logits = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: kernels.SoftmaxTopK.apply(x, 2)[0], (logits,))
+
+
+@needs_kernels
+def test_softmax_top1_ties_go_to_the_lower_expert():
+    gates, experts = kernels.SoftmaxTopK.apply(torch.zeros(3, 16), 1)
+    assert experts.flatten().tolist() == [0, 0, 0]
+    torch.testing.assert_close(gates, torch.full((3, 1), 1 / 16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,capacity", [(1, None), (1, 3), (2, 5), (3, 0)])
+def test_sort_slots_matches_the_torch_sort(k, capacity):
+    torch.manual_seed(k)
+    experts = torch.stack([torch.randperm(8)[:k] for _ in range(100)])
+    out, ref = _both(kernels.sort_slots, experts, 8, capacity)
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == r.dtype and torch.equal(o, r)
+
+
+@needs_kernels
+def test_moe_layer_on_kernels_matches_torch():
+    cfg = get_profile("smoke").model_config(n_expert=4)
+    torch.manual_seed(0)
+    moe = MoE(cfg, 4).train()
+    for p in (moe.w_fc, moe.w_proj):
+        torch.nn.init.normal_(p, 0, 0.02)
+    x = torch.randn(2, cfg.block_size, cfg.n_embd)
+
+    def step(x):
+        moe.zero_grad(set_to_none=True)
+        y, _ = moe(x)
+        y.square().sum().backward()
+        return y, *(p.grad for p in moe.parameters())
+
+    for out, ref in zip(*_both(step, x), strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("UNCURL_CACHE", str(tmp_path))
+    _reset()
+    try:
+        with pytest.warns(UserWarning, match="could not build kernels.c"):
+            assert kernels.backend() == "torch"
+        a, b = torch.randn(6, 3), torch.randn(2, 3, 4)
+        out = kernels.expert_mm(a, b, [2, 4])
+        torch.testing.assert_close(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
+    finally:
+        monkeypatch.undo()
+        _reset()
+
+
+def test_torch_only_switch(torch_only):
+    assert kernels.backend() == "torch"
+
+
+@needs_kernels
+def test_grouped_product_leaves_several_threads_to_torch():
+    a = torch.randn(4, 4)
+    assert kernels._gemm_for(a)
+    torch.set_num_threads(2)  # one_thread restores the count
+    assert not kernels._gemm_for(a)
