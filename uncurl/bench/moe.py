@@ -1,17 +1,19 @@
 """Forward+backward time of one MoE layer against a dense floor, DeepSpeed's MoE and HF Mixtral's.
 
 All four see the same tokens at the same shapes in one process:
-- floor: a dense FFN doing the active FLOPs of top-k experts (width top_k * d_ff);
-- uncurl: `uncurl.model.MoE` (sorted dispatch, each expert once on its slice);
+- floor: a dense FFN doing the active FLOPs of top-k experts (width top_k * d_ff), torch's
+  `nn.Linear`s;
+- uncurl: `uncurl.model.MoE` (sorted dispatch; every expert's product in one call of
+  `uncurl.kernels`, each expert once on its slice);
 - deepspeed: `deepspeed.moe.layer.MoE` (GShard-style one-hot dispatch einsums), world size 1, gloo;
 - mixtral: transformers' `MixtralSparseMoeBlock` with its default `grouped_mm` experts; they are
   gated (three matrices), so their width is 2/3 of d_ff to match FLOPs and parameters.
 
 Two more rows split uncurl's time. Its experts alone, on a routing decided once beforehand (the
 router, softmax, top-k and sort left out; the gather, experts and gated combine kept). And the
-floor's FFN run as one expert through uncurl's grouped product (`uncurl.kernels`): where that
-kernel beats torch's BLAS on these shapes, it flatters uncurl's ratios by as much, and the ratio
-of uncurl's layer to this row is its cost over a dense FFN on the same kernel.
+floor's FFN run as one expert through uncurl's grouped product, as uncurl's dense models run it:
+where that kernel beats torch's BLAS on these shapes, it flatters uncurl's ratios by as much, and
+the ratio of uncurl's layer to this row is its cost over a dense FFN on the same kernel.
 """
 
 import os
