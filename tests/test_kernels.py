@@ -129,6 +129,19 @@ def test_moe_layer_on_kernels_matches_torch():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("call", [
+    lambda a, b: kernels.expert_mm(a, b, [2, 3]),  # rows do not add up
+    lambda a, b: kernels.expert_mm(a, b, [2, 2, 0]),  # one expert too many
+    lambda a, b: kernels.expert_mm(a, b.transpose(1, 2), [2, 2]),  # inner dimensions differ
+    lambda a, b: kernels.expert_mm(a, b, [2, 2], torch.zeros(2, 3)),  # bias of the wrong width
+    lambda a, b: kernels.expert_outer(a, a[:3], [2, 2]),  # rows of a and b differ
+])
+def test_mismatched_shapes_are_refused_before_the_kernel_runs(call):
+    a, b = torch.randn(4, 3), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError):
+        call(a, b)
+
+
 def test_a_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     monkeypatch.setenv("UNCURL_CACHE", str(tmp_path))

@@ -28,6 +28,10 @@ FLAGS = ("-O3", "-shared", "-fPIC")
 def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> torch.Tensor:
     """Rows of expert e times its matrix: a (M, K) and b (E, K, N) give out (M, N) with
     out[rows of e] = a[rows of e] @ b[e] (+ bias[e], bias being (E, N))."""
+    _check(sizes, rows=len(a), experts=len(b), inner=(a.shape[1], b.shape[1]))
+    if bias is not None and bias.shape != (len(b), b.shape[2]):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, not (experts, N) = "
+                         f"{(len(b), b.shape[2])}")
     out = a.new_empty(len(a), b.shape[2])
     if _gemm_for(a, b, bias):
         bias = None if bias is None else bias.contiguous()  # the kernel reads its rows whole
@@ -47,6 +51,9 @@ def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None
     """Each expert's rows of a against its rows of b (a weight gradient): a (M, P) and b (M, Q)
     give out (E, P, Q) with out[e] = a[rows of e].T @ b[rows of e], zero for an expert with no
     rows. If given, b_sums (E, Q) receives each expert's sum of its rows of b (a bias gradient)."""
+    _check(sizes, rows=len(a), experts=len(sizes), inner=(len(a), len(b)))
+    if b_sums is not None and b_sums.shape != (len(sizes), b.shape[1]):
+        raise ValueError(f"b_sums has shape {tuple(b_sums.shape)}, not {(len(sizes), b.shape[1])}")
     out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
     if _gemm_for(a, b, b_sums) and (b_sums is None or b_sums.is_contiguous()):
         _gemm(sizes, True, a.shape[1], b.shape[1], 0, a, (a.stride(1), a.stride(0)),
@@ -125,6 +132,15 @@ def sort_slots(experts: torch.Tensor, n_expert: int, capacity: int | None):
 def backend() -> str:
     """Which path float32 CPU products take here: 'avx2 kernel' or 'torch'."""
     return "avx2 kernel" if _has_gemm() else "torch"
+
+
+def _check(sizes, rows, experts, inner):
+    """Shapes the kernel relies on (it would read past a tensor's end otherwise)."""
+    if len(sizes) != experts or sum(sizes) != rows or min(sizes, default=0) < 0:
+        raise ValueError(f"sizes ({len(sizes)} experts, {sum(sizes)} rows) do not match the "
+                         f"operands ({experts} experts, {rows} rows)")
+    if inner[0] != inner[1]:
+        raise ValueError(f"inner dimensions differ: {inner[0]} and {inner[1]}")
 
 
 def _gemm_for(*tensors) -> bool:
