@@ -1,5 +1,5 @@
 /* CPU kernels for mixture-of-experts layers: grouped single-precision matrix products (x86-64,
- * AVX2 + FMA) and top-k selection of router probabilities.
+ * AVX2 + FMA), top-k selection of router probabilities, and the dispatch's sort by expert.
  *
  * One call runs every expert's product on its own block of rows, so 64 small experts cost one
  * call instead of 64 BLAS calls, each of which packs its operands and pays its own set-up.
@@ -74,7 +74,8 @@ KERNEL static void pack_b(int64_t N, int64_t K, const float *B, int64_t sbk, int
                        (N - p * NR < NR ? N - p * NR : NR) * sizeof(float));
     else
         for (int64_t j = 0; j < N; j++)
-            for (int64_t k = 0; k < K; k++) out[((j / NR) * K + k) * NR + j % NR] = B[k * sbk + j * sbj];
+            for (int64_t k = 0; k < K; k++)
+                out[((j / NR) * K + k) * NR + j % NR] = B[k * sbk + j * sbj];
 }
 
 KERNEL static void pack_a(int64_t M, int64_t K, const float *A, int64_t sai, int64_t sak,
