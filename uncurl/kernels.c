@@ -168,8 +168,8 @@ KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
     int64_t largest = 1;
     for (int64_t e = 0; e < E; e++) largest = sizes[e] > largest ? sizes[e] : largest;
     int64_t depth = k_grouped ? largest : K, rows = k_grouped ? M : largest;
-    float *scratch = malloc(((depth > 0 ? depth : 1) * ((N + NR - 1) / NR * NR + (rows + MR - 1) / MR * MR))
-                            * sizeof(float));
+    int64_t width = (N + NR - 1) / NR * NR + (rows + MR - 1) / MR * MR;  /* B panels, A blocks */
+    float *scratch = malloc((depth > 0 ? depth : 1) * width * sizeof(float));
     if (!scratch) return -1;
     for (int64_t e = 0, row = 0; e < E; row += sizes[e++]) {
         const float *be_bias = bias ? bias + e * biase : NULL;
