@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from uncurl.bench.moe import FLOOR, _DenseOnKernel, _FixedRouting
+from uncurl.bench.moe import FLOOR, _dense_on_kernel, _FixedRouting
 from uncurl.config import get_profile
 from uncurl.model import MoE
 
@@ -19,7 +19,8 @@ def test_fixed_routing_row_is_the_layer_without_its_router():
     cfg = get_profile("smoke").model_config(n_expert=4)
     torch.manual_seed(0)
     moe = MoE(cfg, 4).train()
-    torch.nn.init.normal_(moe.w_fc, 0, 0.02)
+    for p in (moe.w_fc, moe.w_proj):  # allocated uninitialised; GPT's constructor initialises them
+        torch.nn.init.normal_(p, 0, 0.02)
     x = torch.randn(2, cfg.block_size, cfg.n_embd)
     fixed = _FixedRouting(moe, x)
     assert torch.equal(fixed(x), moe(x)[0])
@@ -30,7 +31,7 @@ def test_fixed_routing_row_is_the_layer_without_its_router():
 def test_floor_on_the_kernel_computes_the_floor():
     torch.manual_seed(0)
     floor = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
-    on_kernel = _DenseOnKernel(floor)
+    on_kernel = _dense_on_kernel(get_profile("smoke").model_config(n_expert=4), floor)
     x = torch.randn(3, 5, 8, requires_grad=True)
     y, y_kernel = floor(x), on_kernel(x)
     torch.testing.assert_close(y_kernel, y)

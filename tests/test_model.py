@@ -24,6 +24,7 @@ def test_one_expert_equals_dense_mlp():
     mlp = MLP(cfg)
     moe = MoE(ModelConfig(**TINY, capacity_factor=None), n_expert=1)
     with torch.no_grad():
+        moe.router.weight.zero_()  # allocated uninitialised; any finite value routes alike
         moe.w_fc[0].copy_(mlp.c_fc.weight.t())
         moe.b_fc[0].copy_(mlp.c_fc.bias)
         moe.w_proj[0].copy_(mlp.c_proj.weight.t())

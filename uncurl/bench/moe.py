@@ -27,7 +27,7 @@ import torch.nn as nn
 from uncurl import cpu
 from uncurl.bench import time_all
 from uncurl.config import get_profile
-from uncurl.model import GroupedMLP, MoE
+from uncurl.model import MLP, MoE
 from uncurl.provenance import environment
 
 FLOOR = "floor (dense, same active FLOPs)"
@@ -121,21 +121,12 @@ class _FixedRouting(nn.Module):
         return self.moe.experts(x.reshape(-1, x.shape[-1]), self.d).view(x.shape)
 
 
-class _DenseOnKernel(nn.Module):
-    """The floor's FFN (linear, GELU, linear) with the same weights, as uncurl's one expert."""
-
-    def __init__(self, floor: nn.Sequential):
-        super().__init__()
-        fc, proj = floor[0], floor[2]
-        self.w_fc = nn.Parameter(fc.weight.detach().t()[None].contiguous())  # (1, C, H)
-        self.b_fc = nn.Parameter(fc.bias.detach()[None].clone())
-        self.w_proj = nn.Parameter(proj.weight.detach().t()[None].contiguous())
-        self.b_proj = nn.Parameter(proj.bias.detach()[None].clone())
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        return GroupedMLP.apply(rows, [len(rows)], self.w_fc, self.b_fc, self.w_proj,
-                                self.b_proj).view(x.shape)
+def _dense_on_kernel(cfg, floor: nn.Sequential) -> MLP:
+    """uncurl's dense FFN (one expert of its grouped product) with the floor's width and weights."""
+    mlp = MLP(replace(cfg, n_embd=floor[0].in_features, d_ff=floor[0].out_features, bias=True))
+    mlp.load_state_dict({"c_fc.weight": floor[0].weight, "c_fc.bias": floor[0].bias,
+                         "c_proj.weight": floor[2].weight, "c_proj.bias": floor[2].bias})
+    return mlp
 
 
 class _Wrap(nn.Module):
@@ -173,7 +164,7 @@ def run(args) -> dict:
         layers = make_layers(cfg, n_expert)
         ours = layers["uncurl MoE"].layer.train()
         layers["uncurl experts, routing fixed"] = _FixedRouting(ours, x)
-        layers["floor on uncurl's kernel"] = _DenseOnKernel(layers[FLOOR])
+        layers["floor on uncurl's kernel"] = _dense_on_kernel(cfg, layers[FLOOR])
         steps = {name: _step(layer.train(), x) for name, layer in layers.items()}
         timings = time_all(steps, repeats=args.repeats)
         floor = timings[FLOOR]["median_ms"]
