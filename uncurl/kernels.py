@@ -1,4 +1,4 @@
-"""CPU kernels for MoE layers: every expert's matrix product in one call, and softmax top-k.
+"""CPU kernels for MoE layers: every expert's product in one call, softmax top-k, the dispatch sort.
 
 Tokens arrive sorted by expert, `sizes[e]` rows each. On x86-64 CPUs with AVX2 and FMA, float32
 products on one torch thread (uncurl's training default) run through the C kernels in kernels.c,
