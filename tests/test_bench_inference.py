@@ -11,9 +11,9 @@ from uncurl import costmodel
 from uncurl import inference_report as ir
 from uncurl.bench import inference
 from uncurl.bench.__main__ import main
-from uncurl.checkpoint import save_checkpoint
 from uncurl.config import get_profile
 from uncurl.model import GPT
+from uncurl.model.checkpoint import save_checkpoint
 
 PROFILE = get_profile("smoke")
 TRAINED = ["dense" if n == 1 else f"e{n}" for n in PROFILE.expert_counts]

@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from uncurl import costmodel
 from uncurl.config import ModelConfig, get_profile
-from uncurl.expert_parallel import ExpertParallelMoE, launch, scatter, shard_model
 from uncurl.model import GPT, MoE
+from uncurl.model.expert_parallel import ExpertParallelMoE, launch, scatter, shard_model
 
 TOKENS = 24  # per rank
 CASES = {  # name: (top_k, evaluation capacity factor); 1.0 drops tokens, None is dropless

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from uncurl import data, evaluate, finetune, tasks
-from uncurl.checkpoint import save_checkpoint
 from uncurl.config import get_profile
 from uncurl.model import GPT, Output
+from uncurl.model.checkpoint import save_checkpoint
 from uncurl.reduce.save import reduce_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ class Unigram(nn.Module):
         super().__init__()
         self.logp = logp
 
-    def forward(self, idx):
+    def forward(self, idx, dropless=False):
         return Output(self.logp.expand(*idx.shape, -1), None, None, None, None)
 
 
@@ -52,7 +52,7 @@ class Bigram(nn.Module):
         super().__init__()
         self.logp = logp
 
-    def forward(self, idx):
+    def forward(self, idx, dropless=False):
         return Output(self.logp[idx], None, None, None, None)
 
 

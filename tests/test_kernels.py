@@ -1,12 +1,11 @@
-"""uncurl.kernels: the C kernels compute what their torch fallbacks compute, on awkward shapes, and
-a kernel that cannot be built falls back with a warning instead of failing."""
+"""uncurl.model.kernels: the C kernels compute what their torch fallbacks compute, on awkward
+shapes, and a kernel that cannot be built falls back with a warning instead of failing."""
 
 import pytest
 import torch
 
-from uncurl import kernels
 from uncurl.config import get_profile
-from uncurl.model import MoE
+from uncurl.model import MoE, kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the grouped product's condition
 needs_kernels = pytest.mark.skipif(kernels.backend() != "avx2 kernel",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.cluster import SpectralClustering
 
-from uncurl.checkpoint import load_model, save_checkpoint
 from uncurl.config import ModelConfig
 from uncurl.model import GPT
+from uncurl.model.checkpoint import load_model, save_checkpoint
 from uncurl.reduce import (
     align_plan,
     apply_plan,
@@ -25,7 +25,7 @@ from uncurl.reduce import (
 from uncurl.reduce.align import matching_objective
 from uncurl.reduce.apply import expert_params
 from uncurl.reduce.plan import make_group
-from uncurl.reduce.stats import LayerStats, expert_forward, trace_moe
+from uncurl.reduce.stats import LayerStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,8 +52,10 @@ def layer_io(model, batches):
     with torch.no_grad():
         for b in batches:
             mask = b.mask.reshape(-1)
-            for part, (_, x, y, r) in zip(parts, trace_moe(model, b.idx), strict=True):
-                part.append([t[mask] for t in (x, y, r.logits, r.experts, r.gates)])
+            routing = model(b.idx, return_routing=True, dropless=True).routing
+            for part, r in zip(parts, routing, strict=True):
+                part.append([t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts,
+                                               r.gates)])
     return [[torch.cat(t) for t in zip(*part, strict=True)] for part in parts]
 
 
@@ -68,15 +70,18 @@ def groups_of(plan, layer=0):
 # statistics
 
 
-def test_trace_matches_the_model_forward():
+def test_routing_carries_each_layers_input_and_gated_expert_output():
     model, b = tiny(top_k=2), task()[0]
     with torch.no_grad():
-        routing = model(b.idx, return_routing=True).routing
-        traced = list(trace_moe(model, b.idx))
-    assert len(traced) == len(routing) == 2
-    for (_, _, _, r), ref in zip(traced, routing, strict=True):
-        torch.testing.assert_close(r.logits, ref.logits)
-        assert torch.equal(r.experts, ref.experts)
+        routing = model(b.idx, return_routing=True, dropless=True).routing
+        assert len(routing) == 2
+        for moe, r in zip(model.moe_blocks, routing, strict=True):
+            assert r.inputs.shape == r.outputs.shape == (b.idx.numel(), 16)
+            expected = sum(r.gates[:, [j]] * torch.stack([moe.expert(int(e), x) for e, x in
+                                                           zip(r.experts[:, j], r.inputs,
+                                                               strict=True)])
+                           for j in range(2))
+            torch.testing.assert_close(r.outputs, expected)
 
 
 def test_streamed_statistics_equal_direct_ones_over_real_tokens_only():
@@ -259,8 +264,8 @@ def test_uncurl_recovers_planted_groups_and_gives_exactly_d_experts(top_k):
                                    record["plan"]["layers"], strict=True):
             for i, group in enumerate(layer["groups"]):
                 for m in group["members"]:
-                    torch.testing.assert_close(expert_forward(new, i, x),
-                                               expert_forward(old, m, x), atol=2e-2, rtol=0)
+                    torch.testing.assert_close(new.expert(i, x),
+                                               old.expert(m, x), atol=2e-2, rtol=0)
 
 
 def test_uncurl_clusters_as_sklearn_spectral_clustering_with_precomputed_affinity():
@@ -359,9 +364,9 @@ def test_merging_permuted_copies_of_one_expert_returns_that_expert():
         torch.testing.assert_close(merged[name], value)
     x = torch.randn(7, 16)
     for e in (0, 1, 2):  # the same function as every member
-        torch.testing.assert_close(_ffn(merged, x), expert_forward(moe, e, x))
+        torch.testing.assert_close(_ffn(merged, x), moe.expert(e, x))
     unaligned = merge_group(moe, group)  # what merging without weight matching would give
-    assert not torch.allclose(_ffn(unaligned, x), expert_forward(moe, 0, x), atol=1e-3)
+    assert not torch.allclose(_ffn(unaligned, x), moe.expert(0, x), atol=1e-3)
 
 
 def _ffn(p, x):

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from uncurl import data
-from uncurl.checkpoint import load_model, read_info, save_checkpoint
 from uncurl.config import get_profile
 from uncurl.model import GPT
+from uncurl.model.checkpoint import load_model, read_info, save_checkpoint
 from uncurl.reduce import make_batches, register_task, taskdata
 from uncurl.reduce.__main__ import main
 
@@ -102,7 +102,7 @@ def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_d
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("uncurl.reduce.save.write_json", fail)
+    monkeypatch.setattr("uncurl.layout.write_json", fail)
     with pytest.raises(OSError):
         reduce(checkpoints["e4"], tmp_path / "out", "greedy", 2, f"{smoke_data}:drama")
     assert list(tmp_path.iterdir()) == []

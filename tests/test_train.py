@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from uncurl.checkpoint import load_model
 from uncurl.config import get_profile
+from uncurl.model.checkpoint import load_model
 from uncurl.train import get_batch, load_metrics, lr_at, train, train_all
 
 SMOKE = get_profile("smoke")

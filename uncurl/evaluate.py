@@ -6,7 +6,7 @@
 Scoring: a choice task ranks each example's candidate answers by the summed log-likelihood of
 their tokens after the prompt (lm-evaluation-harness's `acc`); an lm task takes the mean loss of
 each validation window. Scoring is dropless (no expert capacity), so an example's score does not
-depend on which other examples share its batch.
+depend on which other examples share its batch (`GPT.forward(dropless=True)`).
 
 Comparison: every (model, task) has a score per validation example per fine-tuning seed. Means get
 a 95% bootstrap interval over examples and seeds; a reduced model is compared with its from-scratch
@@ -15,9 +15,7 @@ equivalent by a paired bootstrap (the same resampled examples and seeds for both
 """
 
 import argparse
-import dataclasses
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from uncurl.config import get_profile
+from uncurl.model import eval_mode
 from uncurl.tasks import Encoded, answer_batch
 
 RESULT = "result.json"  # one per fine-tuning run: parameters, metrics, per-example scores
@@ -36,35 +35,19 @@ COLUMNS = ["model", "source_experts", "target_experts", "method", "task", "seed"
 
 # ------------------------------------------------------------------------------------ scoring
 
-@contextmanager
-def dropless(model):
-    """Evaluation mode with no expert capacity limit, restored on exit."""
-    holders = [m for m in model.modules() if hasattr(m, "cfg")]
-    saved = [m.cfg for m in holders]
-    was_training = model.training
-    for m in holders:
-        m.cfg = dataclasses.replace(m.cfg, eval_capacity_factor=None)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, cfg in zip(holders, saved, strict=True):
-            m.cfg = cfg
-        model.train(was_training)
-
-
 @torch.no_grad()
 def answer_logliks(model, pairs: list[tuple[np.ndarray, np.ndarray]],
                    batch_size: int = 64) -> np.ndarray:
     """Summed log-probability of each answer's tokens after its prompt."""
     order = np.argsort([len(p) + len(a) for p, a in pairs], kind="stable")  # little padding
     out = np.zeros(len(pairs))
-    with dropless(model):
+    with eval_mode(model):
         for i in range(0, len(pairs), batch_size):
             rows = order[i : i + batch_size]
             b = answer_batch([pairs[j] for j in rows])
             answer = b.targets >= 0
-            logp = F.log_softmax(model(b.idx).logits[answer].float(), dim=-1)  # answers only
+            logits = model(b.idx, dropless=True).logits
+            logp = F.log_softmax(logits[answer].float(), dim=-1)  # answers only
             picked = logp.gather(1, b.targets[answer].unsqueeze(1)).squeeze(1)
             row_of = answer.nonzero()[:, 0]
             out[rows] = torch.zeros(len(rows)).index_add_(0, row_of, picked).numpy()
@@ -100,9 +83,9 @@ def answer_loss(model, encoded: list[Encoded], batch_size: int = 64) -> float:
 def window_losses(model, batches) -> np.ndarray:
     """Mean next-token loss of every window (row) of taskdata batches."""
     out = []
-    with dropless(model):
+    with eval_mode(model):
         for b in batches:
-            logits = model(b.idx).logits.float()
+            logits = model(b.idx, dropless=True).logits.float()
             loss = F.cross_entropy(logits.transpose(1, 2), b.targets, ignore_index=-1,
                                    reduction="none")
             out.append((loss.sum(1) / b.mask.sum(1)).numpy())

@@ -23,19 +23,19 @@ import torch
 from tqdm import tqdm
 
 from uncurl import cpu, evaluate, tasks
-from uncurl.checkpoint import (
+from uncurl.config import FinetuneConfig, get_profile, parse_overrides
+from uncurl.layout import write_json
+from uncurl.model.checkpoint import (
     digest,
     find_checkpoint,
     load_model,
+    load_tokenizer,
     read_info,
     save_checkpoint,
-    write_json,
 )
-from uncurl.config import FinetuneConfig, get_profile, parse_overrides
 from uncurl.provenance import environment
 from uncurl.reduce import make_batches, router_warmup
 from uncurl.reduce.save import RECORD, reduce_checkpoint
-from uncurl.reduce.save import tokenizer as checkpoint_tokenizer
 from uncurl.train import lr_at, make_optimizer, run_name
 
 
@@ -187,7 +187,7 @@ def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=Non
     started = time.time()
     cpu.configure(cfg.threads)
     model = load_model(checkpoint)
-    tok = checkpoint_tokenizer(checkpoint)
+    tok = load_tokenizer(checkpoint)
     data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
     model_info = describe(checkpoint)
     warmup = _router_warmup(model, model_info, data, cfg, seed)
@@ -225,7 +225,7 @@ def score_checkpoint(checkpoint, task: str, cfg: FinetuneConfig, data_dir=None,
                      task_source: str = "") -> dict:
     """A checkpoint's validation metrics on a task as it is, without fine-tuning."""
     model = load_model(checkpoint)
-    data = load_task(task, checkpoint_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir,
+    data = load_task(task, load_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir,
                      task_source)
     return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
 
@@ -267,7 +267,7 @@ def reduced(profile, task: str, source: int, method: str, target: int, root: Pat
         done = json.loads((out / RECORD).read_text())
         if (done["task_data"], done["max_tokens"]) == (label, cfg.reduce_tokens):
             return out
-    docs = tasks.training_documents(tasks.get_task(task), checkpoint_tokenizer(ckpt),
+    docs = tasks.training_documents(tasks.get_task(task), load_tokenizer(ckpt),
                                     read_info(ckpt)["model"]["block_size"], profile.data_dir,
                                     profile.task_source, cfg.val_frac, cfg.heldout_frac)
     return reduce_checkpoint(ckpt, out, method, target, docs, label, max_tokens=cfg.reduce_tokens)

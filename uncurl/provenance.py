@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from uncurl import kernels
+from uncurl.model import kernels
 
 PACKAGES = ("torch", "transformers", "tokenizers", "deepspeed", "numpy", "pandas", "scikit-learn")
 

@@ -20,9 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from uncurl import cpu, data
-from uncurl.checkpoint import load_train_state, save_checkpoint, write_json
 from uncurl.config import ModelConfig, OptimConfig, TrainConfig, get_profile, parse_overrides
-from uncurl.model import GPT, count_parameters
+from uncurl.layout import write_json
+from uncurl.model import GPT, count_parameters, eval_mode
+from uncurl.model.checkpoint import load_train_state, save_checkpoint
 from uncurl.provenance import environment
 
 
@@ -68,11 +69,8 @@ def make_optimizer(model: GPT, cfg: OptimConfig) -> torch.optim.AdamW:
 @torch.no_grad()
 def evaluate(model: GPT, batches) -> float:
     """Mean language-modelling loss (no aux loss) at evaluation capacity."""
-    was_training = model.training
-    model.eval()
-    loss = float(np.mean([model(x, y).lm_loss.item() for x, y in batches]))
-    model.train(was_training)
-    return loss
+    with eval_mode(model):
+        return float(np.mean([model(x, y).lm_loss.item() for x, y in batches]))
 
 
 def train(

@@ -8,9 +8,10 @@
    the number is what the OS had to provide for activations and work space; smaller blocks the
    allocator may reuse, so it is a lower bound).
 2. Expert parallelism over P processes (gloo on localhost, one thread each): one MoE layer per
-   expert count, ours (`uncurl.expert_parallel`) and DeepSpeed's (`ep_size = P`), split into the
-   two All2All exchanges and the expert computation; and the whole forward pass of every model,
-   each rank on its own batch shard of the same size (data-parallel tokens, as DeepSpeed).
+   expert count, ours (`uncurl.model.expert_parallel`) and DeepSpeed's (`ep_size = P`), split
+   into the two All2All exchanges and the expert computation; and the whole forward pass of
+   every model, each rank on its own batch shard of the same size (data-parallel tokens, as
+   DeepSpeed).
    The P processes share this machine's cores: with P above the core count compute slows
    with P, which the dense model (no exchanges) shows on its own.
 3. Bare all_to_all exchanges of several sizes, to which the cost model (`uncurl.costmodel`) is
@@ -34,9 +35,9 @@ import torch
 from uncurl import costmodel, cpu
 from uncurl.bench import time_all
 from uncurl.bench.parallel import measure_parallel
-from uncurl.checkpoint import find_checkpoint, load_model, read_info
 from uncurl.config import ModelConfig, get_profile
 from uncurl.model import GPT
+from uncurl.model.checkpoint import find_checkpoint, load_model, read_info
 from uncurl.provenance import environment
 
 # The bench's sizes per profile, the one place they come from (the command's and the notebook's

@@ -4,7 +4,7 @@ All four see the same tokens at the same shapes in one process:
 - floor: a dense FFN doing the active FLOPs of top-k experts (width top_k * d_ff), torch's
   `nn.Linear`s;
 - uncurl: `uncurl.model.MoE` (sorted dispatch; every expert's product in one call of
-  `uncurl.kernels`, each expert once on its slice);
+  `uncurl.model.kernels`, each expert once on its slice);
 - deepspeed: `deepspeed.moe.layer.MoE` (GShard-style one-hot dispatch einsums), world size 1, gloo;
 - mixtral: transformers' `MixtralSparseMoeBlock` with its default `grouped_mm` experts; they are
   gated (three matrices), so their width is 2/3 of d_ff to match FLOPs and parameters.

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from uncurl import costmodel
-from uncurl.expert_parallel import ExpertParallelMoE, launch, shard_model
 from uncurl.model import MoE
+from uncurl.model.expert_parallel import ExpertParallelMoE, launch, shard_model
 
 PHASES = ("route", "first_a2a", "compute", "second_a2a", "combine")
 

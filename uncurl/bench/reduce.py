@@ -22,10 +22,10 @@ import torch
 
 from uncurl import cpu
 from uncurl.bench import time_it
-from uncurl.checkpoint import load_model
 from uncurl.config import get_profile
 from uncurl.data import load_meta
 from uncurl.model import GPT
+from uncurl.model.checkpoint import load_model
 from uncurl.provenance import environment
 from uncurl.reduce import (
     METHODS,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import uncurl.tasks  # noqa: F401  (registers the fine-tuning tasks as task data names)
 from uncurl import cpu
-from uncurl.checkpoint import read_info
+from uncurl.model.checkpoint import load_tokenizer, read_info
 from uncurl.reduce import METHODS, ROUTERS, SOLVERS, load_task_docs
-from uncurl.reduce.save import check_out, reduce_checkpoint, tokenizer
+from uncurl.reduce.save import check_out, reduce_checkpoint
 
 
 def main(argv=None):
@@ -46,7 +46,7 @@ def main(argv=None):
 def run(args) -> Path:
     check_out(args.out, args.checkpoint)
     vocab_size = read_info(args.checkpoint)["model"]["vocab_size"]
-    docs = load_task_docs(args.task_data, tokenizer(args.checkpoint), vocab_size)
+    docs = load_task_docs(args.task_data, load_tokenizer(args.checkpoint), vocab_size)
     return reduce_checkpoint(args.checkpoint, args.out, args.method, args.n_expert, docs,
                              args.task_data, args.router, args.seed, args.align,
                              args.warmup_steps, args.warmup_lr, args.max_tokens, args.batch_size)

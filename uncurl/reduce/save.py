@@ -1,19 +1,24 @@
 """Reduce a checkpoint on disk and write the result as a checkpoint plus its record, atomically.
 
-The output folder loads like a trained checkpoint (`uncurl.checkpoint.load_model`); its config.json
+The output folder loads like a trained checkpoint (`uncurl.model.load_model`); its config.json
 records, under "reduction", which original experts each new expert came from. reduction.json holds
 the plan, per-layer selection counts, frequencies and similarity matrices, spectral embeddings
 (uncurl), and timings. The folder is written under a temporary name and renamed at the end, so a
 failure leaves nothing at `out`.
 """
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer
 
-from uncurl.checkpoint import find_checkpoint, load_model, read_info, save_checkpoint, write_json
+from uncurl import layout
+from uncurl.model.checkpoint import (
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    read_info,
+    write_checkpoint,
+)
 from uncurl.provenance import environment
 from uncurl.reduce import check_model, check_request, make_batches, reduce_model
 
@@ -44,7 +49,7 @@ def reduce_checkpoint(checkpoint, out, method: str, n_expert: int, docs: list[np
     }}
     record = {"checkpoint": str(checkpoint), "task_data": task_data, "n_documents": len(docs),
               "max_tokens": max_tokens, **record, "environment": environment()}
-    return _write(out, reduced, tokenizer(checkpoint), info, record)
+    return _write(out, reduced, load_tokenizer(checkpoint), info, record)
 
 
 def check_out(out: Path, checkpoint: Path) -> None:
@@ -55,25 +60,9 @@ def check_out(out: Path, checkpoint: Path) -> None:
         raise ValueError("--out is the source checkpoint; choose a new folder")
 
 
-def tokenizer(checkpoint: Path):
-    ckpt = find_checkpoint(checkpoint)
-    return AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
-
-
 def _write(out: Path, model, tok, info: dict, record: dict) -> Path:
-    """Checkpoint and record under a temporary name, then renamed to `out` (replacing it)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.reducing"), out.with_name(f".{out.name}.old")
-    try:
-        save_checkpoint(tmp, model, tok, info)
-        write_json(tmp / RECORD, record)
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():  # the swap failed half-way: keep the earlier one
-            old.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+    """Checkpoint and record in one folder, swapped in whole (replacing an earlier reduction)."""
+    with layout.atomic_dir(out) as tmp:
+        write_checkpoint(tmp, model, tok, info)
+        layout.write_json(tmp / RECORD, record)
     return out

@@ -11,15 +11,13 @@ The pass is dropless by default: capacity only decides which routed tokens an ex
 without it every token's routing and every expert output counts, whatever the batch composition.
 """
 
-import contextlib
 import dataclasses
 import itertools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from uncurl.model import GPT, MoE
+from uncurl.model import GPT, MoE, eval_mode
 
 NAEE_MAX_EXPERTS = 16  # C(16, 8) = 12,870 subsets per layer is the most we enumerate
 
@@ -64,43 +62,16 @@ def collect_stats(model: GPT, batches, needs=(), subset_size: int | None = None,
     "naee" (the last with `subset_size` = D)."""
     if "naee" in needs and subset_size is None:
         raise ValueError("NAEE statistics need subset_size, the D of the subsets to enumerate")
-    model.eval()
     stats = [_empty(model, layer, moe, needs, subset_size)
              for layer, moe in zip(model.cfg.moe_layers, model.moe_blocks, strict=True)]
-    with torch.no_grad(), _dropless(model) if dropless else contextlib.nullcontext():
+    with torch.no_grad(), eval_mode(model):
         for batch in batches:
             mask = batch.mask.reshape(-1)
-            for st, (moe, x, y, r) in zip(stats, trace_moe(model, batch.idx), strict=True):
-                _update(st, moe, x[mask], y[mask], (r.logits[mask], r.experts[mask], r.gates[mask]))
+            routing = model(batch.idx, return_routing=True, dropless=dropless).routing
+            for st, moe, r in zip(stats, model.moe_blocks, routing, strict=True):
+                _update(st, moe, r.inputs[mask], r.outputs[mask],
+                        (r.logits[mask], r.experts[mask], r.gates[mask]))
     return stats
-
-
-def trace_moe(model: GPT, idx):
-    """Yield (moe, input (N, C), output (N, C), routing) of each MoE layer: GPT.forward unrolled,
-    because REAP, NAEE and HC-SMoE need each layer's input, which the model does not return."""
-    x = model.drop(model.wte(idx) + model.wpe(torch.arange(idx.shape[1])))
-    for block in model.h:
-        x = x + block.attn(block.ln_1(x))
-        u = block.ln_2(x)
-        if isinstance(block.mlp, MoE):
-            y, routing = block.mlp(u)
-            yield block.mlp, u.flatten(0, 1), y.flatten(0, 1), routing
-        else:
-            y = block.mlp(u)
-        x = x + y
-
-
-@contextlib.contextmanager
-def _dropless(model: GPT):
-    """Temporarily run every MoE layer without capacity (no token dropped)."""
-    saved = [moe.cfg for moe in model.moe_blocks]
-    for moe in model.moe_blocks:
-        moe.cfg = dataclasses.replace(moe.cfg, capacity_factor=None, eval_capacity_factor=None)
-    try:
-        yield
-    finally:
-        for moe, cfg in zip(model.moe_blocks, saved, strict=True):
-            moe.cfg = cfg
 
 
 def _empty(model: GPT, layer: int, moe: MoE, needs, subset_size) -> LayerStats:
@@ -132,24 +103,18 @@ def _update(st: LayerStats, moe: MoE, x, y, routing) -> None:
         st.reap_sum += _reap_sums(moe, x, experts, gates)
     if st.output_sum is None and st.subsets is None:
         return
-    outs = torch.stack([expert_forward(moe, e, x) for e in range(z)])  # (Z, N, C)
+    outs = torch.stack([moe.expert(e, x) for e in range(z)])  # (Z, N, C)
     if st.output_sum is not None:
         st.output_sum += outs.double().sum(1).numpy()
     if st.subsets is not None:
         st.subset_error += _subset_errors(logits, outs, y, st.subsets, st.top_k)
 
 
-def expert_forward(moe: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert e alone: gelu(x W_fc + b_fc) W_proj + b_proj, (N, C) -> (N, C)."""
-    h = x @ moe.w_fc[e] + (0 if moe.b_fc is None else moe.b_fc[e])
-    return F.gelu(h) @ moe.w_proj[e] + (0 if moe.b_proj is None else moe.b_proj[e])
-
-
 def _reap_sums(moe: MoE, x, experts, gates) -> np.ndarray:
     sums = np.zeros(moe.n_expert)
     for e in experts.unique().tolist():
         rows, slot = (experts == e).nonzero(as_tuple=True)
-        norms = expert_forward(moe, e, x[rows]).norm(dim=-1)
+        norms = moe.expert(e, x[rows]).norm(dim=-1)
         sums[e] = (gates[rows, slot] * norms).double().sum().item()
     return sums
 

@@ -3,7 +3,7 @@
  *
  * One call runs every expert's product on its own block of rows, so 64 small experts cost one
  * call instead of 64 BLAS calls, each of which packs its operands and pays its own set-up.
- * Compiled and loaded at run time by uncurl/kernels.py, which falls back to torch where this
+ * Compiled and loaded at run time by uncurl/model/kernels.py, which falls back to torch where this
  * file cannot be built or the CPU lacks AVX2/FMA.
  *
  * Products are C = A @ B (+ bias) with A and B read through arbitrary element strides and C

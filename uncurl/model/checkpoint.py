@@ -1,62 +1,53 @@
-"""Checkpoints: `model.safetensors` + `config.json` (+ tokenizer) in one folder, written atomically.
-
-A folder is written under a temporary name and swapped in by rename, so an interruption leaves
-either the previous checkpoint or the new one, never a mixture.
-"""
+"""Checkpoints: `model.safetensors` + `config.json` (+ tokenizer) in one folder, written atomically
+(`uncurl.layout.atomic_dir`): an interruption leaves the previous checkpoint or the new one."""
 
 import hashlib
-import json
-import os
-import shutil
+import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
+from uncurl import layout
 from uncurl.config import ModelConfig
-from uncurl.model import GPT
+from uncurl.model.gpt import GPT
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path, model: GPT, tokenizer=None, info: dict | None = None, state=None):
     """Write model, config, tokenizer and (for resuming) training state to `path` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with layout.atomic_dir(path) as tmp:
+        write_checkpoint(tmp, model, tokenizer, info, state)
+    return Path(path)
+
+
+def write_checkpoint(folder: Path, model: GPT, tokenizer=None, info: dict | None = None,
+                     state=None) -> None:
+    """The checkpoint's files into an existing (temporary) folder."""
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(weights, tmp / MODEL_FILE)
-    write_json(tmp / CONFIG_FILE, {"model": model.cfg.to_dict(), **(info or {})})
+    save_file(weights, folder / MODEL_FILE)
+    layout.write_json(folder / CONFIG_FILE, {"model": model.cfg.to_dict(), **(info or {})})
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(folder)
     if state is not None:
-        torch.save(state, tmp / STATE_FILE)
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+        torch.save(state, folder / STATE_FILE)
 
 
 def find_checkpoint(path) -> Path:
     """The checkpoint folder at `path`, or inside a training run folder at `path/checkpoint`."""
     path = Path(path)
-    for candidate in (path, path / "checkpoint", path / ".checkpoint.old"):
+    for candidate in (path, path / layout.CHECKPOINT):
+        if layout.recover_dir(candidate):
+            log.warning("%s: put back the checkpoint an interrupted save had moved aside",
+                        candidate)
         if (candidate / MODEL_FILE).exists() and (candidate / CONFIG_FILE).exists():
             return candidate
     raise FileNotFoundError(
         f"no checkpoint at {path}: expected {MODEL_FILE} and {CONFIG_FILE} there or in "
-        f"{path / 'checkpoint'} (train one with `python -m uncurl.train`)"
+        f"{path / layout.CHECKPOINT} (train one with `python -m uncurl.train`)"
     )
 
 
@@ -73,7 +64,7 @@ def digest(path) -> str:
 
 
 def read_info(path) -> dict:
-    return json.loads((find_checkpoint(path) / CONFIG_FILE).read_text())
+    return layout.read_json(find_checkpoint(path) / CONFIG_FILE)
 
 
 def load_model(path) -> GPT:
@@ -93,3 +84,9 @@ def load_train_state(path) -> dict | None:
     except FileNotFoundError:
         return None
     return torch.load(f, weights_only=False) if f.exists() else None
+
+
+def load_tokenizer(path):
+    """The tokenizer saved with a checkpoint, or None if it has none."""
+    ckpt = find_checkpoint(path)
+    return AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None

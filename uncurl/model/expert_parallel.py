@@ -16,8 +16,6 @@ layer's output on that rank's tokens. Forward only: the exchanges carry no gradi
 import os
 import socket
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -26,7 +24,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from uncurl import cpu
-from uncurl.model import GPT, GroupedMLP, MoE, dispatch
+from uncurl.model.gpt import GPT
+from uncurl.model.moe import GroupedMLP, MoE, dispatch
+from uncurl.timing import stopwatch
 
 
 @dataclass
@@ -54,13 +54,6 @@ class Phases:
         return asdict(self)
 
 
-@contextmanager
-def _timed(phases: Phases, name: str):
-    t0 = time.perf_counter()
-    yield
-    setattr(phases, name, getattr(phases, name) + time.perf_counter() - t0)
-
-
 class ExpertParallelMoE(nn.Module):
     """Rank `rank`'s part of an MoE layer: the shared router and a copy of its E/P experts."""
 
@@ -80,24 +73,25 @@ class ExpertParallelMoE(nn.Module):
         self.train(moe.training)  # the capacity factor depends on the mode
 
     @torch.no_grad()
-    def forward(self, x):
-        shape, ph = x.shape, self.phases
+    def forward(self, x, dropless: bool = False):
+        shape, ph, clock = x.shape, self.phases, vars(self.phases)
         x = x.reshape(-1, shape[-1])  # (N, d): this rank's tokens; equal N on every rank
-        with _timed(ph, "route"):
-            capacity = self.cfg.capacity(len(x), self.n_expert, self.training)
+        with stopwatch(clock, "route"):
+            capacity = None if dropless else self.cfg.capacity(len(x), self.n_expert,
+                                                                 self.training)
             d = dispatch(self.router(x), self.cfg.top_k, capacity)
             buffer, slot = scatter(x, d.token, d.sizes, capacity or self._largest(d.sizes))
-        with _timed(ph, "first_a2a"):
+        with stopwatch(clock, "first_a2a"):
             received = self._exchange(buffer)  # (P, E/P, C, d): every rank's slots of my experts
-        with _timed(ph, "compute"):
+        with stopwatch(clock, "compute"):
             p, e, c, width = received.shape
             rows = received.transpose(0, 1).reshape(e * p * c, width)  # each expert contiguous
             y = GroupedMLP.apply(rows, [p * c] * e, self.w_fc, self.b_fc, self.w_proj,
                                  self.b_proj)
             outputs = y.view(e, p, c, width).transpose(0, 1)  # (P, E/P, C, d): by origin rank
-        with _timed(ph, "second_a2a"):
+        with stopwatch(clock, "second_a2a"):
             returned = self._exchange(outputs)  # (P, E/P, C, d) = (E, C, d): my slots, computed
-        with _timed(ph, "combine"):
+        with stopwatch(clock, "combine"):
             y = returned.reshape(-1, width)[slot]
             out = torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
         ph.calls += 1

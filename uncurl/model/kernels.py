@@ -114,7 +114,7 @@ def sort_slots(experts: torch.Tensor, n_expert: int, capacity: int | None):
                                 -1 if capacity is None else capacity, kept.data_ptr(),
                                 counts.data_ptr(), sizes.data_ptr(), dropped.data_ptr())
         if m < 0:
-            raise MemoryError("uncurl.kernels: no memory for dispatch")
+            raise MemoryError("uncurl.model.kernels: no memory for dispatch")
         return kept[:m], counts, sizes, dropped
     slot_expert = experts.t().reshape(-1)  # (k*N,)
     order = slot_expert.argsort(stable=True)
@@ -164,7 +164,8 @@ def _gemm(sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc,
         ptr(bias), 0 if bias is None else bias.stride(0), ptr(out), ldc, out_stride, ptr(b_sums),
     )
     if status:
-        raise MemoryError("uncurl.kernels: no memory for the grouped product's scratch buffer")
+        raise MemoryError("uncurl.model.kernels: no memory for the grouped product's scratch "
+                          "buffer")
 
 
 @functools.cache
@@ -176,7 +177,7 @@ def _library():
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
-        warnings.warn(f"uncurl.kernels: could not build {SOURCE.name} ({detail}); MoE layers "
+        warnings.warn(f"uncurl.model.kernels: could not build {SOURCE.name} ({detail}); MoE layers "
                       "run on torch ops alone. Install a C compiler (or set CC) to get the "
                       "kernels, or set UNCURL_KERNELS=torch to silence this.", stacklevel=2)
         return None
