@@ -186,6 +186,11 @@ def test_unknown_parameter_is_rejected_with_its_name(toy):
         plan(PROFILE, toy.steps(), toy.build, Path("runs"), {"nonsense": 1}, toy.notebooks)
 
 
+def test_a_missing_notebook_is_named(toy):
+    with pytest.raises(StudyError, match=r"notebook .*/ghost\.py or \.ipynb does not exist"):
+        plan(PROFILE, [Step("ghost", "ghost")], toy.build, Path("runs"), notebooks=toy.notebooks)
+
+
 def test_mistyped_parameter_is_rejected(toy):
     with pytest.raises(StudyError, match="parameter scale of use.ipynb is int, got 'three'"):
         plan(PROFILE, toy.steps(scale="three"), toy.build, Path("runs"),
@@ -261,6 +266,12 @@ def test_library_digest_follows_file_content(tmp_path):
     assert library_digest([str(lib)]) != first
     lib.unlink()
     assert library_digest([str(lib)]) not in (first, library_digest([]))
+
+
+def test_the_package_exports_what_others_use():
+    assert set(study.__all__) == {"StudyError", "Step", "Run", "load_steps", "plan", "run_study",
+                                  "build_book", "select"}
+    assert all(callable(getattr(study, name)) for name in study.__all__)
 
 
 def test_cli_reports_errors(capsys):

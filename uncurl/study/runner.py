@@ -106,7 +106,8 @@ class Execution:
         self.failed: tuple[Run, dict] | None = None
 
     def in_process(self) -> None:
-        """Execute in this process, one run at a time, in the manifest's order."""
+        """Execute in this process, one run at a time, in dependency order (the manifest's
+        wherever it allows)."""
         while started := self._start([], capacity=1):
             self._finish(*started, execute(*_arguments(started[0])))
 
