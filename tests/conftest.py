@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -24,3 +25,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def standin_sweep() -> pd.DataFrame:
+    """Made-up numbers in the premise sweep's format, for tests only."""
+    rows = []
+    for i, (variant, seed) in enumerate([("A: wide", 0), ("B: small", 0), ("B, seed 1", 1)]):
+        for n, loss in ((1, 4.5 + 0.1 * i), (16, 4.6 + 0.12 * i)):
+            rows.append({"variant": variant, "n_expert": n, "seed": seed,
+                         "n_embd": 128 if variant.startswith("A") else 64,
+                         "vocab_size": 2048, "tokens": 1000, "val_loss": loss,
+                         "wall_time_s": 100.0, "total_params": 10 * n, "active_params": 10,
+                         "git": "x", "run": f"runs/{i}/{n}"})
+    return pd.DataFrame(rows)

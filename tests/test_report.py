@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import standin_sweep
 from matplotlib.figure import Figure
 
 from uncurl import paper, report
@@ -98,19 +99,6 @@ def test_helpers():
     assert report.listing(["a"]) == "a" and report.listing(["a", "b", "c"]) == "a, b and c"
     assert report.duration(42) == "42 s" and report.duration(750) == "12.5 minutes"
     assert report.expert_color(1) != report.expert_color(8)
-
-
-def standin_sweep() -> pd.DataFrame:
-    """Made-up numbers in the premise sweep's format, for tests only."""
-    rows = []
-    for i, (variant, seed) in enumerate([("A: wide", 0), ("B: small", 0), ("B, seed 1", 1)]):
-        for n, loss in ((1, 4.5 + 0.1 * i), (16, 4.6 + 0.12 * i)):
-            rows.append({"variant": variant, "n_expert": n, "seed": seed,
-                         "n_embd": 128 if variant.startswith("A") else 64,
-                         "vocab_size": 2048, "tokens": 1000, "val_loss": loss,
-                         "wall_time_s": 100.0, "total_params": 10 * n, "active_params": 10,
-                         "git": "x", "run": f"runs/{i}/{n}"})
-    return pd.DataFrame(rows)
 
 
 def test_sweep_gaps_and_headline():

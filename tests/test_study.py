@@ -4,7 +4,11 @@ These tests run the runner on two toy notebooks (a few seconds each); tests/test
 runs the real study at the smoke profile.
 """
 
+import concurrent.futures
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -12,8 +16,11 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from uncurl import study
-from uncurl.config import Profile
-from uncurl.study import Step, StudyError, load_steps, plan, run_study
+from uncurl.config import Profile, get_profile
+from uncurl.study import Step, StudyError, load_steps, plan, run_study, runner
+from uncurl.study.__main__ import main
+from uncurl.study.cache import library_digest, notebook_digest
+from uncurl.study.manifest import ROOT
 
 PROFILE = Profile(name="toy", expert_counts=(1, 2))
 
@@ -22,8 +29,13 @@ profile: str = "toy"  # profile
 out: str = "out"  # results folder
 x: int = 1  # the number to write
 lib: str = ""  # a file standing in for the library code this notebook uses
+pause: float = 0.0  # seconds to sleep first (a long run)
+crash: bool = False  # raise an error on purpose
 ''', '''
-import json, pathlib
+import json, pathlib, time
+if crash:
+    raise RuntimeError("asked to crash")
+time.sleep(pause)
 pathlib.Path(out).mkdir(parents=True, exist_ok=True)
 pathlib.Path(out, "results.json").write_text(json.dumps({"x": x, "library": [lib]}))
 '''
@@ -71,6 +83,12 @@ class Toy:
             Step("use", "use", parameters={"root": str(self.build), "lib": lib, **use_params},
                  after=("make",), inputs=(str(self.input),)),
         ]
+
+    def step(self, name: str, **fields) -> Step:
+        """A step of its own notebook, a copy of `make`, with `fields` (parameters merged)."""
+        write_notebook(self.notebooks / f"{name}.ipynb", *MAKE)
+        parameters = {"lib": str(self.lib), **fields.pop("parameters", {})}
+        return Step(name, name, parameters=parameters, **fields)
 
     def run(self, steps=None, **kwargs) -> dict[str, str]:
         return run_study(PROFILE, self.build, self.root / "runs", steps=steps or self.steps(),
@@ -168,6 +186,11 @@ def test_unknown_parameter_is_rejected_with_its_name(toy):
         plan(PROFILE, toy.steps(), toy.build, Path("runs"), {"nonsense": 1}, toy.notebooks)
 
 
+def test_a_missing_notebook_is_named(toy):
+    with pytest.raises(StudyError, match=r"notebook .*/ghost\.py or \.ipynb does not exist"):
+        plan(PROFILE, [Step("ghost", "ghost")], toy.build, Path("runs"), notebooks=toy.notebooks)
+
+
 def test_mistyped_parameter_is_rejected(toy):
     with pytest.raises(StudyError, match="parameter scale of use.ipynb is int, got 'three'"):
         plan(PROFILE, toy.steps(scale="three"), toy.build, Path("runs"),
@@ -187,17 +210,36 @@ def test_only_selects_runs_and_needs_their_inputs(toy, tmp_path):
 
 
 def test_manifest_problems_are_named(tmp_path):
-    bad = tmp_path / "profiles.toml"
-    bad.write_text('[[study]]\nname = "a"\nnotebook = "a"\nwhen = "now"\n')
-    with pytest.raises(StudyError, match=r"unknown \['when'\]"):
-        load_steps(bad)
-    bad.write_text('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["b"]\n'
-                   '[[study]]\nname = "b"\nnotebook = "b"\nafter = ["a"]\n')
-    with pytest.raises(StudyError, match="cycle"):
-        load_steps(bad)
-    bad.write_text('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["c"]\n')
-    with pytest.raises(StudyError, match="unknown step 'c'"):
-        load_steps(bad)
+    def problem(toml: str) -> str:
+        bad = tmp_path / "profiles.toml"
+        bad.write_text(toml)
+        with pytest.raises(StudyError) as err:
+            load_steps(bad)
+        return str(err.value)
+
+    assert problem('[[study]]\nname = "pretrain"\nnotebook = "a"\nforeech = {}\n') == \
+        "step 'pretrain': unknown key 'foreech' (did you mean 'foreach'?)"
+    assert problem('[[study]]\nname = "a"\nnotebook = "a"\nwhen = "now"\n') == \
+        ("step 'a': unknown key 'when' (known: name, notebook, foreach, parameters, after, "
+         "inputs, chapter, alone)")
+    assert "needs name and notebook" in problem('[[study]]\nname = "a"\n')
+    cycle = problem('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["b"]\n'
+                    '[[study]]\nname = "b"\nnotebook = "b"\nafter = ["a"]\n'
+                    '[[study]]\nname = "c"\nnotebook = "c"\n')
+    assert re.fullmatch("study steps depend on each other in a cycle: (a -> b -> a|b -> a -> b)",
+                        cycle)
+    assert problem('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["c"]\n') == \
+        "step 'a' runs after unknown step 'c'"
+
+
+def test_steps_keep_the_manifest_order_where_dependencies_allow(tmp_path):
+    manifest = tmp_path / "profiles.toml"
+    manifest.write_text('[[study]]\nname = "late"\nnotebook = "n"\nafter = ["early"]\n'
+                        '[[study]]\nname = "free"\nnotebook = "n"\n'
+                        '[[study]]\nname = "early"\nnotebook = "n"\nalone = true\n')
+    steps = load_steps(manifest)
+    assert [s.name for s in steps] == ["free", "early", "late"]
+    assert [s.alone for s in steps] == [False, True, False]
 
 
 def test_the_real_manifest_is_in_dependency_order():
@@ -205,26 +247,134 @@ def test_the_real_manifest_is_in_dependency_order():
     names = [s.name for s in steps]
     for step in steps:
         assert all(names.index(dep) < names.index(step.name) for dep in step.after)
-    runs = plan(study.get_profile("small"), steps, Path("build/small"), Path("runs"))
+    assert names == [raw["name"] for raw in study.manifest.load_study()]  # it was in order
+    assert [s.name for s in steps if s.alone] == ["inference_cost"]
+    runs = plan(get_profile("small"), steps, Path("build/small"), Path("runs"))
     labels = [r.label for r in runs]
     assert labels[:3] == ["data", "pretrain[n_expert=1]", "pretrain[n_expert=4]"]
     assert runs[1].parameters == {"profile": "small", "out": "build/small/01_pretrain__n_expert=1",
                                   "n_expert": 1, "runs": "runs"}
+    assert runs[1].executed == Path("build/small/01_pretrain__n_expert=1.ipynb")
     assert {r.step.chapter for r in runs} >= {"pretraining", "dense_equivalent", "premise_sweep"}
 
 
 def test_library_digest_follows_file_content(tmp_path):
     lib = tmp_path / "lib.py"
     lib.write_text("a = 1\n")
-    first = study.library_digest([str(lib)])
+    first = library_digest([str(lib)])
     lib.write_text("a = 2\n")
-    assert study.library_digest([str(lib)]) != first
+    assert library_digest([str(lib)]) != first
     lib.unlink()
-    assert study.library_digest([str(lib)]) not in (first, study.library_digest([]))
+    assert library_digest([str(lib)]) not in (first, library_digest([]))
+
+
+def test_the_package_exports_what_others_use():
+    assert set(study.__all__) == {"StudyError", "Step", "Run", "load_steps", "plan", "run_study",
+                                  "build_book", "select"}
+    assert all(callable(getattr(study, name)) for name in study.__all__)
 
 
 def test_cli_reports_errors(capsys):
-    assert study.main(["--profile", "smoke", "--set", "bogus=1", "--dry-run"]) == 1
+    assert main(["--profile", "smoke", "--set", "bogus=1", "--dry-run"]) == 1
     assert "--set bogus: no notebook of the study declares it" in capsys.readouterr().err
-    assert study.main(["--profile", "nope", "--dry-run"]) == 1
+    assert main(["--profile", "nope", "--dry-run"]) == 1
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+def test_python_m_uncurl_study_runs_the_cli(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "uncurl.study", "--profile", "smoke",
+                           "--build", str(tmp_path), "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"[1/11] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
+    assert lines[-1].startswith("[11/11] premise_sweep: would run")
+
+
+# ----------------------------------------------------------------------------- the scheduler
+
+PROGRESS = re.compile(r"^\[(\d+)/(\d+) \d+:\d\d\] (.+): (running \(.*\)|done in \d+ s|cached|"
+                      r"still running|FAILED after \d+ s)$")
+KINDS = ("running", "done", "cached", "still running", "FAILED")
+
+
+def progress(out: str, total: int) -> list[tuple[str, str]]:
+    """(label, kind of message) of every progress line, checking their format."""
+    events = []
+    for line in out.splitlines():
+        m = PROGRESS.match(line)
+        assert m and int(m.group(2)) == total, f"not a progress line: {line!r}"
+        events.append((m.group(3), next(k for k in KINDS if m.group(4).startswith(k))))
+    return events
+
+
+def beside(events: list[tuple[str, str]], label: str) -> set[str]:
+    """The runs that were executing at some time while `label` was."""
+    executing, seen = set(), set()
+    for name, what in events:
+        if what == "running":
+            executing.add(name)
+        elif what in ("done", "FAILED"):
+            executing.discard(name)
+        if label in executing:
+            seen |= executing - {label}
+    return seen
+
+
+def test_an_alone_run_executes_while_nothing_else_does(tmp_path, capsys):
+    toy = Toy(tmp_path)
+    steps = [toy.step("wide", foreach={"x": "expert_counts"}, parameters={"pause": 1.0}),
+             toy.step("solo", alone=True), toy.step("tail")]
+    assert set(toy.run(steps, jobs=2).values()) == {"ran (never ran)"}
+    events = progress(capsys.readouterr().out, total=4)
+    assert beside(events, "wide[x=1]") == {"wide[x=2]"}  # two at a time otherwise
+    assert beside(events, "solo") == set()
+    assert [name for name, what in events if what == "running"] == \
+        ["wide[x=1]", "wide[x=2]", "solo", "tail"]
+    # a cached alone run waits for nothing
+    assert set(toy.run(steps, jobs=2).values()) == {"cached"}
+
+
+def test_nothing_starts_after_a_failure_and_what_was_running_finishes(tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.5)
+    toy = Toy(tmp_path)
+    steps = [toy.step("bad", parameters={"crash": True}),
+             toy.step("slow", foreach={"x": "expert_counts"}, parameters={"pause": 5.0})]
+    with pytest.raises(StudyError, match="bad failed: RuntimeError: asked to crash"):
+        toy.run(steps, jobs=2)
+    events = progress(capsys.readouterr().out, total=3)
+    assert ("slow[x=1]", "still running") in events  # the heartbeat, every HEARTBEAT_S
+    assert ("slow[x=2]", "running") not in events
+    assert toy.run(steps, dry_run=True) == {"bad": "would run (never ran)",
+                                           "slow[x=1]": "cached",
+                                           "slow[x=2]": "would run (never ran)"}
+
+
+TEXT_MAKE = "# %% tags=[\"parameters\"]\n{}\n\n# %%\n{}\n".format(*(c.strip() for c in MAKE))
+
+
+def test_a_text_notebook_runs_in_process_and_its_digest_ignores_the_format(tmp_path,
+                                                                            monkeypatch):
+    toy = Toy(tmp_path)
+    steps = toy.steps()[:1]
+    assert set(toy.run(steps, jobs=1).values()) == {"ran (never ran)"}
+    text = toy.notebooks / "make.py"
+    text.write_text(TEXT_MAKE)  # the same cells as make.ipynb, as jupytext py:percent
+    assert notebook_digest(text) == notebook_digest(toy.notebooks / "make.ipynb")
+    runs = plan(PROFILE, steps, toy.build, tmp_path / "runs", notebooks=toy.notebooks)
+    converted = toy.build / ".notebooks" / "make.ipynb"
+    assert [(r.notebook, r.ipynb) for r in runs] == [(text, converted)] * 2
+    assert set(toy.run(steps, jobs=1).values()) == {"cached"}
+    written = converted.stat().st_mtime_ns
+    plan(PROFILE, steps, toy.build, tmp_path / "runs", notebooks=toy.notebooks)
+    assert converted.stat().st_mtime_ns == written  # unchanged, so not rewritten
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("jobs=1 executes in this process")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    text.write_text(TEXT_MAKE.replace('{"x": x,', '{"x": 10 * x,'))  # the .py is the one run
+    assert set(toy.run(steps, jobs=1).values()) == {"ran (notebook changed)"}
+    assert [toy.result(f"make__x={x}")["x"] for x in (1, 2)] == [10, 20]
+    assert "10 * x" in converted.read_text()
