@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import zipfile
 from pathlib import Path
@@ -10,6 +11,8 @@ from uncurl.data.sources import Document
 from uncurl.data.text import normalize, rst_to_text, strip_gutenberg, unwrap
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
+fetching = importlib.import_module("uncurl.data.fetch")  # the module: `data.fetch` is the function
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
 
 
 def test_folder_domains_are_subfolders(tmp_path):
@@ -24,6 +27,35 @@ def test_folder_domains_are_subfolders(tmp_path):
 
 def test_load_documents_takes_a_folder():
     assert sources.load_documents(str(FIXTURE)) == sources.load_folder(FIXTURE)
+
+
+def test_folder_skips_files_without_text_and_says_why(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "empty.txt").write_text("")
+    (d / "image.txt").write_bytes(PNG)
+    (d / "latin1.txt").write_bytes("Café.\n".encode("latin-1"))
+    (d / "kept.txt").write_text("Kept.\n")
+    with pytest.warns(UserWarning) as caught:
+        assert sources.load_folder(tmp_path) == [Document("d", "d/kept", "Kept.\n")]
+    assert [str(w.message) for w in caught] == [
+        f"skipped {d / 'empty.txt'}: empty (no text)",
+        f"skipped {d / 'image.txt'}: binary data (NUL bytes), not text",
+        f"skipped {d / 'latin1.txt'}: not UTF-8 (byte 0xe9 at offset 3); save it as UTF-8",
+    ]
+
+
+def test_folder_without_usable_text_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="source folder .*nope does not exist: give a"):
+        sources.load_documents(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no .txt files under .*one subfolder per domain"):
+        sources.load_folder(tmp_path)
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    with pytest.warns(UserWarning, match="blank.txt: empty"):
+        with pytest.raises(ValueError, match="no usable .txt files under .*all 1 were skipped"):
+            sources.load_folder(tmp_path)
+    with pytest.raises(ValueError, match="blank.txt is a file, not a folder"):
+        sources.load_folder(tmp_path / "blank.txt")
 
 
 def test_strip_gutenberg():
@@ -127,6 +159,25 @@ def test_fetch_uses_a_placed_archive_once(tmp_path, monkeypatch):
     assert fetch(package, tmp_path) == files
     assert (files / "handmade" / "text.txt").read_text() == "kept"
     assert fetched_version(package, tmp_path) == "1.0"
+
+
+def test_interrupted_unpack_leaves_nothing_that_looks_fetched(tmp_path, monkeypatch):
+    package = Package("pypi", "handmade", "1.0")
+    folder = package.folder(tmp_path)
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "handmade-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("handmade/text.txt", "hello")
+
+    def interrupted(archive, dest, members):
+        (dest / "partial.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetching, "_unpack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(package, tmp_path)
+    assert [p.name for p in folder.iterdir()] == ["handmade-1.0-py3-none-any.whl"]
+    monkeypatch.undo()
+    assert (fetch(package, tmp_path) / "handmade" / "text.txt").read_text() == "hello"
 
 
 def test_hf_source_without_datasets_says_how(monkeypatch):

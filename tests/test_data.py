@@ -1,5 +1,10 @@
+import dataclasses
 import json
 import random
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +13,8 @@ from transformers import AutoTokenizer
 
 from uncurl import data
 from uncurl.data import sources
-from uncurl.data.__main__ import main
-from uncurl.data.prepare import EOT, SPLITS, gpt2_tokenizer, split_documents
+from uncurl.data.__main__ import main, parser
+from uncurl.data.prepare import EOT, SPLITS, DataConfig, gpt2_tokenizer, split_documents
 from uncurl.data.sources import Document
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
@@ -60,7 +65,7 @@ def test_split_measures_text_and_keeps_every_split():
 
 
 def test_split_rejects_tiny_domains_and_duplicate_titles():
-    with pytest.raises(ValueError, match="domain 'd' has 2 documents"):
+    with pytest.raises(ValueError, match="domain 'd' has 2 documents, .* give it at least 3"):
         split_documents([Document("d", "a", "x"), Document("d", "b", "y")])
     with pytest.raises(ValueError, match="unique"):
         split_documents([Document("d", "a", "x")] * 3)
@@ -127,6 +132,67 @@ def test_cli_prepare_prints_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train  scripture" in printed and f"wrote {out}" in printed
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == 300
+
+
+def test_parameters_have_one_set_of_defaults(tmp_path):
+    a = parser().parse_args(["prepare", "--out", "x"])
+    cli = {f.name: getattr(a, f.name) for f in dataclasses.fields(DataConfig) if hasattr(a, f.name)}
+    assert len(cli) == 5 and cli == {k: getattr(DataConfig(), k) for k in cli}
+    with pytest.raises(ValueError, match="unknown preparation parameter 'vocab': did you mean "
+                                         "'vocab_size'"):
+        data.prepare(tmp_path / "x", source=str(FIXTURE), vocab=300)
+    assert not (tmp_path / "x").exists()
+
+
+def bad_sources(root: Path) -> dict[str, Path]:
+    """Folders that `prepare` refuses, by the message that says why."""
+    empty, unusable, thin = root / "empty", root / "unusable" / "d", root / "thin" / "d"
+    for folder in (empty, unusable, thin):
+        folder.mkdir(parents=True)
+    (unusable / "blank.txt").write_text("")
+    (unusable / "latin1.txt").write_bytes("Café.\n".encode("latin-1"))
+    (thin / "a.txt").write_text("One.\n")
+    (thin / "b.txt").write_text("Two.\n")
+    return {
+        "no .txt files under": empty,
+        "source folder .* does not exist": root / "missing",
+        "no usable .txt files under": unusable.parent,
+        "domain 'd' has 2 documents": thin.parent,
+    }
+
+
+def test_cli_refuses_bad_sources_in_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.bin").write_text("kept")
+    for problem, source in bad_sources(tmp_path / "src").items():
+        with pytest.raises(SystemExit) as e:
+            main(["prepare", "--out", str(out), "--source", str(source), "--vocab-size", "260"])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 1
+        assert [line for line in err if "error" in line] == [err[-1]]
+        assert re.match(rf"python -m uncurl.data: error: {problem}.*: \w", err[-1]), err[-1]
+        assert [p.name for p in out.iterdir()] == ["earlier.bin"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_cli_skips_unusable_files_with_a_warning_line(tmp_path, capsys):
+    shutil.copytree(FIXTURE, tmp_path / "src")
+    (tmp_path / "src" / "drama" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    main(["prepare", "--out", str(tmp_path / "out"), "--source", str(tmp_path / "src")])
+    image = tmp_path / "src" / "drama" / "image.txt"
+    warning = f"python -m uncurl.data: warning: skipped {image}: binary data (NUL bytes), not text"
+    assert capsys.readouterr().err.splitlines() == [warning]
+    assert data.load_meta(tmp_path / "out")["splits"]["train"]["documents"] == 6
+
+
+def test_cli_refusal_has_no_traceback(tmp_path):
+    missing = tmp_path / "missing"
+    r = subprocess.run([sys.executable, "-m", "uncurl.data", "prepare", "--source", str(missing),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 1 and not (tmp_path / "out").exists()
+    assert r.stderr == (f"python -m uncurl.data: error: source folder {missing} does not exist: "
+                        "give a folder of .txt files, one subfolder per domain\n")
 
 
 @pytest.mark.slow
