@@ -5,6 +5,9 @@
     sources   the documents of each source (`Document`, `SOURCES`, `load_documents`)
     prepare   document splits, tokenizers, token arrays, and the readers of a prepared folder
     python -m uncurl.data fetch|prepare    the command line (`__main__`)
+
+`uncurl.data.fetch` is the function once this package is imported; import names from the module
+(`from uncurl.data.fetch import ...`), or take the module itself from `importlib.import_module`.
 """
 
 from uncurl.data.fetch import DEFAULT_CACHE, FetchError, Package, fetch
