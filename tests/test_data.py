@@ -12,9 +12,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from uncurl import data
+from uncurl.config import DataConfig
 from uncurl.data import sources
 from uncurl.data.__main__ import main, parser
-from uncurl.data.prepare import EOT, SPLITS, DataConfig, gpt2_tokenizer, split_documents
+from uncurl.data.prepare import EOT, SPLITS, gpt2_tokenizer, split_documents
 from uncurl.data.sources import Document
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
@@ -138,7 +139,7 @@ def test_parameters_have_one_set_of_defaults(tmp_path):
     a = parser().parse_args(["prepare", "--out", "x"])
     cli = {f.name: getattr(a, f.name) for f in dataclasses.fields(DataConfig) if hasattr(a, f.name)}
     assert len(cli) == 5 and cli == {k: getattr(DataConfig(), k) for k in cli}
-    with pytest.raises(ValueError, match="unknown preparation parameter 'vocab': did you mean "
+    with pytest.raises(ValueError, match="unknown preparation key 'vocab' \\(did you mean "
                                          "'vocab_size'"):
         data.prepare(tmp_path / "x", source=str(FIXTURE), vocab=300)
     assert not (tmp_path / "x").exists()

@@ -42,14 +42,14 @@ def checkpoints(smoke_data, tmp_path_factory) -> dict[str, Path]:
 
 
 def reduce(checkpoint, out, method="uncurl", d=2, task_data="drama", *extra):
-    main(["--checkpoint", str(checkpoint), "--method", method, "--n-expert", str(d),
+    main(["--checkpoint", str(checkpoint), "--method", method, "--target-n-expert", str(d),
           "--task-data", str(task_data), "--out", str(out), "--max-tokens", "1024", *extra])
 
 
 def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(tmp_path, checkpoints,
                                                                       smoke_data):
     out = tmp_path / "reduced"
-    reduce(checkpoints["e4"], out, "uncurl", 2, f"{smoke_data}:drama", "--warmup-steps", "2")
+    reduce(checkpoints["e4"], out, "uncurl", 2, f"{smoke_data}:drama", "--router-warmup-steps", "2")
     model = load_model(out)
     assert model.cfg.n_expert == 2 and model.moe_blocks[0].w_fc.shape[0] == 2
     AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the checkpoint

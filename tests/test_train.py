@@ -78,7 +78,7 @@ def test_batches_depend_only_on_seed_and_step():
 
 
 def test_lr_schedule_warms_up_then_decays_linearly():
-    cfg = SMOKE.train_config(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    cfg = SMOKE.train_config(lr=1.0, lr_warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == 0.25 and lr_at(3, cfg) == 1.0
     assert lr_at(9, cfg) == pytest.approx(0.55) and lr_at(14, cfg) == pytest.approx(0.1)
 

@@ -6,9 +6,12 @@ for every parameter a run uses.
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +90,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**_known(cls, d, "model"))
+        return cls(**checked(cls, d, "model"))
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class OptimConfig:
     max_steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
-    warmup_steps: int = 50
+    lr_warmup_steps: int = 50  # linear learning-rate warm-up (not the router warm-up)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -105,6 +108,13 @@ class OptimConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     threads: int = 1
+
+    def __post_init__(self):
+        for name in ("max_steps", "lr", "eval_interval", "threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr_warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError("lr_warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,26 @@ class TrainConfig(OptimConfig):
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**_known(cls, d, "train"))
+        return cls(**checked(cls, d, "train"))
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """How a reduction runs, beside its method and target: router handling, weight-matching
+    solver, seed (sampling, clustering, `random`, router initialisation), the task tokens the
+    statistics read, and the router warm-up on the task data afterwards."""
+
+    router: str | None = None  # None: "keep" for pruning methods, "reinit" for merging
+    solver: str = "hungarian"  # weight matching: "hungarian" (exact) or "greedy"
+    seed: int = 0
+    max_tokens: int = 65536  # task tokens for the statistics (a seeded sample of windows)
+    batch_size: int = 32  # windows per statistics batch
+    router_warmup_steps: int = 0  # router-only training steps after the reduction
+    router_warmup_lr: float = 1e-3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReduceConfig":
+        return cls(**checked(cls, d, "reduction"))
 
 
 @dataclass(frozen=True)
@@ -132,7 +161,7 @@ class FinetuneConfig(OptimConfig):
     max_steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.0
-    warmup_steps: int = 10
+    lr_warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_interval: int = 50
     patience: int = 3
@@ -143,18 +172,63 @@ class FinetuneConfig(OptimConfig):
     max_val_windows: int = 256  # lm tasks: validation windows of block_size tokens scored
     max_heldout: int = 128  # held-out examples (lm: windows) for early stopping
     router_warmup_steps: int = 20  # reduced models: router-only steps on the task first
-    router_warmup_lr: float = 1e-3
-    reduce_tokens: int = 65536  # task tokens for the reduction statistics
+    router_warmup_lr: float = ReduceConfig.router_warmup_lr
+    reduce_tokens: int = ReduceConfig.max_tokens  # task tokens for the reduction statistics
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
-        return cls(**_known(cls, d, "finetune"))
+        return cls(**checked(cls, d, "finetune"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a prepared corpus folder depends on; its meta.json records these as `params`."""
+
+    source: str = "bundled"  # bundled | NAME[,NAME] | PATH | hf:NAME
+    tokenizer: str = "bpe"  # "bpe" (trained on the training split) or "gpt2"
+    vocab_size: int = 4096  # bpe only
+    seed: int = 0  # salts the document split
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    max_chars_per_domain: int | None = None  # cap on each domain's training text
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}: choose one of {TOKENIZERS}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        return cls(**checked(cls, d, "preparation"))
+
+
+TOKENIZERS = ("bpe", "gpt2")
+
+
+@dataclass(frozen=True)
+class InferenceBenchConfig:
+    """Sizes of `python -m uncurl.bench inference`: tokens per process = batch_size x seq_len,
+    for one MoE layer and the whole model alike."""
+
+    batch_size: int = 4
+    seq_len: int = 128
+    repeats: int = 15  # timed runs per measurement (median and quartiles)
+    warmup_runs: int = 3  # discarded runs before timing
+    procs: tuple[int, ...] = (1, 2, 4)  # expert-parallel process counts P
+    expert_counts: tuple[int, ...] = (4, 8, 16, 32, 64)  # the one-layer sweep
+    exchange_kib: tuple[int, ...] = (4, 32, 256, 1024, 4096)  # bare all_to_all sizes
+    deepspeed: bool = True  # also time DeepSpeed's MoE layer
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InferenceBenchConfig":
+        return cls(**checked(cls, d, "inference_bench"))
 
 
 @dataclass(frozen=True)
 class Profile:
+    """One profile of profiles.toml: every parameter of a study, checked when it is loaded."""
+
     name: str
-    data: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # DataConfig's fields and the folder `name`
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     expert_counts: tuple[int, ...] = (1,)
@@ -163,7 +237,17 @@ class Profile:
     tasks: tuple[str, ...] = ()  # fine-tuning tasks of the study
     appendix_tasks: tuple[str, ...] = ()  # paper-like tasks kept in an appendix table
     task_source: str = ""  # folder standing in for the task packages (tests); "" = fetch them
-    reductions: tuple[dict, ...] = ()  # {source = Z, target = D, methods = [...]} to fine-tune
+    # {source_n_expert = Z, target_n_expert = D, methods = [...]}: the reductions fine-tuned
+    reductions: tuple[dict, ...] = ()
+    inference_bench: dict = field(default_factory=dict)  # InferenceBenchConfig's fields
+
+    def __post_init__(self):
+        """Build every config once, so that an unknown or mistyped key fails at load time."""
+        self.model_config(), self.train_config(), self.data_config(), self.bench_config()
+        for task in (None, *self.task_finetune):
+            self.finetune_config(task)
+        for spec in self.reductions:
+            checked(Reduction, spec, "reductions")
 
     @property
     def data_dir(self) -> Path:
@@ -173,6 +257,9 @@ class Profile:
     @property
     def all_tasks(self) -> tuple[str, ...]:
         return self.tasks + self.appendix_tasks
+
+    def data_config(self) -> DataConfig:
+        return DataConfig.from_dict({k: v for k, v in self.data.items() if k != "name"})
 
     def model_config(self, **overrides) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, **overrides})
@@ -186,37 +273,79 @@ class Profile:
         return FinetuneConfig.from_dict({**self.finetune, **self.task_finetune.get(task, {}),
                                          **overrides})
 
+    def bench_config(self, **overrides) -> InferenceBenchConfig:
+        return InferenceBenchConfig.from_dict({**self.inference_bench, **overrides})
 
-def _known(cls, d: dict, what: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} parameter(s) {unknown}; known: {sorted(names)}")
-    return dict(d)
 
+@dataclass(frozen=True)
+class Reduction:
+    """One entry of a profile's `reductions`: Z -> D experts per MoE layer by each method."""
+
+    source_n_expert: int
+    target_n_expert: int
+    methods: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- checked fields
+
+def checked(cls, d: dict, what: str) -> dict:
+    """`d` as keyword arguments of dataclass `cls`: every key a field (else the error names the
+    closest one), every value of the field's type (lists become tuples where the field is one)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise ValueError(f"unknown {what} key {key!r}{_closest(key, hints)}; known: "
+                             f"{', '.join(hints)}")
+        if not _conforms(value, hints[key]):
+            raise ValueError(f"{what} key {key!r} must be {_type_name(hints[key])}, "
+                             f"got {value!r}")
+        out[key] = tuple(value) if isinstance(value, list) and _is_tuple(hints[key]) else value
+    return out
+
+
+def _closest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _conforms(value, tp) -> bool:
+    """Whether `value` (as TOML or JSON gives it) fits annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, t) for t in typing.get_args(tp))
+    if origin in (tuple, list):
+        item = typing.get_args(tp)[0]
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _is_tuple(tp) -> bool:
+    return any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+# ------------------------------------------------------------------------------ the manifest
 
 STUDY_KEY = "study"  # the [[study]] tables of profiles.toml: the study's steps, not a profile
 
 
 def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
+    """Every profile of the manifest, each checked key by key."""
     raw = tomllib.loads(Path(path).read_text())
-    return {
-        name: Profile(
-            name=name,
-            data=spec.get("data", {}),
-            model=spec.get("model", {}),
-            train=spec.get("train", {}),
-            expert_counts=tuple(spec.get("expert_counts", [1])),
-            finetune=spec.get("finetune", {}),
-            task_finetune=spec.get("task_finetune", {}),
-            tasks=tuple(spec.get("tasks", [])),
-            appendix_tasks=tuple(spec.get("appendix_tasks", [])),
-            task_source=spec.get("task_source", ""),
-            reductions=tuple(spec.get("reductions", [])),
-        )
-        for name, spec in raw.items()
-        if name != STUDY_KEY
-    }
+    return {name: Profile(name=name, **checked(Profile, spec, f"profile {name!r}"))
+            for name, spec in raw.items() if name != STUDY_KEY}
 
 
 def load_study(path: Path = PROFILES_PATH) -> list[dict]:
@@ -227,12 +356,14 @@ def load_study(path: Path = PROFILES_PATH) -> list[dict]:
 def get_profile(name: str) -> Profile:
     profiles = load_profiles()
     if name not in profiles:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(profiles)}")
+        raise ValueError(f"unknown profile {name!r}{_closest(name, profiles)}; choose one of "
+                         f"{', '.join(sorted(profiles))}")
     return profiles[name]
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs with values parsed as JSON where possible (numbers, null, lists)."""
+    """`key=value` pairs with values parsed as JSON where possible (numbers, null, lists); the
+    config classes check each value's type when they are built from them."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -26,9 +26,24 @@ def keep_freed_memory(trim_threshold: int = 1024 * MiB, mmap_threshold: int = 25
     """Tell glibc malloc to keep up to `trim_threshold` bytes of freed heap instead of returning
     it to the OS, and to take blocks below `mmap_threshold` from that heap. The cost is that the
     process keeps its peak heap. False (and nothing changed) where the C library is not glibc."""
+    return _mallopt(M_TRIM_THRESHOLD, trim_threshold) and _mallopt(M_MMAP_THRESHOLD,
+                                                                   mmap_threshold)
+
+
+def map_large_blocks_afresh(threshold: int = 128 << 10) -> bool:
+    """The opposite, for measuring memory: every block of `threshold` bytes or more is mapped
+    afresh and unmapped when freed (a fixed mmap threshold instead of glibc's adaptive one), so
+    that a pass's activations show in the resident high-water mark."""
+    if not _mallopt(M_MMAP_THRESHOLD, threshold):
+        return False
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    return True
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False where the C library has none."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    return bool(mallopt(M_TRIM_THRESHOLD, trim_threshold) and
-                mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+    return bool(mallopt(param, value))

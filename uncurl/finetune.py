@@ -237,7 +237,7 @@ def study_models(profile) -> list[tuple[int, str, int]]:
     from-scratch D-expert reference (method "scratch", Z = D) and the reduced models."""
     models = []
     for spec in profile.reductions:
-        z, d = spec["source"], spec["target"]
+        z, d = spec["source_n_expert"], spec["target_n_expert"]
         models += [(d, "scratch", d)] + [(z, m, d) for m in spec["methods"]]
     return list(dict.fromkeys(models))  # in order, each once
 

@@ -48,9 +48,9 @@ def _windows(tokens, starts, block_size):
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
     """Linear warm-up to cfg.lr, then linear decay to cfg.lr * cfg.min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    frac = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
     return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(frac, 1.0))
 
 

@@ -17,14 +17,14 @@
 3. Bare all_to_all exchanges of several sizes, to which the cost model (`uncurl.costmodel`) is
    fitted, and the fitted model next to the paper's Fig. 4 setup on published GPU bandwidths.
 
+Sizes come from the profile's `inference_bench` table (`uncurl.config.InferenceBenchConfig`).
 Without checkpoints under {runs}/{profile}/ the models are randomly initialised at the
 profile's shapes (latency and memory depend on shapes, not on training); the output says which.
 Tokens are random ids: with a capacity buffer the exchanged bytes do not depend on the routing.
 """
 
 import argparse
-import ctypes
-import json
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -32,34 +32,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from uncurl import costmodel, cpu
-from uncurl.bench import time_all
+from uncurl import cpu
+from uncurl.bench import costmodel
+from uncurl.bench.inference_tables import printed_tables
+from uncurl.bench.models import SEED, batch_tokens, build_model, find_models
 from uncurl.bench.parallel import measure_parallel
-from uncurl.config import ModelConfig, get_profile
+from uncurl.config import get_profile
 from uncurl.model import GPT
-from uncurl.model.checkpoint import find_checkpoint, load_model, read_info
 from uncurl.provenance import environment
-
-# The bench's sizes per profile, the one place they come from (the command's and the notebook's
-# defaults). Tokens per rank = batch_size x seq_len, for the layer and the whole model alike;
-# the small profile's 4 x 128 matches the paper's Fig. 4 (512 tokens per GPU).
-BENCH = {
-    "smoke": dict(batch_size=2, seq_len=32, repeats=3, warmup=1, procs=[1, 2], experts=[4, 8],
-                  exchange_kib=[16, 256], deepspeed=True),
-    "small": dict(batch_size=4, seq_len=128, repeats=15, warmup=3, procs=[1, 2, 4],
-                  experts=[4, 8, 16, 32, 64], exchange_kib=[4, 32, 256, 1024, 4096],
-                  deepspeed=True),
-    "paper": dict(batch_size=2, seq_len=256, repeats=10, warmup=5, procs=[1, 2, 4, 8],
-                  experts=[8, 16, 32, 64, 128], exchange_kib=[64, 1024, 16384], deepspeed=True),
-}
-SEED = 0
-
-
-def settings(profile: str, **overrides) -> dict:
-    """The profile's bench sizes with the given (non-None) overrides."""
-    if profile not in BENCH:
-        raise ValueError(f"no bench sizes for profile {profile!r}; known: {sorted(BENCH)}")
-    return {**BENCH[profile], **{k: v for k, v in overrides.items() if v is not None}}
+from uncurl.timing import time_all
 
 
 def notebook_overrides(**values) -> dict:
@@ -73,71 +54,6 @@ def notebook_overrides(**values) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------- models
-
-def find_models(runs, profile) -> list[dict]:
-    """The profile's models: dense and each expert count (trained, else random init), then every
-    reduced checkpoint under {runs}/{profile}/reduced/, with what it came from."""
-    folder = Path(runs) / profile.name
-    models = [_trained_or_random(folder, profile, n) for n in profile.expert_counts]
-    for path in sorted(folder.glob("reduced/*")):
-        try:
-            ckpt = find_checkpoint(path)
-        except FileNotFoundError:
-            continue
-        models.append(_reduced(path, ckpt, read_info(ckpt)))
-    return models
-
-
-def _trained_or_random(folder: Path, profile, n_expert: int) -> dict:
-    name = "dense" if n_expert == 1 else f"e{n_expert}"
-    try:
-        info = read_info(folder / name)
-    except FileNotFoundError:
-        return _spec(name, "random init", profile.model_config(n_expert=n_expert).to_dict())
-    return _spec(name, "trained", info["model"], folder / name, _val_loss(folder / name))
-
-
-def _reduced(path: Path, ckpt: Path, info: dict) -> dict:
-    red = info.get("reduction", {})
-    counts = info["model"]["n_expert"]
-    counts = counts if isinstance(counts, list) else [counts]
-    d = counts[0] if len(set(counts)) == 1 else None
-    source = Path(red["from"]).name if red.get("from") else None
-    if source in ("checkpoint", ".checkpoint.old"):  # a run folder's checkpoint: the run
-        source = Path(red["from"]).parent.name
-    return _spec(f"reduced/{path.name}", "reduced", info["model"], ckpt,
-                 _val_loss(path) or red.get("val_loss"), source=source,
-                 method=red.get("method"), equivalent=None if d is None else f"e{d}")
-
-
-def _spec(name, kind, model: dict, path=None, val_loss=None, **extra) -> dict:
-    return {"name": name, "kind": kind, "model": model, "path": str(path) if path else None,
-            "val_loss": val_loss, "n_expert": model["n_expert"], **extra}
-
-
-def _val_loss(folder: Path) -> float | None:
-    summary = folder / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text()).get("val_loss")
-    return None
-
-
-def build_model(spec: dict) -> GPT:
-    """The model a spec names: its checkpoint, or a seeded random initialisation."""
-    if spec["path"]:
-        return load_model(spec["path"])
-    torch.manual_seed(SEED)
-    return GPT(ModelConfig.from_dict(spec["model"])).eval()
-
-
-def batch_tokens(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
-    if seq_len > cfg.block_size:
-        raise ValueError(f"seq_len {seq_len} exceeds the models' block_size {cfg.block_size}")
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen)
-
-
 # ------------------------------------------------------------------------ single process
 
 def measure_single(models: list[dict], s: dict) -> list[dict]:
@@ -145,8 +61,8 @@ def measure_single(models: list[dict], s: dict) -> list[dict]:
     built = {m["name"]: build_model(m) for m in models}
     idx = batch_tokens(next(iter(built.values())).cfg, s["batch_size"], s["seq_len"], SEED)
     steps = {name: _forward(model, idx) for name, model in built.items()}
-    times = time_all(steps, s["repeats"], s["warmup"])
-    _fresh_large_allocations()
+    times = time_all(steps, s["repeats"], s["warmup_runs"])
+    cpu.map_large_blocks_afresh()
     return [{"model": name, **times[name], "param_bytes": parameter_bytes(model),
              "forward_peak_bytes": forward_peak_bytes(steps[name])}
             for name, model in built.items()]
@@ -177,29 +93,26 @@ def forward_peak_bytes(fn) -> int | None:
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def _fresh_large_allocations() -> None:
-    """Make glibc map every block of 128 KiB or more afresh and unmap it when freed (a fixed
-    mmap threshold instead of its adaptive one), so that a pass's activations show in the
-    resident high-water mark instead of reusing the heap that earlier passes left behind."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)
-
-
 def _status_kib(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 # ------------------------------------------------------------------------------- the bench
 
-def run_bench(profile_name: str, runs="runs", **overrides) -> dict:
+def settings(profile, **overrides) -> dict:
+    """The profile's bench sizes with the given (non-None) overrides, checked."""
+    s = dataclasses.asdict(profile.bench_config(
+        **{k: v for k, v in overrides.items() if v is not None}))
+    block_size = profile.model_config().block_size
+    if s["seq_len"] > block_size:
+        raise ValueError(f"seq_len {s['seq_len']} exceeds the profile's block_size {block_size}")
+    return s
+
+
+def run_bench(profile_name: str, runs="runs", threads: int = 1, **overrides) -> dict:
     """Everything the chapter shows, as tables (lists of rows) and values."""
     profile = get_profile(profile_name)
-    s = settings(profile_name, **overrides)
-    threads = s.pop("threads", 1)
+    s = settings(profile, **overrides)
     cpu.configure(threads)
     load_before = os.getloadavg()[0]
     models = find_models(runs, profile)
@@ -221,12 +134,12 @@ def add_arguments(p):
     p.add_argument("--runs", type=Path, default=Path("runs"),
                    help="parent of the run folders ({runs}/{profile}/dense, e4, reduced/...)")
     p.add_argument("--batch-size", type=_at_least(1), help="sequences per process "
-                   "(default: the profile's, see BENCH in uncurl/bench/inference.py)")
+                   "(default: the profile's `inference_bench` in uncurl/profiles.toml)")
     p.add_argument("--seq-len", type=_at_least(1), help="tokens per sequence")
     p.add_argument("--repeats", type=_at_least(1), help="timed runs (median and quartiles)")
-    p.add_argument("--warmup", type=_at_least(0), help="discarded runs before timing")
+    p.add_argument("--warmup-runs", type=_at_least(0), help="discarded runs before timing")
     p.add_argument("--procs", type=_at_least(1), nargs="+", help="process counts P")
-    p.add_argument("--experts", type=_at_least(1), nargs="+",
+    p.add_argument("--n-expert", type=_at_least(1), nargs="+", dest="expert_counts",
                    help="expert counts of the one-layer sweep")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's layer")
     p.add_argument("--threads", type=_at_least(1), default=1,
@@ -247,36 +160,27 @@ def _at_least(low: int):
 def run(args) -> dict:
     """The command: check the arguments, measure, print the tables."""
     sizes = dict(batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                 warmup=args.warmup, procs=args.procs, experts=args.experts,
-                 threads=args.threads, deepspeed=False if args.no_deepspeed else None)
+                 warmup_runs=args.warmup_runs, procs=args.procs, expert_counts=args.expert_counts,
+                 deepspeed=False if args.no_deepspeed else None)
     try:
-        check(args.profile, settings(args.profile, **sizes))
+        settings(get_profile(args.profile), **sizes)
     except ValueError as exc:
         raise SystemExit(f"python -m uncurl.bench inference: error: {exc}") from None
-    result = run_bench(args.profile, args.runs, **sizes)
+    result = run_bench(args.profile, args.runs, args.threads, **sizes)
     print_tables(result)
     return result
 
 
-def check(profile: str, s: dict) -> None:
-    cfg = get_profile(profile).model_config()
-    if s["seq_len"] > cfg.block_size:
-        raise ValueError(f"--seq-len {s['seq_len']} exceeds the profile's block_size "
-                         f"{cfg.block_size}")
-
-
 def print_tables(result: dict) -> None:
-    from uncurl import inference_report as ir
-
     s = result["settings"]
     kinds = sorted({m["kind"] for m in result["models"]})
     print(f"inference cost, profile {result['profile']}, models: {', '.join(kinds)} "
           f"(from {result['runs']}); batch {s['batch_size']} x {s['seq_len']} tokens per "
-          f"process, {s['repeats']} repeats after {s['warmup']} warm-up; single process "
+          f"process, {s['repeats']} repeats after {s['warmup_runs']} warm-up; single process "
           f"{result['threads']} thread(s), expert-parallel ranks 1 thread each on "
           f"{result['environment']['cpus']} cores; load {result['load_avg_before']:.2f} before, "
           f"{result['load_avg_after']:.2f} after")
-    for title, table in ir.printed_tables(result):
+    for title, table in printed_tables(result):
         print(f"\n{title}")
         with pd.option_context("display.width", 200, "display.max_columns", 30):
             print(table.to_string(index=False))

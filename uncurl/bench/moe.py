@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 
 from uncurl import cpu
-from uncurl.bench import time_all
 from uncurl.config import get_profile
 from uncurl.model import MLP, MoE
 from uncurl.provenance import environment
+from uncurl.timing import time_all
 
 FLOOR = "floor (dense, same active FLOPs)"
 
@@ -48,7 +48,7 @@ def init_deepspeed():
     """World-size-1 gloo group without JIT-compiling DeepSpeed's shared-memory op."""
     import deepspeed.comm.torch  # noqa: F401
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # see ENVIRONMENT.md
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # it would JIT-compile a C++ op
     for key, value in dict(
         MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     ).items():
@@ -72,8 +72,6 @@ def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
     mixtral_cfg._experts_implementation = "grouped_mm"  # what from_pretrained picks by default
     mixtral = MixtralSparseMoeBlock(mixtral_cfg)
     ours = MoE(replace(cfg, n_expert=n_expert), n_expert)
-    for p in (ours.w_fc, ours.w_proj):
-        nn.init.normal_(p, 0, 0.02)
     first = lambda out: out[0]  # noqa: E731
     return {
         FLOOR: nn.Sequential(

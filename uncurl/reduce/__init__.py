@@ -9,10 +9,9 @@
 `reduce_model` runs them in order; `python -m uncurl.reduce` does it for a checkpoint on disk.
 """
 
-import time
-
 import numpy as np
 
+from uncurl.config import ReduceConfig
 from uncurl.model import GPT
 from uncurl.reduce.align import SOLVERS, align_plan, match_neurons, neuron_scores
 from uncurl.reduce.apply import ROUTERS, apply_plan, merge_group
@@ -20,6 +19,7 @@ from uncurl.reduce.plan import NEEDS, PLANNERS, check_request, default_router, m
 from uncurl.reduce.stats import LayerStats, collect_stats
 from uncurl.reduce.taskdata import Batch, load_task_docs, make_batches, register_task
 from uncurl.reduce.warmup import router_warmup
+from uncurl.timing import stopwatch
 
 METHODS = tuple(PLANNERS)
 
@@ -37,31 +37,38 @@ def check_model(model: GPT) -> None:
                          "SMoE checkpoint (trained with --n-expert > 1, e.g. runs/small/e16)")
 
 
-def reduce_model(model: GPT, batches, method: str, n_expert: int, router: str | None = None,
-                 seed: int = 0, solver: str = "hungarian", warmup_steps: int = 0,
-                 warmup_lr: float = 1e-3) -> tuple[GPT, dict]:
-    """Reduce every MoE layer of `model` to `n_expert` experts on task batches.
+def reduce_model(model: GPT, batches, method: str, target_n_expert: int,
+                 cfg: ReduceConfig = ReduceConfig()) -> tuple[GPT, dict]:
+    """Reduce every MoE layer of `model` to `target_n_expert` experts on task batches.
 
     Returns the reduced model and a JSON-serializable record: the plan (with permutations),
-    per-layer selection counts and similarity matrices, warm-up losses and each step's time.
+    per-layer selection counts and similarity matrices, router warm-up losses and each step's
+    time.
     """
-    router = router or default_router(method)
+    router = cfg.router or default_router(method)
     check_model(model)
-    check_request(method, n_expert, [m.n_expert for m in model.moe_blocks], model.cfg.top_k)
-    if router not in ROUTERS or solver not in SOLVERS:
+    check_request(method, target_n_expert, [m.n_expert for m in model.moe_blocks],
+                  model.cfg.top_k)
+    if router not in ROUTERS or cfg.solver not in SOLVERS:
         raise ValueError(f"router must be one of {ROUTERS} and solver one of {SOLVERS}")
-    clock = _Clock()
-    stats = clock("stats", collect_stats, model, batches, NEEDS.get(method, ()), n_expert)
-    plan = clock("plan", make_plan, stats, method, n_expert, seed)
-    plan = clock("align", align_plan, model, plan, solver)
-    reduced = clock("apply", apply_plan, model, plan, router, seed)
-    losses = clock("warmup", router_warmup, reduced, batches, warmup_steps, warmup_lr)
+    times = {}
+    with stopwatch(times, "stats"):
+        stats = collect_stats(model, batches, NEEDS.get(method, ()), target_n_expert)
+    with stopwatch(times, "plan"):
+        plan = make_plan(stats, method, target_n_expert, cfg.seed)
+    with stopwatch(times, "align"):
+        plan = align_plan(model, plan, cfg.solver)
+    with stopwatch(times, "apply"):
+        reduced = apply_plan(model, plan, router, cfg.seed)
+    with stopwatch(times, "router_warmup"):
+        losses = router_warmup(reduced, batches, cfg.router_warmup_steps, cfg.router_warmup_lr)
     record = {
-        "method": method, "n_expert": n_expert, "router": router, "seed": seed,
-        "solver": solver, "n_tokens": stats[0].n_tokens, "plan": plan,
+        "method": method, "target_n_expert": target_n_expert, "router": router,
+        "seed": cfg.seed, "solver": cfg.solver, "n_tokens": stats[0].n_tokens, "plan": plan,
         "layers": [_layer_record(st) for st in stats],
-        "warmup": {"steps": warmup_steps, "lr": warmup_lr, "losses": losses},
-        "timings_s": clock.times,
+        "router_warmup": {"steps": cfg.router_warmup_steps, "lr": cfg.router_warmup_lr,
+                          "losses": losses},
+        "timings_s": times,
     }
     return reduced, record
 
@@ -70,16 +77,3 @@ def _layer_record(st: LayerStats) -> dict:
     return {"layer": st.layer, "counts": st.counts.tolist(), "top1": st.top1.tolist(),
             "frequency": st.frequency().tolist(),
             "similarity": np.round(st.similarity(), 6).tolist()}
-
-
-class _Clock:
-    """Calls a step and records its wall time under its name."""
-
-    def __init__(self):
-        self.times = {}
-
-    def __call__(self, name, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.times[name] = time.perf_counter() - t0
-        return out

@@ -23,7 +23,7 @@ def apply_plan(model: GPT, plan: dict, router: str = "keep", seed: int = 0,
         raise ValueError(f"unknown router handling {router!r}; choose one of {ROUTERS}")
     check_plan_fits(model, plan)
     plan = align_plan(model, plan, solver)
-    reduced = GPT(reduced_config(model.cfg, plan["n_expert"])).eval()
+    reduced = GPT(reduced_config(model.cfg, plan["target_n_expert"])).eval()
     shared = {k: v for k, v in model.state_dict().items() if not _is_expert_param(k)}
     reduced.load_state_dict(shared, strict=False)
     gen = torch.Generator().manual_seed(seed)
@@ -47,7 +47,7 @@ def reduced_config(cfg: ModelConfig, counts: list[int]) -> ModelConfig:
 
 def check_plan_fits(model: GPT, plan: dict) -> None:
     found = [moe.n_expert for moe in model.moe_blocks]
-    planned = [layer["n_expert_in"] for layer in plan["layers"]]
+    planned = [layer["source_n_expert"] for layer in plan["layers"]]
     if found != planned:
         raise ValueError(f"the plan is for MoE layers of {planned} experts, the model has {found}")
 

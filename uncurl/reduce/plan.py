@@ -1,14 +1,14 @@
 """Reduction methods: statistics -> a plan of which original experts form each new expert.
 
 A plan is JSON-serializable:
-    {"method", "seed", "n_expert": [D per MoE layer],
-     "layers": [{"layer", "n_expert_in", "groups": [group, ...], ...method details}]}
+    {"method", "seed", "target_n_expert": [D per MoE layer],
+     "layers": [{"layer", "source_n_expert", "groups": [group, ...], ...method details}]}
 and a group is {"members", "anchor", "weights", "perms"}: the original experts merged into one
 new expert; the anchor, its most-selected member on T (kept as is); merge weights proportional to
 the members' selection counts on T (uniform if all are zero); and per member the hidden-neuron
 order aligning it to the anchor (None until `align.align_plan` fills it; the anchor stays None).
 
-Methods (STUDY.md sections 3 and 4; each written from its paper):
+Methods (the book's Method chapter; each written from its paper):
 - uncurl: spectral clustering of (1 + cos) / 2 of the router-logit columns, exactly D clusters
   (Sarkar et al. 2024, Algorithm 1).
 - greedy: keep the D most-selected experts (Sarkar et al. 2024, Table 1).
@@ -44,19 +44,21 @@ def default_router(method: str) -> str:
     return "keep" if method in PRUNING else "reinit"
 
 
-def make_plan(stats: list[LayerStats], method: str, n_expert: int, seed: int = 0) -> dict:
-    """Plan the reduction of every MoE layer to `n_expert` experts (on average for mcsmoe)."""
-    check_request(method, n_expert, [st.n_expert for st in stats], stats[0].top_k)
-    if not all(_has(st, need, n_expert) for st in stats for need in NEEDS.get(method, ())):
+def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: int = 0) -> dict:
+    """Plan the reduction of every MoE layer to `target_n_expert` experts (on average for
+    mcsmoe)."""
+    check_request(method, target_n_expert, [st.n_expert for st in stats], stats[0].top_k)
+    if not all(_has(st, need, target_n_expert) for st in stats
+               for need in NEEDS.get(method, ())):
         raise ValueError(f"{method} needs statistics {NEEDS[method]}: collect them with "
                          f"collect_stats(model, batches, needs={NEEDS[method]}, subset_size=D)")
-    layers = PLANNERS[method](stats, n_expert, seed)
+    layers = PLANNERS[method](stats, target_n_expert, seed)
     return {
         "method": method,
         "seed": seed,
-        "n_expert": [len(clusters) for clusters, _ in layers],
+        "target_n_expert": [len(clusters) for clusters, _ in layers],
         "layers": [
-            {"layer": st.layer, "n_expert_in": st.n_expert,
+            {"layer": st.layer, "source_n_expert": st.n_expert,
              "groups": sorted((make_group(m, st.counts) for m in clusters),
                               key=lambda g: g["anchor"]),
              **details}
@@ -65,16 +67,16 @@ def make_plan(stats: list[LayerStats], method: str, n_expert: int, seed: int = 0
     }
 
 
-def check_request(method: str, n_expert: int, counts: list[int], top_k: int) -> None:
+def check_request(method: str, target_n_expert: int, counts: list[int], top_k: int) -> None:
     """Refuse an unknown method or a target D outside [top_k, Z): each error names the fix."""
     if method not in PLANNERS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(PLANNERS)}")
-    if n_expert < max(1, top_k):
-        raise ValueError(f"n_expert={n_expert} is too small: each MoE layer needs at least "
-                         f"top_k={top_k} expert(s); choose D >= {max(1, top_k)}")
-    if n_expert >= min(counts):
-        raise ValueError(f"n_expert={n_expert} does not reduce layers of {counts} experts; "
-                         f"choose D < {min(counts)}")
+    if target_n_expert < max(1, top_k):
+        raise ValueError(f"target_n_expert={target_n_expert} is too small: each MoE layer needs "
+                         f"at least top_k={top_k} expert(s); choose D >= {max(1, top_k)}")
+    if target_n_expert >= min(counts):
+        raise ValueError(f"target_n_expert={target_n_expert} does not reduce layers of {counts} "
+                         f"experts; choose D < {min(counts)}")
 
 
 def _has(st: LayerStats, need: str, d: int) -> bool:

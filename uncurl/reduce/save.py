@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from uncurl import layout
+from uncurl.config import ReduceConfig
 from uncurl.model.checkpoint import (
     find_checkpoint,
     load_model,
@@ -25,30 +26,28 @@ from uncurl.reduce import check_model, check_request, make_batches, reduce_model
 RECORD = "reduction.json"
 
 
-def reduce_checkpoint(checkpoint, out, method: str, n_expert: int, docs: list[np.ndarray],
-                      task_data: str, router: str | None = None, seed: int = 0,
-                      solver: str = "hungarian", warmup_steps: int = 0, warmup_lr: float = 1e-3,
-                      max_tokens: int = 65536, batch_size: int = 32) -> Path:
-    """Reduce `checkpoint` to `n_expert` experts per MoE layer on task documents `docs` (token
-    arrays; `task_data` names them in the record) and write it to `out`."""
+def reduce_checkpoint(checkpoint, out, method: str, target_n_expert: int, docs: list[np.ndarray],
+                      task_data: str, cfg: ReduceConfig = ReduceConfig()) -> Path:
+    """Reduce `checkpoint` to `target_n_expert` experts per MoE layer on task documents `docs`
+    (token arrays; `task_data` names them in the record) and write it to `out`."""
     checkpoint, out = Path(checkpoint), Path(out)
     check_out(out, checkpoint)
     model = load_model(checkpoint)
     check_model(model)
     source = [m.n_expert for m in model.moe_blocks]
-    check_request(method, n_expert, source, model.cfg.top_k)
-    batches = make_batches(docs, model.cfg.block_size, batch_size, max_tokens, seed)
-    reduced, record = reduce_model(model, batches, method, n_expert, router, seed, solver,
-                                   warmup_steps, warmup_lr)
+    check_request(method, target_n_expert, source, model.cfg.top_k)
+    batches = make_batches(docs, model.cfg.block_size, cfg.batch_size, cfg.max_tokens, cfg.seed)
+    reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
     parent = {k: v for k, v in read_info(checkpoint).items() if k != "model"}
     info = {"reduction": {
         "from": str(checkpoint), "method": method, "router": record["router"],
-        "task_data": task_data, "source_n_expert": source, "n_expert": record["plan"]["n_expert"],
+        "task_data": task_data, "source_n_expert": source,
+        "target_n_expert": record["plan"]["target_n_expert"],
         "sources": [[g["members"] for g in layer["groups"]] for layer in record["plan"]["layers"]],
         "parent": parent,
     }}
     record = {"checkpoint": str(checkpoint), "task_data": task_data, "n_documents": len(docs),
-              "max_tokens": max_tokens, **record, "environment": environment()}
+              "max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size, **record, "environment": environment()}
     return _write(out, reduced, load_tokenizer(checkpoint), info, record)
 
 

@@ -6,8 +6,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from uncurl import evaluate, paper, tasks
+from uncurl import evaluate, tasks
 from uncurl.finetune import study_models
+from uncurl.report import paper
 
 
 def task_table(results: list[dict], profile) -> pd.DataFrame:
@@ -174,7 +175,7 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "median_run_s": float(walls.median()), "total_run_min": float(walls.sum() / 60),
         "n_plus": int(counts.get("+", 0)), "n_equal": int(counts.get("=", 0)),
         "n_minus": int(counts.get("-", 0)), "n_comparisons": len(readable),
-        "warmup_steps": cfg.warmup_steps, "threads": cfg.threads,
+        "lr_warmup_steps": cfg.lr_warmup_steps, "threads": cfg.threads,
         "task_adjustments": "; ".join(
             f"{t}: " + ", ".join(f"{k} = {v}" for k, v in o.items())
             for t, o in profile.task_finetune.items() if t in profile.all_tasks) or "none",

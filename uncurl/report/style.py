@@ -1,0 +1,80 @@
+"""One look for every chapter: figure style, colours and labels, number formats, tables.
+
+Figures are `matplotlib.figure.Figure` objects (no pyplot state, so nothing is shown twice);
+`save_figure` writes a PNG and returns an image that MyST-NB's `glue` can paste into the book.
+"""
+
+import math
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from IPython.display import Image
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+LOSS_LABEL = "validation loss (nats per token)"
+
+
+def use_style() -> None:
+    """One look for every figure of the book: readable at book width."""
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
+    mpl.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight"})
+
+
+def expert_label(n_expert: int) -> str:
+    return "dense" if n_expert == 1 else f"{n_expert} experts"
+
+
+def expert_color(n_expert: int):
+    """The same colour for an expert count in every figure (dense is black)."""
+    if n_expert == 1:
+        return (0.1, 0.1, 0.1)
+    return mpl.colormaps["viridis"](min(math.log2(n_expert), 7) / 7 * 0.9)
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def plain_axis(axis, fmt=lambda v: f"{v:g}") -> None:
+    """Tick labels as plain numbers ('8', '0.9', '1.2M') instead of powers on log axes."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def listing(items) -> str:
+    """['a', 'b', 'c'] -> 'a, b and c'."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def display_table(df: pd.DataFrame, formats: dict | str | None = None):
+    """A table for the book: no index; `formats` as for pandas' `Styler.format`."""
+    return df.style.hide(axis="index").format(formats or {})
+
+
+def save_figure(fig: Figure, path) -> Image:
+    """Write `fig` as PNG and return it as an image for `glue`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return Image(filename=str(path))
+
+
+def plain_values(values: dict) -> dict:
+    """numpy scalars as Python numbers, so that glue pastes `0.8` and not `np.float64(0.8)`."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '12.5 minutes', '3.2 hours'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
