@@ -15,7 +15,7 @@ test: .venv/installed
 lint: .venv/installed
 	$(PY) -m ruff check uncurl tests
 
-# torch==2.13.0 is a local CPU build; DS_BUILD_OPS=0 keeps DeepSpeed pure Python (ENVIRONMENT.md).
+# torch==2.13.0 is a CPU build; DS_BUILD_OPS=0 keeps DeepSpeed pure Python (README, Environment).
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
