@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from uncurl import costmodel
+from uncurl.bench import costmodel
 from uncurl.config import ModelConfig
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from uncurl import costmodel
+from uncurl.bench import costmodel
 from uncurl.config import ModelConfig, get_profile
 from uncurl.model import GPT, MoE
 from uncurl.model.expert_parallel import ExpertParallelMoE, launch, scatter, shard_model

@@ -111,7 +111,7 @@ def test_finetuning_lowers_the_task_loss_and_keeps_the_best_weights(smoke_ckpt, 
 def test_a_run_records_per_example_scores_and_is_not_redone(smoke_ckpt, smoke_data, tmp_path):
     args = (smoke_ckpt, "rotten_tomatoes", 0, tmp_path / "run", _cfg(), smoke_data, SAMPLES)
     first = finetune.run(*args)
-    assert first["model"] == {"model": "e4", "source_experts": 4, "target_experts": 4,
+    assert first["model"] == {"model": "e4", "source_n_expert": 4, "target_n_expert": 4,
                               "method": "scratch"}
     assert len(first["per_example"]) == first["sizes"]["val"]
     assert first["metrics"]["accuracy"] == pytest.approx(np.mean(first["per_example"]))
@@ -132,7 +132,7 @@ def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_da
         tasks.get_task("rotten_tomatoes"), SAMPLES)["train"]))
     red = reduce_checkpoint(smoke_ckpt, tmp_path / "red", "uncurl", 2, docs, "rotten_tomatoes")
     result = finetune.run(red, "rotten_tomatoes", 0, tmp_path / "ft", _cfg(), None, SAMPLES)
-    assert result["model"] == {"model": "e4-uncurl-d2", "source_experts": 4, "target_experts": 2,
+    assert result["model"] == {"model": "e4-uncurl-d2", "source_n_expert": 4, "target_n_expert": 2,
                                "method": "uncurl"}
     assert len(result["router_warmup"]) == FAST["router_warmup_steps"]
 
@@ -162,7 +162,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_examples():
 
 
 def _result(model, source, target, method, seed, per):
-    return {"model": {"model": model, "source_experts": source, "target_experts": target,
+    return {"model": {"model": model, "source_n_expert": source, "target_n_expert": target,
                       "method": method}, "task": "t", "seed": seed, "metric": "accuracy",
             "metrics": {"accuracy": float(np.mean(per))}, "per_example": list(per)}
 

@@ -30,14 +30,14 @@ ALLOWED = (
 # Notebooks whose markdown is known to type numbers by hand, to be fixed in the notebooks (where
 # glue or math should carry them). Strict: a fixed notebook fails here until it leaves this list.
 KNOWN = {
-    "notebooks/02_pretraining_report.ipynb": "the paper's backbone size, expert range and token "
+    "notebooks/02_pretraining_report.py": "the paper's backbone size, expert range and token "
                                              "count are typed (cells 0 and 9)",
-    "notebooks/03_dense_equivalent.ipynb": "the paper's backbone size is typed (cells 0 and 14)",
-    "notebooks/05_inference_cost.ipynb": "the paper's setups (backbones, batches, parallelism), "
+    "notebooks/03_dense_equivalent.py": "the paper's backbone size is typed (cells 0 and 14)",
+    "notebooks/05_inference_cost.py": "the paper's setups (backbones, batches, parallelism), "
                                          "link speeds, 1/P and a block size are typed",
-    "notebooks/06_tasks_report.ipynb": "the interval level, the paper's tokens and backbone size "
+    "notebooks/06_tasks_report.py": "the interval level, the paper's tokens and backbone size "
                                        "and the window length are typed",
-    "notebooks/A1_premise_sweep.ipynb": "initialisation scales, 1/E, step and expert counts are "
+    "notebooks/A1_premise_sweep.py": "initialisation scales, 1/E, step and expert counts are "
                                         "typed (cell 8)",
 }
 

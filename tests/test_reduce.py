@@ -141,8 +141,8 @@ def test_naee_picks_the_subset_whose_pruned_layer_output_is_closest(top_k):
 
 
 def _plan_of(groups_per_layer, stats, method="test") -> dict:
-    return {"method": method, "seed": 0, "n_expert": [len(g) for g in groups_per_layer],
-            "layers": [{"layer": st.layer, "n_expert_in": st.n_expert,
+    return {"method": method, "seed": 0, "target_n_expert": [len(g) for g in groups_per_layer],
+            "layers": [{"layer": st.layer, "source_n_expert": st.n_expert,
                         "groups": [make_group(m, st.counts) for m in groups]}
                        for st, groups in zip(stats, groups_per_layer, strict=True)]}
 
@@ -161,7 +161,7 @@ def test_greedy_keeps_exactly_the_top_d_by_count():
     st = crafted([5, 9, 0, 9, 3, 7])
     plan = make_plan([st], "greedy", 3)
     assert groups_of(plan) == [[1], [3], [5]]
-    assert plan["n_expert"] == [3]
+    assert plan["target_n_expert"] == [3]
     assert all(g["weights"] == [1.0] for g in plan["layers"][0]["groups"])
     assert groups_of(make_plan([st], "greedy", 4)) == [[0], [1], [3], [5]]  # tie 5 vs 3: count
 
@@ -185,8 +185,8 @@ def test_mcsmoe_chooses_dominant_experts_globally_and_averages_d_per_layer():
     layers = [crafted([50, 40, 5, 3, 2, 0], layer=0), crafted([17, 17, 17, 17, 16, 16], layer=2),
               crafted([30, 30, 20, 10, 5, 5], layer=4)]
     plan = make_plan(layers, "mcsmoe", 3)
-    assert np.mean(plan["n_expert"]) == 3
-    assert plan["n_expert"] == [2, 4, 3]  # the globally most frequent 9 (layer, expert) pairs
+    assert np.mean(plan["target_n_expert"]) == 3
+    assert plan["target_n_expert"] == [2, 4, 3]  # the globally most frequent 9 (layer, expert) pairs
     for layer in plan["layers"]:
         assert sorted(m for g in layer["groups"] for m in g["members"]) == list(range(6))
 
@@ -195,14 +195,14 @@ def test_mcsmoe_keeps_top_k_experts_in_every_layer():
     layers = [crafted([100, 0, 0, 0], top_k=2, layer=0),
               crafted([30, 30, 20, 20], top_k=2, layer=2)]
     plan = make_plan(layers, "mcsmoe", 2)
-    assert min(plan["n_expert"]) >= 2 and np.mean(plan["n_expert"]) == 2
+    assert min(plan["target_n_expert"]) >= 2 and np.mean(plan["target_n_expert"]) == 2
 
 
 def test_random_is_seeded_and_reduces_to_d():
     stats = [crafted(np.ones(16, int), layer=i) for i in (0, 2)]
     a, b, c = (make_plan(stats, "random", 5, seed=s) for s in (0, 0, 1))
     assert a == b and a != c
-    assert a["n_expert"] == [5, 5]
+    assert a["target_n_expert"] == [5, 5]
 
 
 def test_hcsmoe_is_average_linkage_of_mean_outputs_cut_at_d():
@@ -252,7 +252,7 @@ def test_uncurl_recovers_planted_groups_and_gives_exactly_d_experts(top_k):
     model, groups = planted(top_k=top_k)
     batches = task(n_docs=20)
     reduced, record = reduce_model(model, batches, "uncurl", 4)
-    assert record["plan"]["n_expert"] == [4, 4]
+    assert record["plan"]["target_n_expert"] == [4, 4]
     for layer in record["plan"]["layers"]:
         assert partition(g["members"] for g in layer["groups"]) == partition(groups)
         assert np.array(layer["embedding"]).shape == (8, 4)
@@ -285,7 +285,7 @@ def test_uncurl_gives_exactly_d_groups_even_when_experts_coincide():
     st = crafted(np.arange(1, 9), gram=np.ones((8, 8)))  # all logit columns identical
     for d in range(1, 8):
         plan = make_plan([st], "uncurl", d)
-        assert plan["n_expert"] == [d]
+        assert plan["target_n_expert"] == [d]
         assert sorted(m for g in plan["layers"][0]["groups"] for m in g["members"]) == list(
             range(8))
 
@@ -412,7 +412,7 @@ def test_reduced_model_holds_its_experts_and_round_trips_with_per_layer_counts(t
         fake.gram = real.gram
     plan = make_plan(stats, "mcsmoe", 3)
     reduced = apply_plan(model, plan, router="merge")
-    assert reduced.cfg.n_expert == tuple(plan["n_expert"]) == (2, 4)
+    assert reduced.cfg.n_expert == tuple(plan["target_n_expert"]) == (2, 4)
     assert [m.w_fc.shape[0] for m in reduced.moe_blocks] == [2, 4]
     save_checkpoint(tmp_path / "r", reduced)
     again = load_model(tmp_path / "r")

@@ -61,8 +61,8 @@ def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(tmp_path, c
     assert np.array(layer["similarity"]).shape == (4, 4) and sum(layer["counts"]) > 0
     assert np.array(record["plan"]["layers"][0]["embedding"]).shape == (4, 2)
     assert 0 < record["n_tokens"] <= 1024 + 32
-    assert set(record["timings_s"]) == {"stats", "plan", "align", "apply", "warmup"}
-    assert len(record["warmup"]["losses"]) == 2
+    assert set(record["timings_s"]) == {"stats", "plan", "align", "apply", "router_warmup"}
+    assert len(record["router_warmup"]["losses"]) == 2
 
 
 @pytest.mark.parametrize("method", ["greedy", "freq-merge", "mcsmoe", "random", "reap", "naee",

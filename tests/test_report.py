@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from conftest import standin_sweep
 from matplotlib.figure import Figure
+from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
-from uncurl import paper, report
+from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
 from uncurl.config import Profile
-from uncurl.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = Profile(name="tiny", data={"name": "tiny-data"}, model={"n_embd": 32},
@@ -42,7 +42,7 @@ def fake_runs(root: Path, counts=(1, 4, 8), **model_over) -> Path:
 
 
 def test_load_pretraining_reads_every_expert_count(tmp_path):
-    models, curves = report.load_pretraining(fake_runs(tmp_path), PROFILE)
+    models, curves = pretraining.load_pretraining(fake_runs(tmp_path), PROFILE)
     assert list(models["n_expert"]) == [1, 4, 8]
     assert list(models["run"]) == ["dense", "e4", "e8"]
     assert models.loc[1, "val_loss"] == LOSS[4]
@@ -52,39 +52,39 @@ def test_load_pretraining_reads_every_expert_count(tmp_path):
 
 def test_load_pretraining_names_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished run with 8 expert"):
-        report.load_pretraining(fake_runs(tmp_path, counts=(1, 4)), PROFILE)
+        pretraining.load_pretraining(fake_runs(tmp_path, counts=(1, 4)), PROFILE)
 
 
 def test_load_pretraining_refuses_runs_with_other_settings(tmp_path):
     runs = fake_runs(tmp_path, n_embd=64)
     with pytest.raises(ValueError, match="n_embd: run 64, profile 32"):
-        report.load_pretraining(runs, PROFILE)
+        pretraining.load_pretraining(runs, PROFILE)
 
 
 def test_figures_have_labelled_axes(tmp_path):
-    report.use_style()
-    models, curves = report.load_pretraining(fake_runs(tmp_path), PROFILE)
+    style.use_style()
+    models, curves = pretraining.load_pretraining(fake_runs(tmp_path), PROFILE)
     figs = [
-        report.plot_loss_curves(curves, paper.pretraining_curves(), "tiny"),
-        report.plot_loss_vs_params(models),
-        report.plot_sweep(standin_sweep()),
+        pretraining.plot_loss_curves(curves, paper.pretraining_curves(), "tiny"),
+        pretraining.plot_loss_vs_params(models),
+        premise.plot_sweep(standin_sweep()),
     ]
     fit = fit_fixed_size(models["n_expert"], models["val_loss"])
     ratios = dense_equivalent_from_fit(fit, models["n_expert"], CLARK_S_BASE.dense_exponent)
-    figs.append(report.plot_fixed_size_fit(models, fit, ratios, {1: 1.0, 8: 2.0}, CLARK_S_BASE))
+    figs.append(dense_equivalent.plot_fixed_size_fit(models, fit, ratios, {1: 1.0, 8: 2.0}, CLARK_S_BASE))
     for fig in figs:
         assert isinstance(fig, Figure)
         for ax in fig.axes:
             assert ax.get_xlabel(), ax.get_title()
         assert fig.axes[0].get_ylabel()
-    image = report.save_figure(figs[0], tmp_path / "fig" / "curves.png")
+    image = style.save_figure(figs[0], tmp_path / "fig" / "curves.png")
     assert (tmp_path / "fig" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert image.data[:4] == b"\x89PNG"
 
 
 def test_pretraining_headline(tmp_path):
-    models, _ = report.load_pretraining(fake_runs(tmp_path), PROFILE)
-    values = report.pretraining_headline(models, PROFILE)
+    models, _ = pretraining.load_pretraining(fake_runs(tmp_path), PROFILE)
+    values = pretraining.pretraining_headline(models, PROFILE)
     assert values["expert_counts"] == "dense, 4 and 8"
     assert values["best_moe"] == "8 experts"
     assert values["best_moe_vs_dense"] == "0.050 nats per token above"
@@ -95,21 +95,21 @@ def test_pretraining_headline(tmp_path):
 
 
 def test_helpers():
-    assert report.human(2_460_000) == "2.46M" and report.human(512) == "512"
-    assert report.listing(["a"]) == "a" and report.listing(["a", "b", "c"]) == "a, b and c"
-    assert report.duration(42) == "42 s" and report.duration(750) == "12.5 minutes"
-    assert report.expert_color(1) != report.expert_color(8)
+    assert style.human(2_460_000) == "2.46M" and style.human(512) == "512"
+    assert style.listing(["a"]) == "a" and style.listing(["a", "b", "c"]) == "a, b and c"
+    assert style.duration(42) == "42 s" and style.duration(750) == "12.5 minutes"
+    assert style.expert_color(1) != style.expert_color(8)
 
 
 def test_sweep_gaps_and_headline():
     df = standin_sweep()
-    gaps = report.sweep_gaps(df)
+    gaps = premise.sweep_gaps(df)
     assert list(gaps["gap"].round(3)) == [0.1, 0.12, 0.14]
     assert list(gaps["dense_variant"]) == list(gaps["variant"])
-    values = report.sweep_headline(df)
+    values = premise.sweep_headline(df)
     assert (values["n_moe_worse"], values["n_pairs"], values["n_variants"]) == (3, 3, 3)
     # "B: small" and "B, seed 1" differ only by seed: their spread is the seed noise
-    assert report.sweep_base("B, seed 1") == report.sweep_base("B: small") == "B"
+    assert premise.sweep_base("B, seed 1") == premise.sweep_base("B: small") == "B"
     assert values["seed_spread"] == "0.120"
     assert values["sweep_time"] == "10.0 minutes"
 
@@ -118,43 +118,43 @@ def test_a_variant_without_dense_run_is_compared_with_the_dense_run_of_its_shape
     df = standin_sweep()
     router = df[(df["variant"] == "B: small") & (df["n_expert"] == 16)].assign(
         variant="router init std 0.3", val_loss=4.55)
-    gaps = report.sweep_gaps(pd.concat([df, router]))
+    gaps = premise.sweep_gaps(pd.concat([df, router]))
     row = gaps[gaps["variant"] == "router init std 0.3"].iloc[0]
     assert row["dense_variant"] == "B: small" and row["gap"] == pytest.approx(4.55 - 4.6)
     # a router variant is not a seed replica of the profile it modifies
-    assert report.sweep_headline(pd.concat([df, router]))["seed_spread"] == "0.120"
+    assert premise.sweep_headline(pd.concat([df, router]))["seed_spread"] == "0.120"
 
 
 def test_load_sweep_checks_columns(tmp_path):
     standin_sweep().drop(columns=["git"]).to_csv(tmp_path / "s.csv", index=False)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['git'\]"):
-        report.load_sweep(tmp_path / "s.csv")
+        premise.load_sweep(tmp_path / "s.csv")
 
 
 @pytest.mark.skipif(not (ROOT / "data/results/premise_sweep.csv").exists(),
                     reason="the premise sweep's results are not committed yet")
 def test_the_committed_sweep_loads_and_summarizes():
-    df = report.load_sweep(ROOT / "data/results/premise_sweep.csv")
-    values = report.sweep_headline(df)
+    df = premise.load_sweep(ROOT / "data/results/premise_sweep.csv")
+    values = premise.sweep_headline(df)
     assert values["n_pairs"] >= 1
-    assert len(report.sweep_gaps(df)) == values["n_pairs"]
+    assert len(premise.sweep_gaps(df)) == values["n_pairs"]
 
 
 def test_profiles_table_lists_every_profile():
-    table = report.profiles_table()
+    table = pretraining.profiles_table()
     assert {"smoke", "small", "paper"} <= set(table["profile"])
     smoke = table.set_index("profile").loc["smoke"]
     assert smoke["experts"] == "1, 2, 4"
 
 
 def test_paper_model_sizes_match_the_paper():
-    sizes = report.paper_model_sizes([1, 8, 64])
+    sizes = dense_equivalent.paper_model_sizes([1, 8, 64])
     for n in (1, 8, 64):
         assert sizes[n] == pytest.approx(paper.TOTAL_PARAMS[n], rel=0.03)
 
 
 def test_write_results_records_provenance(tmp_path):
-    path = report.write_results(tmp_path / "out", {"profile": "tiny"}, started=0.0,
+    path = records.write_results(tmp_path / "out", {"profile": "tiny"}, started=0.0,
                                 tables={"t": pd.DataFrame({"a": [1]})},
                                 values={"x": np.float64(1.5)}, outputs=[tmp_path / "o.txt"])
     record = json.loads(path.read_text())
@@ -162,4 +162,4 @@ def test_write_results_records_provenance(tmp_path):
     assert record["tables"] == {"t": "t.csv"} and (tmp_path / "out" / "t.csv").exists()
     assert record["outputs"] == [str(tmp_path / "o.txt")]
     assert {"git", "packages", "python", "wall_time_s", "finished"} <= set(record)
-    assert "uncurl/report.py" in record["library"]
+    assert "uncurl/report/records.py" in record["library"]

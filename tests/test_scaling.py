@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 from scipy import stats
-
-from uncurl import paper
-from uncurl.scaling import (
+from uncurl.report.scaling import (
     CLARK_S_BASE,
     RoutedLaw,
     dense_equivalent_from_fit,
@@ -14,6 +12,8 @@ from uncurl.scaling import (
     fit_paper_exponent,
     paper_comparison,
 )
+
+from uncurl.report import paper
 
 LAW = CLARK_S_BASE
 

@@ -23,13 +23,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from uncurl import layout
 from uncurl.config import get_profile
 from uncurl.model import eval_mode
 from uncurl.tasks import Encoded, answer_batch
 
 RESULT = "result.json"  # one per fine-tuning run: parameters, metrics, per-example scores
 TASK_LEVELS = ("chance", "majority")  # recorded with each labelled result, for the report
-COLUMNS = ["model", "source_experts", "target_experts", "method", "task", "seed", "metric",
+COLUMNS = ["model", "source_n_expert", "target_n_expert", "method", "task", "seed", "metric",
            "value"]
 
 
@@ -178,9 +179,10 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
     rows = []
     for (model, task), r in groups.items():
         m = r["model"]
-        ref = next((k for k, g in groups.items() if k[1] == task and g["model"]["method"] ==
-                    "scratch" and g["model"]["target_experts"] == m["target_experts"]), None)
-        if m["method"] == "scratch" or ref is None:
+        ref = next((k for k, g in groups.items() if k[1] == task
+                    and g["model"]["method"] == layout.SCRATCH
+                    and g["model"]["target_n_expert"] == m["target_n_expert"]), None)
+        if m["method"] == layout.SCRATCH or ref is None:
             continue
         seeds = sorted(_seeds(results, model, task) & _seeds(results, *ref))
         diff, lo, hi = paired_bootstrap(score_matrix(results, model, task, seeds),

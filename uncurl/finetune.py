@@ -5,15 +5,15 @@
 
 Choice tasks train on prompt + right answer with the loss on the answer tokens; lm tasks train as
 plain language modelling. A reduced checkpoint (one written by `uncurl.reduce`) first gets the
-router warm-up: router-only steps on the task (STUDY.md section 3, step 6). Early stopping watches
-the loss on a held-out part of the training split, never the validation split. The run writes
+router warm-up: router-only steps on the task (the book's Method chapter, UNCURL's last step).
+Early stopping watches the loss on a held-out part of the training split, never the validation
+split. The run writes
 `result.json` (parameters, metrics, per-example validation scores, timings, environment)
 atomically; a finished run with the same parameters is not redone.
 """
 
 import argparse
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uncurl import cpu, evaluate, tasks
+from uncurl import cpu, evaluate, layout, tasks
 from uncurl.config import FinetuneConfig, get_profile, parse_overrides
 from uncurl.layout import write_json
 from uncurl.model.checkpoint import (
@@ -35,8 +35,7 @@ from uncurl.model.checkpoint import (
 )
 from uncurl.provenance import environment
 from uncurl.reduce import make_batches, router_warmup
-from uncurl.reduce.save import RECORD, reduce_checkpoint
-from uncurl.train import lr_at, make_optimizer, run_name
+from uncurl.train import lr_at, make_optimizer
 
 
 @dataclass
@@ -160,17 +159,15 @@ def score(model, data: TaskData) -> tuple[dict, list[float]]:
 
 
 def describe(checkpoint) -> dict:
-    """The model's label and kind: from scratch, or reduced from Z to D experts by a method."""
+    """The model's label and kind: from scratch, or reduced from Z to D experts by a method
+    (per-layer counts by their mean)."""
     info = read_info(checkpoint)
-    n = info["model"]["n_expert"]
-    target = int(round(float(np.mean(n))))
+    target = int(round(float(np.mean(info["model"]["n_expert"]))))
     red = info.get("reduction")
-    if red is None:
-        return {"model": "dense" if target == 1 else f"e{target}", "source_experts": target,
-                "target_experts": target, "method": "scratch"}
-    source = int(round(float(np.mean(red["source_n_expert"]))))
-    return {"model": f"e{source}-{red['method']}-d{target}", "source_experts": source,
-            "target_experts": target, "method": red["method"]}
+    method = layout.SCRATCH if red is None else red["method"]
+    source = target if red is None else int(round(float(np.mean(red["source_n_expert"]))))
+    return {"model": layout.model_label(target, method, source), "source_n_expert": source,
+            "target_n_expert": target, "method": method}
 
 
 def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=None,
@@ -209,7 +206,7 @@ def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=Non
 def _router_warmup(model, model_info: dict, data: TaskData, cfg: FinetuneConfig,
                    seed: int) -> list[float]:
     """Reduced models only: router-only steps on the task's training batches."""
-    if model_info["method"] == "scratch" or cfg.router_warmup_steps == 0:
+    if model_info["method"] == layout.SCRATCH or cfg.router_warmup_steps == 0:
         return []
     batches = training_batches(data, cfg, seed, model.cfg.block_size)
     return router_warmup(model, [next(batches) for _ in range(cfg.router_warmup_steps)],
@@ -228,49 +225,6 @@ def score_checkpoint(checkpoint, task: str, cfg: FinetuneConfig, data_dir=None,
     data = load_task(task, load_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir,
                      task_source)
     return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
-
-
-# ------------------------------------------------------------------------ the study's protocol
-
-def study_models(profile) -> list[tuple[int, str, int]]:
-    """(source Z, method, target D) of every model the profile fine-tunes: each reduction's
-    from-scratch D-expert reference (method "scratch", Z = D) and the reduced models."""
-    models = []
-    for spec in profile.reductions:
-        z, d = spec["source_n_expert"], spec["target_n_expert"]
-        models += [(d, "scratch", d)] + [(z, m, d) for m in spec["methods"]]
-    return list(dict.fromkeys(models))  # in order, each once
-
-
-def finetune_task(profile, task: str, runs, progress: bool = True) -> list[dict]:
-    """STUDY.md section 5 for one task: reduce each source model on the task's training split,
-    then fine-tune and score every model with every seed. Finished work is reused."""
-    root, cfg = Path(runs) / profile.name, profile.finetune_config(task)
-    jobs = [(z, m, d, seed) for z, m, d in study_models(profile) for seed in range(cfg.seeds)]
-    results = []
-    for z, method, d, seed in tqdm(jobs, desc=f"{task}: models x seeds", disable=not progress):
-        ckpt = root / run_name(d) if method == "scratch" else reduced(profile, task, z, method, d,
-                                                                        root)
-        out = root / "finetune" / task / describe(ckpt)["model"] / f"s{seed}"
-        results.append(run(ckpt, task, seed, out, cfg, profile.data_dir, profile.task_source))
-    return results
-
-
-def reduced(profile, task: str, source: int, method: str, target: int, root: Path) -> Path:
-    """The source model reduced on the task's training split, made once: an earlier reduction is
-    reused only if it came from the same weights, task data and statistics budget."""
-    cfg = profile.finetune_config(task)
-    out, ckpt = root / "reduced" / f"e{source}-{method}-d{target}-{task}", root / run_name(source)
-    label = (f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
-             f"source={profile.task_source or 'packages'}, weights {digest(ckpt)})")
-    if (out / RECORD).exists():
-        done = json.loads((out / RECORD).read_text())
-        if (done["task_data"], done["max_tokens"]) == (label, cfg.reduce_tokens):
-            return out
-    docs = tasks.training_documents(tasks.get_task(task), load_tokenizer(ckpt),
-                                    read_info(ckpt)["model"]["block_size"], profile.data_dir,
-                                    profile.task_source, cfg.val_frac, cfg.heldout_frac)
-    return reduce_checkpoint(ckpt, out, method, target, docs, label, max_tokens=cfg.reduce_tokens)
 
 
 def main(argv=None):

@@ -47,7 +47,8 @@ def reduce_checkpoint(checkpoint, out, method: str, target_n_expert: int, docs: 
         "parent": parent,
     }}
     record = {"checkpoint": str(checkpoint), "task_data": task_data, "n_documents": len(docs),
-              "max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size, **record, "environment": environment()}
+              "max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size, **record,
+              "environment": environment()}
     return _write(out, reduced, load_tokenizer(checkpoint), info, record)
 
 

@@ -184,7 +184,7 @@ def headline(result: dict) -> dict:
         "cpus": result["environment"]["cpus"], "load_before": result["load_avg_before"],
         "load_after": result["load_avg_after"], "batch_size": result["settings"]["batch_size"],
         "seq_len": result["settings"]["seq_len"], "repeats": result["settings"]["repeats"],
-        "warmup": result["settings"]["warmup"],
+        "warmup_runs": result["settings"]["warmup_runs"],
         "procs": ", ".join(map(str, result["settings"]["procs"])),
         "max_procs": max(result["settings"]["procs"]),
         "models_source": ("trained checkpoints" if kinds <= {"trained", "reduced"} else

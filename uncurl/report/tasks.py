@@ -6,8 +6,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from uncurl import evaluate, tasks
-from uncurl.finetune import study_models
+from uncurl import evaluate, layout, tasks
+from uncurl.protocol import label, study_models
 from uncurl.report import paper
 
 
@@ -33,7 +33,7 @@ def from_scratch(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Labelled tasks: each from-scratch model's accuracy against the majority-class baseline. A
     task counts as learned when the interval's lower end is above the majority share."""
     labelled = table[table["kind"] == "choice"][["task", "chance", "majority", "appendix"]]
-    scratch = summary[summary["method"] == "scratch"][["model", "task", "mean", "ci_low",
+    scratch = summary[summary["method"] == layout.SCRATCH][["model", "task", "mean", "ci_low",
                                                        "ci_high"]]
     out = labelled.merge(scratch, on="task")
     out["margin"] = out["ci_low"] - out["majority"]
@@ -78,7 +78,7 @@ def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
                    zip(df["mean"], df["ci_low"], df["ci_high"], scale, digits, strict=True)]
     df["task"] = [f"{t} ({'acc. %' if m == 'accuracy' else 'loss'})"
                   for t, m in zip(df["task"], df["metric"], strict=True)]
-    order = [f"e{z}-{m}-d{d}" if m != "scratch" else f"e{d}" for z, m, d in study_models(profile)]
+    order = [label(m) for m in study_models(profile)]
     wide = df.pivot(index="model", columns="task", values="value")
     return wide.reindex([m for m in order if m in wide.index]).reset_index()
 
@@ -143,7 +143,7 @@ PAPER_ANALOG = ("e8", "e32-greedy-d8", "e32-uncurl-d8")  # 32 -> 8, the paper's 
 def paper_table(profile) -> pd.DataFrame:
     """The paper's Table 1 rows for the models this profile fine-tunes (SuperGLUE accuracy %),
     or for its 32 -> 8 reductions when the profile has none of its models."""
-    names = [f"e{z}-{m}-d{d}" if m != "scratch" else f"e{d}" for z, m, d in study_models(profile)]
+    names = [label(m) for m in study_models(profile)]
     names = [n for n in names if n in paper.SUPERGLUE] or list(PAPER_ANALOG)
     df = paper.superglue(names)
     wide = df.pivot(index="model", columns="task", values="accuracy")
@@ -183,9 +183,10 @@ def headline(results, table, scratch, comp, profile) -> dict:
 
 
 def load(runs, profile) -> list[dict]:
-    """Every fine-tuning result of the profile (runs/{profile}/finetune)."""
-    results = evaluate.load_results(f"{runs}/{profile.name}/finetune")
+    """Every fine-tuning result of the profile (`layout.Runs.finetune`)."""
+    folder = layout.Runs(runs, profile.name).finetune
+    results = evaluate.load_results(folder)
     if not results:
-        raise FileNotFoundError(f"no fine-tuning results under {runs}/{profile.name}/finetune: "
-                                "run the study's finetune step first")
+        raise FileNotFoundError(f"no fine-tuning results under {folder}: run the study's "
+                                "finetune step first")
     return [r for r in results if r["task"] in profile.all_tasks]

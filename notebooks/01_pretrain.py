@@ -1,0 +1,34 @@
+# %% [markdown]
+# # Pretrain one model
+#
+# Trains (or resumes, or finds finished) one model of the profile: the dense backbone or an SMoE
+# with `n_expert` experts in every MoE layer. The run folder keeps the checkpoint, the metrics of
+# every step and a summary; the report notebooks read those.
+
+# %% tags=["hide-input", "parameters"]
+profile: str = "smoke"  # profile in uncurl/profiles.toml: model shape, training recipe, data
+n_expert: int = 4  # experts per MoE layer (1: the dense backbone)
+runs: str = "runs"  # the run goes to {runs}/{profile}/dense or {runs}/{profile}/e{n_expert}
+out: str = "build/smoke/01_pretrain"  # folder for this step's results
+
+# %% tags=["hide-input"]
+import time
+
+from uncurl import data, layout
+from uncurl.config import get_profile
+from uncurl.report import records
+from uncurl.train import train
+
+started = time.time()
+cfg = get_profile(profile)
+vocab_size = data.load_meta(cfg.data_dir)["vocab_size"]
+model_cfg = cfg.model_config(n_expert=n_expert, vocab_size=vocab_size)
+train_cfg = cfg.train_config()
+run_dir = layout.Runs(runs, profile).pretrained(n_expert)
+
+# %% tags=["hide-input"]
+summary = train(run_dir, model_cfg, train_cfg, cfg.data_dir, progress=False)
+
+# %% tags=["hide-input"]
+records.write_results(out, {"profile": profile, "n_expert": n_expert, "runs": runs}, started,
+                     values=summary, outputs=[run_dir / layout.SUMMARY, run_dir / layout.METRICS])

@@ -1,0 +1,186 @@
+# %% [markdown]
+# # Tasks: reduced models against smaller ones trained from scratch
+#
+# The paper's protocol (Sarkar et al. 2024, section 5): a pretrained SMoE with Z experts per MoE
+# layer is reduced to D experts on a task's own training data, its routers are warmed up, the
+# whole model is fine-tuned on the task and scored on the task's validation split. A reduced model
+# is worth having if it beats the SMoE with D experts trained from scratch, which costs the same at
+# inference; both get the same fine-tuning.
+#
+# The paper fine-tunes on six SuperGLUE tasks, one run each, and reads differences of a few
+# tenths of a point as wins. We cannot download SuperGLUE here, and our models are tiny, so we
+# use tasks that ship in package registries, fine-tune every model with several seeds, and give
+# every number a 95% interval: a bootstrap over validation examples and seeds. A reduced model is
+# marked (+) or (-) against its from-scratch equivalent only when the paired interval of the
+# difference excludes zero, (=) otherwise.
+
+# %% tags=["hide-input", "parameters"]
+profile: str = "smoke"  # profile in uncurl/profiles.toml whose fine-tuning results to report
+runs: str = "runs"  # results under {runs}/{profile}/finetune (the finetune step writes them)
+out: str = "build/smoke/06_tasks_report"  # folder for this step's tables and figures
+
+# %% tags=["hide-input"]
+import time
+from pathlib import Path
+
+from myst_nb import glue
+
+from uncurl import evaluate
+from uncurl.config import get_profile
+from uncurl.report import paper, records, style
+from uncurl.report import tasks as chapter
+
+started = time.time()
+cfg = get_profile(profile)
+out = Path(out)
+style.use_style()
+results = chapter.load(runs, cfg)
+
+# %% tags=["hide-input"]
+table = chapter.task_table(results, cfg)
+summary = evaluate.summary(results)
+comparisons = evaluate.comparisons(results)
+scratch = chapter.from_scratch(summary, table)
+readable = chapter.readable_tasks(table, scratch)
+
+# %% tags=["hide-input"]
+fig_tasks = chapter.plot_tasks(summary, table)
+
+# %% tags=["hide-input"]
+values = chapter.headline(results, table, scratch, comparisons, cfg)
+
+# %% tags=["hide-input"]
+records.write_results(out, {"profile": profile, "runs": runs}, started, values=values,
+                     tables={"results": evaluate.tidy(results), "summary": summary,
+                             "comparisons": comparisons, "tasks": table,
+                             "from_scratch": scratch})
+for key, value in values.items():
+    glue(key, value, display=False)
+glue("fig_tasks", style.save_figure(fig_tasks, out / "tasks.png"), display=False)
+glue("tasks_table", style.display_table(
+    table.drop(columns=["appendix"]), {"chance": "{:.1%}", "majority": "{:.1%}"}), display=False)
+glue("results_table", style.display_table(chapter.results_table(summary, cfg)),
+     display=False)
+glue("comparison_table", style.display_table(chapter.comparison_table(
+    comparisons[comparisons["task"].isin(readable)])), display=False)
+glue("verdict_table", style.display_table(chapter.verdict_counts(comparisons, readable)),
+     display=False)
+glue("scratch_table", style.display_table(
+    scratch[~scratch["appendix"]].drop(columns=["appendix"]),
+    {c: "{:.1%}" for c in ("chance", "majority", "mean", "ci_low", "ci_high", "margin")}),
+    display=False)
+glue("appendix_table", style.display_table(chapter.appendix_table(scratch, readable),
+                                            {"chance": "{:.1f}", "majority": "{:.1f}"}),
+     display=False)
+glue("paper_table", style.display_table(chapter.paper_table(cfg),
+                                         dict.fromkeys(paper.SUPERGLUE_TASKS, "{:.2f}")),
+     display=False)
+
+# %% [markdown]
+# ## The tasks
+#
+# {glue:text}`n_tasks:d` tasks, {glue:text}`n_lm_tasks:d` of them language modelling of one
+# domain of our corpus (metric: validation loss; the domain's validation documents were never
+# trained on, in pretraining either) and {glue:text}`n_labelled_tasks:d` labelled tasks from
+# package registries (metric: accuracy, by ranking the candidate answers by log-likelihood, as
+# lm-evaluation-harness does). Splits of a labelled task are decided by a hash of its text (up to
+# case, punctuation and links) or of the premise it shares with other examples, so an example is
+# in the same split on every machine, near-duplicates cannot straddle two splits, and texts whose
+# copies disagree on the label are dropped; early stopping reads a held-out part of the training
+# split, never the validation split.
+#
+# ```{glue} tasks_table
+# ```
+#
+# BIG-bench's `winowhy`, `presuppositions_as_nli` and `strategyqa` stand in for the paper's WSC,
+# CB and BoolQ; we expected models of this size to stay near chance on them and keep them in an
+# appendix table at the end rather than drop them.
+
+# %% [markdown]
+# ## Do the models learn the tasks?
+#
+# A labelled task counts only if the from-scratch models beat the majority-class baseline by more
+# than their interval: its lower end must lie above the majority share (the share of the most
+# frequent answer among the validation examples themselves, a slightly generous baseline).
+# Learned by every from-scratch model: {glue:text}`learned:s`. Not learned:
+# {glue:text}`not_learned:s`; of the main list: {glue:text}`main_not_learned:s`. The main
+# labelled tasks:
+#
+# ```{glue} scratch_table
+# ```
+#
+# Tasks not learned are left out of the verdicts below: a comparison between two models at chance
+# says nothing about reduction.
+
+# %% [markdown]
+# ## Every model on every task
+#
+# ```{glue:figure} fig_tasks
+# :name: fig-tasks
+# :alt: Accuracy or validation loss with 95% intervals, per task and model
+#
+# Mean over seeds and 95% bootstrap interval (validation examples and seeds resampled) of every
+# model on every task. Dashed: majority-class share; dotted: chance.
+# ```
+#
+# ```{glue} results_table
+# ```
+#
+# Each cell is the mean over {glue:text}`seeds:d` fine-tuning seeds with its 95% interval;
+# accuracy in per cent, loss in nats per token. Model names: `eX` is an SMoE with X experts per
+# MoE layer trained from scratch; `eZ-method-dD` was trained with Z and reduced to D by `method`
+# on the task.
+
+# %% [markdown]
+# ## Reduced against from scratch
+#
+# Paired comparison of every reduced model with the from-scratch model of its size, on the same
+# validation examples and seeds, for the domain tasks and the learned labelled tasks. Differences are reduced minus from scratch (accuracy points, or
+# loss, where lower is better); the verdict is (+) or (-) only when the 95% interval excludes
+# zero. Of {glue:text}`n_comparisons:d` comparisons, {glue:text}`n_plus:d` are (+),
+# {glue:text}`n_equal:d` (=) and {glue:text}`n_minus:d` (-).
+#
+# ```{glue} comparison_table
+# ```
+#
+# ```{glue} verdict_table
+# ```
+#
+# For scale, the paper's single-run SuperGLUE accuracies (%) of the same kinds of models
+# (Sarkar et al. 2024, Table 1), pretrained on 50B tokens at 354M parameters per backbone:
+#
+# ```{glue} paper_table
+# ```
+
+# %% [markdown]
+# ## How it was run
+#
+# Every model gets the same recipe: AdamW at learning rate {glue:text}`lr:g` with
+# {glue:text}`lr_warmup_steps:d` learning-rate warm-up steps and linear decay, batches of about
+# {glue:text}`batch_tokens:d` tokens, at most {glue:text}`max_steps:d` steps (adjusted for some
+# tasks, the same for every model on them: {glue:text}`task_adjustments:s`), held-out loss every {glue:text}`eval_interval:d` steps and a
+# stop after {glue:text}`patience:d` evaluations without improvement, keeping the best weights.
+# Labelled tasks train on the negative log-likelihood of the right answer; reduced models first
+# train only their routers for {glue:text}`router_warmup_steps:d` steps. Scoring is dropless (no
+# expert capacity), so an example's score does not depend on its batch.
+# {glue:text}`n_runs:d` fine-tuning runs took {glue:text}`total_run_min:.1f` minutes in all, a
+# median of {glue:text}`median_run_s:.1f` s per run, {glue:text}`threads:d` thread(s) each.
+#
+# What the intervals cover: dropout is off and each reduction is computed once, so the seeds vary
+# only the order of the training data; the intervals say nothing about variation from
+# pretraining or from the reduction itself. For the domain tasks the resampled units are windows
+# of 128 tokens from a handful of validation documents (drama has two); windows of one document
+# are correlated, so those intervals are narrower than they should be.
+
+# %% [markdown]
+# ## Appendix: tasks the models do not learn
+#
+# The paper's SuperGLUE relatives from BIG-bench, and any main labelled task the from-scratch
+# models did not learn, with chance, the majority-class share and the from-scratch accuracy (%):
+#
+# ```{glue} appendix_table
+# ```
+#
+# BIG-bench's `winowhy`, `presuppositions_as_nli` and `strategyqa` stand in for WSC, CB and BoolQ.
+# Their examples share premises, so they are split by premise (winowhy by its Winograd sentence,
+# `presuppositions_as_nli` by its first sentence), and no validation premise is seen in training.
