@@ -14,7 +14,6 @@ from uncurl.reduce import (
     align_plan,
     apply_plan,
     collect_stats,
-    make_batches,
     make_plan,
     match_neurons,
     merge_group,
@@ -26,6 +25,7 @@ from uncurl.reduce.align import matching_objective
 from uncurl.reduce.apply import expert_params
 from uncurl.reduce.plan import make_group
 from uncurl.reduce.stats import LayerStats
+from uncurl.tasks import make_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,6 @@ What the output folder holds: `uncurl.reduce.save`.
 import argparse
 from pathlib import Path
 
-import uncurl.tasks  # noqa: F401  (registers the fine-tuning tasks as task data names)
 from uncurl import cpu
 from uncurl.model.checkpoint import load_tokenizer, read_info
 from uncurl.reduce import METHODS, ROUTERS, SOLVERS, load_task_docs
