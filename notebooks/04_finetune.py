@@ -10,7 +10,7 @@
 
 # %% tags=["hide-input", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml: tasks, reductions, fine-tuning recipe
-task: str = "rotten_tomatoes"  # a task of the profile (uncurl/tasks.py registry)
+task: str = "rotten_tomatoes"  # a task of the profile (uncurl.tasks registry)
 runs: str = "runs"  # pretrained models in {runs}/{profile}; results under {runs}/{profile}/finetune
 out: str = "build/smoke/04_finetune"  # folder for this step's results
 

@@ -7,15 +7,13 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from uncurl.bench import costmodel
-from uncurl.bench import inference_tables
-from uncurl.report import inference as chapter
-from uncurl.bench import inference
-from uncurl.bench.models import find_models
+from uncurl.bench import costmodel, inference, inference_tables
 from uncurl.bench.__main__ import main
+from uncurl.bench.models import find_models
 from uncurl.config import get_profile
 from uncurl.model import GPT
 from uncurl.model.checkpoint import save_checkpoint
+from uncurl.report import inference as chapter
 
 PROFILE = get_profile("smoke")
 TRAINED = ["dense" if n == 1 else f"e{n}" for n in PROFILE.expert_counts]

@@ -100,7 +100,7 @@ def _cfg(**kw):
 def test_finetuning_lowers_the_task_loss_and_keeps_the_best_weights(smoke_ckpt, smoke_data, task):
     model = finetune.load_model(smoke_ckpt)
     tok = data.load_tokenizer(smoke_data)
-    d = finetune.load_task(task, tok, model.cfg.block_size, _cfg(), smoke_data, SAMPLES)
+    d = tasks.load_task(task, tok, model.cfg.block_size, _cfg(), smoke_data, SAMPLES)
     before = finetune.heldout_loss(model, d)
     out = finetune.finetune(model, d, _cfg(), seed=0)
     assert out["best_heldout_loss"] < before - 0.05

@@ -14,7 +14,6 @@ from uncurl.reduce import (
     align_plan,
     apply_plan,
     collect_stats,
-    make_batches,
     make_plan,
     match_neurons,
     merge_group,
@@ -26,6 +25,7 @@ from uncurl.reduce.align import matching_objective
 from uncurl.reduce.apply import expert_params
 from uncurl.reduce.plan import make_group
 from uncurl.reduce.stats import LayerStats
+from uncurl.tasks import make_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +186,8 @@ def test_mcsmoe_chooses_dominant_experts_globally_and_averages_d_per_layer():
               crafted([30, 30, 20, 10, 5, 5], layer=4)]
     plan = make_plan(layers, "mcsmoe", 3)
     assert np.mean(plan["target_n_expert"]) == 3
-    assert plan["target_n_expert"] == [2, 4, 3]  # the globally most frequent 9 (layer, expert) pairs
+    # the globally most frequent 9 (layer, expert) pairs
+    assert plan["target_n_expert"] == [2, 4, 3]
     for layer in plan["layers"]:
         assert sorted(m for g in layer["groups"] for m in g["members"]) == list(range(6))
 

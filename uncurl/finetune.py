@@ -15,7 +15,7 @@ atomically; a finished run with the same parameters is not redone.
 import argparse
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,62 +34,9 @@ from uncurl.model.checkpoint import (
     save_checkpoint,
 )
 from uncurl.provenance import environment
-from uncurl.reduce import make_batches, router_warmup
+from uncurl.reduce import router_warmup
+from uncurl.tasks import TaskData, load_task, training_batches
 from uncurl.train import lr_at, make_optimizer
-
-
-@dataclass
-class TaskData:
-    task: tasks.Task
-    train: list  # choice: tasks.Encoded; lm: token arrays (documents)
-    heldout: list  # choice: tasks.Encoded; lm: taskdata.Batch windows
-    val: list  # as heldout
-    batch_size: int  # examples (lm: windows) per training batch
-    majority: float = float("nan")  # choice: share of the most frequent answer in val
-    chance: float = float("nan")  # choice: expected accuracy of a uniform guess
-
-
-def load_task(name: str, tok, block_size: int, cfg: FinetuneConfig, data_dir=None,
-              task_source: str = "") -> TaskData:
-    """The task's splits, tokenized for a model; validation and held-out are stable subsets."""
-    task = tasks.get_task(name)
-    if task.kind == "lm":
-        if data_dir is None:
-            raise ValueError(f"lm task {name!r} needs the prepared corpus: give --data-dir or "
-                             "--profile")
-        docs = tasks.domain_docs(task, data_dir, cfg.heldout_frac)
-        size = max(1, cfg.batch_tokens // block_size)
-        return TaskData(task, docs["train"], *[
-            make_batches(docs[s], block_size, size, n * block_size)
-            for s, n in (("heldout", cfg.max_heldout), ("val", cfg.max_val_windows))], size)
-    if tok is None:
-        raise ValueError(f"labelled task {name!r} needs the model's tokenizer, but the checkpoint "
-                         "has none (tokenizer.json); save the checkpoint with its tokenizer")
-    exs = tasks.examples(task, task_source or None, cfg.val_frac, cfg.heldout_frac)
-    val = _subset(exs["val"], cfg.max_val)
-    encoded = [tasks.encode(tok, split, block_size, task.max_text_tokens)
-               for split in (exs["train"], _subset(exs["heldout"], cfg.max_heldout), val)]
-    length = np.mean([len(e.prompt) + len(e.choices[e.label]) for e in encoded[0]])
-    size = min(len(encoded[0]), max(1, int(cfg.batch_tokens // length)))
-    return TaskData(task, *encoded, size, tasks.majority(val)[1], tasks.chance(val))
-
-
-def _subset(items: list, n: int) -> list:
-    """A fixed pseudo-random `n` of `items` (files are often ordered by label)."""
-    order = np.random.default_rng(0).permutation(len(items))[:n]
-    return [items[i] for i in sorted(order)]
-
-
-def training_batches(data: TaskData, cfg: FinetuneConfig, seed: int, block_size: int):
-    """Endless training batches, reshuffled every epoch, the order fixed by `seed`."""
-    for epoch in range(10**9):
-        if data.task.kind == "lm":
-            # an epoch is capped at what max_steps can use, so a large domain is not cut in full
-            yield from make_batches(data.train, block_size, data.batch_size,
-                                    cfg.max_steps * data.batch_size * block_size,
-                                    seed=seed * 1000 + epoch)
-        else:
-            yield from tasks.train_batches(data.train, data.batch_size, seed, epoch)
 
 
 def heldout_loss(model, data: TaskData) -> float:

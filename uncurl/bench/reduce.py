@@ -28,7 +28,6 @@ from uncurl.provenance import environment
 from uncurl.reduce import (
     METHODS,
     load_task_docs,
-    make_batches,
     match_neurons,
     neuron_scores,
     reduce_model,
@@ -36,6 +35,7 @@ from uncurl.reduce import (
 )
 from uncurl.reduce.align import matching_objective
 from uncurl.reduce.stats import NAEE_MAX_EXPERTS
+from uncurl.tasks import make_batches
 from uncurl.timing import stopwatch, time_it
 
 MIXTRAL = {"d_ff": 14336, "n_embd": 4096, "n_layer": 32, "n_expert": 8}

@@ -17,17 +17,16 @@ from uncurl.reduce.align import SOLVERS, align_plan, match_neurons, neuron_score
 from uncurl.reduce.apply import ROUTERS, apply_plan, merge_group
 from uncurl.reduce.plan import NEEDS, PLANNERS, check_request, default_router, make_plan
 from uncurl.reduce.stats import LayerStats, collect_stats
-from uncurl.reduce.taskdata import Batch, load_task_docs, make_batches, register_task
+from uncurl.reduce.taskdata import load_task_docs
 from uncurl.reduce.warmup import router_warmup
 from uncurl.timing import stopwatch
 
 METHODS = tuple(PLANNERS)
 
 __all__ = [
-    "METHODS", "NEEDS", "ROUTERS", "SOLVERS", "Batch", "LayerStats", "align_plan", "apply_plan",
+    "METHODS", "NEEDS", "ROUTERS", "SOLVERS", "LayerStats", "align_plan", "apply_plan",
     "check_model", "check_request", "collect_stats", "default_router", "load_task_docs",
-    "make_batches", "make_plan", "match_neurons", "merge_group", "neuron_scores", "reduce_model",
-    "register_task", "router_warmup",
+    "make_plan", "match_neurons", "merge_group", "neuron_scores", "reduce_model", "router_warmup",
 ]
 
 

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import uncurl.tasks  # noqa: F401  (registers the fine-tuning tasks as task data names)
 from uncurl import cpu
 from uncurl.config import ReduceConfig
 from uncurl.model.checkpoint import load_tokenizer, read_info

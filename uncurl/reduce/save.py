@@ -21,7 +21,8 @@ from uncurl.model.checkpoint import (
     write_checkpoint,
 )
 from uncurl.provenance import environment
-from uncurl.reduce import check_model, check_request, make_batches, reduce_model
+from uncurl.reduce import check_model, check_request, reduce_model
+from uncurl.tasks import make_batches
 
 RECORD = "reduction.json"
 

@@ -58,7 +58,7 @@ class LayerStats:
 
 def collect_stats(model: GPT, batches, needs=(), subset_size: int | None = None,
                   dropless: bool = True) -> list[LayerStats]:
-    """One pass of `batches` (taskdata.Batch) through `model`; `needs` adds "reap", "outputs",
+    """One pass of `batches` (tasks.Batch) through `model`; `needs` adds "reap", "outputs",
     "naee" (the last with `subset_size` = D)."""
     if "naee" in needs and subset_size is None:
         raise ValueError("NAEE statistics need subset_size, the D of the subsets to enumerate")

@@ -1,45 +1,29 @@
-"""Task data T for expert reduction: documents of token ids, and padded batches of them.
+"""Task data T for expert reduction: the documents of token ids its statistics read.
 
 `--task-data` names T in one of three ways, tried in this order:
-- a registered task name (`register_task`; the task registry of a later stage plugs in here);
+- a registered labelled task (`uncurl.tasks`): its training split, each example prompt + answer;
 - `DIR:DOMAIN` or `DIR`: a prepared data folder's training documents (of one domain);
 - a .txt file or a folder of .txt files, tokenized with the model's tokenizer.
 """
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from uncurl import data
-
-Loader = Callable[..., list[np.ndarray]]  # loader(tokenizer) -> documents
-TASKS: dict[str, Loader] = {}
-
-
-class Batch(NamedTuple):
-    idx: torch.Tensor  # (B, T) token ids, 0 where padded
-    targets: torch.Tensor  # (B, T) next tokens, -1 where there is none
-    mask: torch.Tensor  # (B, T) True on real (unpadded) tokens
-
-
-def register_task(name: str, loader: Loader) -> None:
-    TASKS[name] = loader
+from uncurl import data, tasks
 
 
 def load_task_docs(spec: str, tokenizer=None, vocab_size: int | None = None) -> list[np.ndarray]:
     """The documents of task `spec`, checked to be ids of the model's vocabulary."""
-    if spec in TASKS:
-        docs = TASKS[spec](tokenizer)
+    if spec in _labelled_tasks():
+        docs = tasks.training_documents(tasks.get_task(spec), tokenizer)
     elif _prepared_folder(spec) is not None:
         docs = _prepared_docs(spec, tokenizer, vocab_size)
     elif Path(spec).exists():
         docs = _text_docs(Path(spec), tokenizer)
     else:
         raise ValueError(
-            f"task data {spec!r} is neither a registered task {sorted(TASKS)}, a prepared data "
+            f"task data {spec!r} is neither a registered task {_labelled_tasks()}, a prepared data "
             "folder (DIR or DIR:DOMAIN), nor a .txt file or folder of .txt files"
         )
     docs = [d for d in docs if len(d) > 1]
@@ -52,6 +36,11 @@ def load_task_docs(spec: str, tokenizer=None, vocab_size: int | None = None) -> 
             f"{vocab_size}: it was tokenized with another tokenizer; prepare it with the model's"
         )
     return docs
+
+
+def _labelled_tasks() -> list[str]:
+    """Tasks that name T by themselves; an lm task's documents come from DIR:DOMAIN instead."""
+    return sorted(name for name, task in tasks.TASKS.items() if task.kind == "choice")
 
 
 def _prepared_folder(spec: str) -> Path | None:
@@ -96,31 +85,3 @@ def _text_docs(path: Path, tokenizer) -> list[np.ndarray]:
     return [np.array(tokenizer(f.read_text(), add_special_tokens=False)["input_ids"] + eot)
             for f in files]
 
-
-def make_batches(docs: list[np.ndarray], block_size: int, batch_size: int,
-                 max_tokens: int | None = None, seed: int = 0) -> list[Batch]:
-    """Windows of block_size + 1 tokens (stride block_size), shuffled by `seed`, then batched.
-
-    A document's last window is padded; `max_tokens` caps the real tokens taken, so that the
-    statistics see a seeded sample of T rather than its first documents.
-    """
-    windows = [d[s : s + block_size + 1] for d in docs for s in range(0, len(d) - 1, block_size)]
-    order = np.random.default_rng(seed).permutation(len(windows))
-    chosen, total = [], 0
-    for i in order:
-        if max_tokens is not None and total >= max_tokens:
-            break
-        chosen.append(windows[i])
-        total += len(windows[i]) - 1
-    return [_pad(chosen[i : i + batch_size], block_size)
-            for i in range(0, len(chosen), batch_size)]
-
-
-def _pad(windows: list[np.ndarray], block_size: int) -> Batch:
-    idx = torch.zeros(len(windows), block_size, dtype=torch.long)
-    targets = torch.full((len(windows), block_size), -1, dtype=torch.long)
-    for row, w in enumerate(windows):
-        w = torch.from_numpy(np.asarray(w, dtype=np.int64))
-        idx[row, : len(w) - 1] = w[:-1]
-        targets[row, : len(w) - 1] = w[1:]
-    return Batch(idx, targets, targets >= 0)

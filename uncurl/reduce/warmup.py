@@ -8,7 +8,7 @@ from uncurl.model import GPT
 
 def router_warmup(model: GPT, batches, steps: int, lr: float = 1e-3,
                   grad_clip: float = 1.0) -> list[float]:
-    """Train the routers in place for `steps` steps, cycling through `batches` (taskdata.Batch);
+    """Train the routers in place for `steps` steps, cycling through `batches` (tasks.Batch);
     returns the loss (LM + weighted load-balancing) of each step. Training mode, so capacity and
     dropping are as in fine-tuning."""
     if steps == 0:

@@ -1,0 +1,125 @@
+"""Token ids of a task, and the padded batches a model reads.
+
+A choice example becomes a prompt (text cut to fit + query) and its candidate answers; training
+puts the loss on the right answer's tokens only. Documents (an lm task's, or reduction's task
+data) are cut into windows of one block of inputs, padded where a document ends.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from uncurl.tasks.registry import Example
+
+
+class Batch(NamedTuple):
+    idx: torch.Tensor  # (B, T) token ids, 0 where padded
+    targets: torch.Tensor  # (B, T) next tokens, -1 where there is none
+    mask: torch.Tensor  # (B, T) True on real (unpadded) tokens
+
+
+# ----------------------------------------------------------------------------- choice tasks
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt: np.ndarray  # token ids of text (cut to fit) + query
+    choices: tuple[np.ndarray, ...]
+    label: int
+
+
+def encode(tok, exs: list[Example], block_size: int = 10**9,
+           max_text_tokens: int | None = None) -> list[Encoded]:
+    """Token ids of each example, the text cut (to `max_text_tokens`, and so that prompt +
+    longest answer fits one block of inputs)."""
+    def ids(strings):
+        enc = tok.backend_tokenizer.encode_batch(list(strings), add_special_tokens=False)
+        return [np.array(e.ids, dtype=np.int64) for e in enc]
+
+    texts = ids(e.text for e in exs)
+    queries, answers = {}, {}  # a task repeats the same few queries and answers
+    for q in {e.query for e in exs}:
+        queries[q] = ids([q])[0]
+    for c in {c for e in exs for c in e.choices}:
+        answers[c] = ids([c])[0]
+    out = []
+    for ex, text in zip(exs, texts, strict=True):
+        query, choices = queries[ex.query], tuple(answers[c] for c in ex.choices)
+        room = block_size + 1 - len(query) - max(len(c) for c in choices)
+        if room < 1:
+            raise ValueError(f"block_size {block_size} leaves no room for a prompt after the "
+                             f"query {ex.query!r} and answers {ex.choices}")
+        text = text[: min(room, max_text_tokens or room)]
+        out.append(Encoded(np.concatenate([text, query]), choices, ex.label))
+    return out
+
+
+def answered(encoded: list[Encoded]) -> list[np.ndarray]:
+    """Each example as one document, prompt + right answer: task text for reduction statistics."""
+    return [np.concatenate([e.prompt, e.choices[e.label]]) for e in encoded]
+
+
+def answer_batch(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
+    """(prompt, answer) pairs as one right-padded batch whose targets are the answer tokens only."""
+    width = max(len(p) + len(a) for p, a in pairs) - 1
+    idx = np.zeros((len(pairs), width), dtype=np.int64)
+    targets = np.full((len(pairs), width), -1, dtype=np.int64)
+    mask = np.zeros((len(pairs), width), dtype=bool)
+    for row, (p, a) in enumerate(pairs):
+        seq = np.concatenate([p, a])
+        idx[row, : len(seq) - 1] = seq[:-1]
+        mask[row, : len(seq) - 1] = True
+        targets[row, len(p) - 1 : len(seq) - 1] = a
+    return Batch(torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(mask))
+
+
+def train_batches(encoded: list[Encoded], batch_size: int, seed: int, epoch: int = 0,
+                  pool: int = 32):
+    """One epoch of training batches (prompt + right answer), shuffled by (seed, epoch). Within
+    each pool of `pool` batches' worth of examples, examples of similar length share a batch (less
+    padding); the batches are then shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(encoded))
+    size = [len(e.prompt) + len(e.choices[e.label]) for e in encoded]
+    batches = []
+    for start in range(0, len(order) - batch_size + 1, batch_size * pool):
+        chunk = order[start : start + batch_size * pool]
+        chunk = chunk[np.argsort([size[j] for j in chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1,
+                                                              batch_size)]
+    for i in rng.permutation(len(batches)):
+        yield answer_batch([(encoded[j].prompt, encoded[j].choices[encoded[j].label])
+                            for j in batches[i]])
+
+
+# -------------------------------------------------------------------------------- documents
+
+def make_batches(docs: list[np.ndarray], block_size: int, batch_size: int,
+                 max_tokens: int | None = None, seed: int = 0) -> list[Batch]:
+    """Windows of block_size + 1 tokens (stride block_size), shuffled by `seed`, then batched.
+
+    A document's last window is padded; `max_tokens` caps the real tokens taken, so that a reader
+    (reduction statistics, an lm task's evaluation) sees a seeded sample rather than the first
+    documents.
+    """
+    windows = [d[s : s + block_size + 1] for d in docs for s in range(0, len(d) - 1, block_size)]
+    order = np.random.default_rng(seed).permutation(len(windows))
+    chosen, total = [], 0
+    for i in order:
+        if max_tokens is not None and total >= max_tokens:
+            break
+        chosen.append(windows[i])
+        total += len(windows[i]) - 1
+    return [_pad(chosen[i : i + batch_size], block_size)
+            for i in range(0, len(chosen), batch_size)]
+
+
+def _pad(windows: list[np.ndarray], block_size: int) -> Batch:
+    idx = torch.zeros(len(windows), block_size, dtype=torch.long)
+    targets = torch.full((len(windows), block_size), -1, dtype=torch.long)
+    for row, w in enumerate(windows):
+        w = torch.from_numpy(np.asarray(w, dtype=np.int64))
+        idx[row, : len(w) - 1] = w[:-1]
+        targets[row, : len(w) - 1] = w[1:]
+    return Batch(idx, targets, targets >= 0)
