@@ -13,7 +13,9 @@ test: .venv/installed
 	$(PY) -m pytest
 
 lint: .venv/installed
-	$(PY) -m ruff check uncurl tests
+	$(PY) -m ruff check uncurl tests notebooks
+	$(PY) -m ruff format --check uncurl tests notebooks
+	.venv/bin/lint-imports
 
 # torch==2.13.0 is a CPU build; DS_BUILD_OPS=0 keeps DeepSpeed pure Python (README, Environment).
 .venv/installed: pyproject.toml

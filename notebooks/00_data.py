@@ -30,7 +30,11 @@ meta = data.load_meta(data_dir)
 corpus = pretraining.corpus_table(meta)
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile}, started, tables={"corpus": corpus},
-                     values={"data_dir": str(data_dir), "vocab_size": meta["vocab_size"],
-                             "hash": meta["hash"]},
-                     outputs=[data_dir / "meta.json"])
+records.write_results(
+    out,
+    {"profile": profile},
+    started,
+    tables={"corpus": corpus},
+    values={"data_dir": str(data_dir), "vocab_size": meta["vocab_size"], "hash": meta["hash"]},
+    outputs=[data_dir / "meta.json"],
+)

@@ -30,5 +30,10 @@ run_dir = layout.Runs(runs, profile).pretrained(n_expert)
 summary = train(run_dir, model_cfg, train_cfg, cfg.data_dir, progress=False)
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile, "n_expert": n_expert, "runs": runs}, started,
-                     values=summary, outputs=[run_dir / layout.SUMMARY, run_dir / layout.METRICS])
+records.write_results(
+    out,
+    {"profile": profile, "n_expert": n_expert, "runs": runs},
+    started,
+    values=summary,
+    outputs=[run_dir / layout.SUMMARY, run_dir / layout.METRICS],
+)

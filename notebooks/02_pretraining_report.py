@@ -47,8 +47,13 @@ corpus = pretraining.corpus_table(data.load_meta(cfg.data_dir))
 values = pretraining.pretraining_headline(models, cfg)
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile, "runs": runs}, started, values=values,
-                     tables={"models": models, "curves": curves, "corpus": corpus})
+records.write_results(
+    out,
+    {"profile": profile, "runs": runs},
+    started,
+    values=values,
+    tables={"models": models, "curves": curves, "corpus": corpus},
+)
 for key, value in values.items():
     glue(key, value, display=False)
 glue("fig_loss_curves", style.save_figure(fig_curves, out / "loss_curves.png"), display=False)

@@ -48,8 +48,9 @@ law = scaling.CLARK_S_BASE
 style.use_style()
 
 # %% tags=["hide-input"]
-comparison = scaling.paper_comparison(paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT,
-                                      paper.DENSE_EQUIVALENT, law)
+comparison = scaling.paper_comparison(
+    paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT, paper.DENSE_EQUIVALENT, law
+)
 
 # %% tags=["hide-input"]
 k, k_se, fitted = scaling.fit_paper_exponent(paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT)
@@ -67,29 +68,37 @@ models, _ = pretraining.load_pretraining(runs, cfg)
 fit = scaling.fit_fixed_size(models["n_expert"], models["val_loss"], law)
 
 # %% tags=["hide-input"]
-ratios = scaling.dense_equivalent_from_fit(fit, models["n_expert"], law.dense_exponent, law,
-                                          level)
+ratios = scaling.dense_equivalent_from_fit(fit, models["n_expert"], law.dense_exponent, law, level)
 
 # %% tags=["hide-input"]
-clark = dense_equivalent.clark_ratios(law, dense_equivalent.backbone_params(models), models["n_expert"])
+clark = dense_equivalent.clark_ratios(
+    law, dense_equivalent.backbone_params(models), models["n_expert"]
+)
 
 # %% tags=["hide-input"]
 fig_ours = dense_equivalent.plot_fixed_size_fit(models, fit, ratios, clark, law)
 
 # %% tags=["hide-input"]
-values = dense_equivalent.dense_equivalent_headline(comparison, k, k_se, fit, ratios, models, law, level)
+values = dense_equivalent.dense_equivalent_headline(
+    comparison, k, k_se, fit, ratios, models, law, level
+)
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile, "runs": runs, "level": level}, started,
-                     values=values, tables={"paper_comparison": comparison, "our_ratios": ratios,
-                                            "law": scaling.law_table(law)})
+records.write_results(
+    out,
+    {"profile": profile, "runs": runs, "level": level},
+    started,
+    values=values,
+    tables={"paper_comparison": comparison, "our_ratios": ratios, "law": scaling.law_table(law)},
+)
 for key, value in values.items():
     glue(key, value, display=False)
 glue("law_table", style.display_table(scaling.law_table(law), "{:g}"), display=False)
-glue("paper_table", dense_equivalent.dense_equivalent_table(comparison, fitted, sizes), display=False)
+glue(
+    "paper_table", dense_equivalent.dense_equivalent_table(comparison, fitted, sizes), display=False
+)
 glue("ratios_table", dense_equivalent.ratios_table(ratios, level), display=False)
-glue("fig_paper", style.save_figure(fig_paper, out / "paper_dense_equivalent.png"),
-     display=False)
+glue("fig_paper", style.save_figure(fig_paper, out / "paper_dense_equivalent.png"), display=False)
 glue("fig_ours", style.save_figure(fig_ours, out / "our_dense_equivalent.png"), display=False)
 
 # %% [markdown]

@@ -31,8 +31,11 @@ summary = evaluate.summary(results)
 summary
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile, "task": task, "runs": runs}, started,
-                     tables={"summary": summary},
-                     values={"runs": len(results),
-                             "median_run_s": statistics.median(r["wall_s"] for r in results)},
-                     outputs=sorted((layout.Runs(runs, profile).finetune / task).rglob(layout.RESULT)))
+records.write_results(
+    out,
+    {"profile": profile, "task": task, "runs": runs},
+    started,
+    tables={"summary": summary},
+    values={"runs": len(results), "median_run_s": statistics.median(r["wall_s"] for r in results)},
+    outputs=sorted((layout.Runs(runs, profile).finetune / task).rglob(layout.RESULT)),
+)

@@ -52,8 +52,13 @@ from uncurl.report import records, style
 started = time.time()
 out = Path(out)
 style.use_style()
-sizes = inference.notebook_overrides(batch_size=batch_size, seq_len=seq_len, repeats=repeats,
-                                     procs=procs, expert_counts=expert_counts)
+sizes = inference.notebook_overrides(
+    batch_size=batch_size,
+    seq_len=seq_len,
+    repeats=repeats,
+    procs=procs,
+    expert_counts=expert_counts,
+)
 
 # %% tags=["hide-input"]
 result = inference.run_bench(profile, runs, **sizes)
@@ -62,10 +67,12 @@ result = inference.run_bench(profile, runs, **sizes)
 tables = inference_tables.chapter_tables(result)
 
 # %% tags=["hide-input"]
-figures = {"loss_latency": chapter.plot_loss_vs_latency(result),
-           "a2a_compute": chapter.plot_a2a_vs_compute(result),
-           "latency_procs": chapter.plot_latency_vs_procs(result),
-           "cost_model": chapter.plot_cost_model(result)}
+figures = {
+    "loss_latency": chapter.plot_loss_vs_latency(result),
+    "a2a_compute": chapter.plot_a2a_vs_compute(result),
+    "latency_procs": chapter.plot_latency_vs_procs(result),
+    "cost_model": chapter.plot_cost_model(result),
+}
 
 # %% tags=["hide-input"]
 values = chapter.headline(result)
@@ -73,8 +80,9 @@ values = chapter.headline(result)
 # %% tags=["hide-input"]
 out.mkdir(parents=True, exist_ok=True)
 (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-records.write_results(out, {"profile": profile, "runs": runs, **sizes}, started, values=values,
-                     tables=tables)
+records.write_results(
+    out, {"profile": profile, "runs": runs, **sizes}, started, values=values, tables=tables
+)
 for key, value in values.items():
     glue(key, value, display=False)
 for name, fig in figures.items():

@@ -50,31 +50,60 @@ fig_tasks = chapter.plot_tasks(summary, table)
 values = chapter.headline(results, table, scratch, comparisons, cfg)
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile, "runs": runs}, started, values=values,
-                     tables={"results": evaluate.tidy(results), "summary": summary,
-                             "comparisons": comparisons, "tasks": table,
-                             "from_scratch": scratch})
+records.write_results(
+    out,
+    {"profile": profile, "runs": runs},
+    started,
+    values=values,
+    tables={
+        "results": evaluate.tidy(results),
+        "summary": summary,
+        "comparisons": comparisons,
+        "tasks": table,
+        "from_scratch": scratch,
+    },
+)
 for key, value in values.items():
     glue(key, value, display=False)
 glue("fig_tasks", style.save_figure(fig_tasks, out / "tasks.png"), display=False)
-glue("tasks_table", style.display_table(
-    table.drop(columns=["appendix"]), {"chance": "{:.1%}", "majority": "{:.1%}"}), display=False)
-glue("results_table", style.display_table(chapter.results_table(summary, cfg)),
-     display=False)
-glue("comparison_table", style.display_table(chapter.comparison_table(
-    comparisons[comparisons["task"].isin(readable)])), display=False)
-glue("verdict_table", style.display_table(chapter.verdict_counts(comparisons, readable)),
-     display=False)
-glue("scratch_table", style.display_table(
-    scratch[~scratch["appendix"]].drop(columns=["appendix"]),
-    {c: "{:.1%}" for c in ("chance", "majority", "mean", "ci_low", "ci_high", "margin")}),
-    display=False)
-glue("appendix_table", style.display_table(chapter.appendix_table(scratch, readable),
-                                            {"chance": "{:.1f}", "majority": "{:.1f}"}),
-     display=False)
-glue("paper_table", style.display_table(chapter.paper_table(cfg),
-                                         dict.fromkeys(paper.SUPERGLUE_TASKS, "{:.2f}")),
-     display=False)
+glue(
+    "tasks_table",
+    style.display_table(
+        table.drop(columns=["appendix"]), {"chance": "{:.1%}", "majority": "{:.1%}"}
+    ),
+    display=False,
+)
+glue("results_table", style.display_table(chapter.results_table(summary, cfg)), display=False)
+glue(
+    "comparison_table",
+    style.display_table(chapter.comparison_table(comparisons[comparisons["task"].isin(readable)])),
+    display=False,
+)
+glue(
+    "verdict_table",
+    style.display_table(chapter.verdict_counts(comparisons, readable)),
+    display=False,
+)
+glue(
+    "scratch_table",
+    style.display_table(
+        scratch[~scratch["appendix"]].drop(columns=["appendix"]),
+        {c: "{:.1%}" for c in ("chance", "majority", "mean", "ci_low", "ci_high", "margin")},
+    ),
+    display=False,
+)
+glue(
+    "appendix_table",
+    style.display_table(
+        chapter.appendix_table(scratch, readable), {"chance": "{:.1f}", "majority": "{:.1f}"}
+    ),
+    display=False,
+)
+glue(
+    "paper_table",
+    style.display_table(chapter.paper_table(cfg), dict.fromkeys(paper.SUPERGLUE_TASKS, "{:.2f}")),
+    display=False,
+)
 
 # %% [markdown]
 # ## The tasks

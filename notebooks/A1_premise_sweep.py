@@ -36,8 +36,13 @@ fig_sweep = premise.plot_sweep(sweep)
 values = premise.sweep_headline(sweep)
 
 # %% tags=["hide-input"]
-records.write_results(out, {"profile": profile, "sweep_csv": sweep_csv}, started, values=values,
-                     tables={"gaps": premise.sweep_gaps(sweep)})
+records.write_results(
+    out,
+    {"profile": profile, "sweep_csv": sweep_csv},
+    started,
+    values=values,
+    tables={"gaps": premise.sweep_gaps(sweep)},
+)
 for key, value in values.items():
     glue(key, value, display=False)
 glue("fig_sweep", style.save_figure(fig_sweep, out / "premise_sweep.png"), display=False)

@@ -32,9 +32,20 @@ def standin_sweep() -> pd.DataFrame:
     rows = []
     for i, (variant, seed) in enumerate([("A: wide", 0), ("B: small", 0), ("B, seed 1", 1)]):
         for n, loss in ((1, 4.5 + 0.1 * i), (16, 4.6 + 0.12 * i)):
-            rows.append({"variant": variant, "n_expert": n, "seed": seed,
-                         "n_embd": 128 if variant.startswith("A") else 64,
-                         "vocab_size": 2048, "tokens": 1000, "val_loss": loss,
-                         "wall_time_s": 100.0, "total_params": 10 * n, "active_params": 10,
-                         "git": "x", "run": f"runs/{i}/{n}"})
+            rows.append(
+                {
+                    "variant": variant,
+                    "n_expert": n,
+                    "seed": seed,
+                    "n_embd": 128 if variant.startswith("A") else 64,
+                    "vocab_size": 2048,
+                    "tokens": 1000,
+                    "val_loss": loss,
+                    "wall_time_s": 100.0,
+                    "total_params": 10 * n,
+                    "active_params": 10,
+                    "git": "x",
+                    "run": f"runs/{i}/{n}",
+                }
+            )
     return pd.DataFrame(rows)

@@ -17,8 +17,16 @@ from uncurl.report import inference as chapter
 
 PROFILE = get_profile("smoke")
 TRAINED = ["dense" if n == 1 else f"e{n}" for n in PROFILE.expert_counts]
-SIZES = dict(batch_size=2, seq_len=16, repeats=2, warmup_runs=0, procs=[2], expert_counts=[4],
-             exchange_kib=[4, 64], deepspeed=False)
+SIZES = dict(
+    batch_size=2,
+    seq_len=16,
+    repeats=2,
+    warmup_runs=0,
+    procs=[2],
+    expert_counts=[4],
+    exchange_kib=[4, 64],
+    deepspeed=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +37,17 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     e4 = save_checkpoint(folder / "e4" / "checkpoint", GPT(PROFILE.model_config(n_expert=4)))
     (folder / "e4" / "summary.json").write_text(json.dumps({"val_loss": 5.0}))
-    reduction = {"from": str(e4), "method": "greedy", "source_n_expert": [4],
-                 "target_n_expert": [2]}
-    save_checkpoint(folder / "reduced" / "greedy-e4-to-2",
-                    GPT(PROFILE.model_config(n_expert=2)), info={"reduction": reduction})
+    reduction = {
+        "from": str(e4),
+        "method": "greedy",
+        "source_n_expert": [4],
+        "target_n_expert": [2],
+    }
+    save_checkpoint(
+        folder / "reduced" / "greedy-e4-to-2",
+        GPT(PROFILE.model_config(n_expert=2)),
+        info={"reduction": reduction},
+    )
     return root
 
 
@@ -47,8 +62,12 @@ def test_models_are_found_with_their_origin(runs):
     assert models["dense"]["kind"] == "random init" and models["dense"]["val_loss"] is None
     assert models["e4"]["kind"] == "trained" and models["e4"]["val_loss"] == 5.0
     reduced = models["reduced/greedy-e4-to-2"]
-    assert (reduced["kind"], reduced["source"], reduced["equivalent"], reduced["method"]) == \
-        ("reduced", "e4", "e2", "greedy")
+    assert (reduced["kind"], reduced["source"], reduced["equivalent"], reduced["method"]) == (
+        "reduced",
+        "e4",
+        "e2",
+        "greedy",
+    )
 
 
 def test_whole_model_exchanges_the_bytes_the_cost_model_counts(result):
@@ -58,8 +77,7 @@ def test_whole_model_exchanges_the_bytes_the_cost_model_counts(result):
     cfg = PROFILE.model_config(n_expert=4)
     assert len(cfg.moe_layers) == 1 and fwd["dense"]["bytes_sent"] == 0
     assert fwd["e4"]["bytes_sent"] == 2 * costmodel.buffer_bytes(cfg, 4, tokens)
-    assert fwd["reduced/greedy-e4-to-2"]["bytes_sent"] == 2 * costmodel.buffer_bytes(cfg, 2,
-                                                                                    tokens)
+    assert fwd["reduced/greedy-e4-to-2"]["bytes_sent"] == 2 * costmodel.buffer_bytes(cfg, 2, tokens)
 
 
 def test_every_table_and_figure_is_made(result):
@@ -71,8 +89,12 @@ def test_every_table_and_figure_is_made(result):
     assert len(tables["exchanges"]) == 2 and tables["fit"]["points"].item() == 2
     single = tables["models"].set_index("model")
     assert single.loc["e4", "parameters (MB)"] > single.loc["dense", "parameters (MB)"]
-    for plot in (chapter.plot_loss_vs_latency, chapter.plot_a2a_vs_compute,
-                 chapter.plot_latency_vs_procs, chapter.plot_cost_model):
+    for plot in (
+        chapter.plot_loss_vs_latency,
+        chapter.plot_a2a_vs_compute,
+        chapter.plot_latency_vs_procs,
+        chapter.plot_cost_model,
+    ):
         assert isinstance(plot(result), Figure)
     assert chapter.headline(result)["world"] == 2
 
@@ -93,17 +115,23 @@ def test_without_reduced_models_the_table_says_so(tmp_path, result):
 
 
 def test_notebook_parameters_become_overrides():
-    assert inference.notebook_overrides(batch_size=0, procs="", expert_counts="4 8") == \
-        {"batch_size": None, "procs": None, "expert_counts": [4, 8]}
+    assert inference.notebook_overrides(batch_size=0, procs="", expert_counts="4 8") == {
+        "batch_size": None,
+        "procs": None,
+        "expert_counts": [4, 8],
+    }
     assert inference.settings(PROFILE, repeats=7)["repeats"] == 7
     assert inference.settings(PROFILE)["batch_size"] == PROFILE.bench_config().batch_size
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
-    (["--profile", "smoke", "--seq-len", "99"], "seq_len 99 exceeds the profile's block_size"),
-    (["--profile", "nope"], "unknown profile 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        (["--profile", "smoke", "--seq-len", "99"], "seq_len 99 exceeds the profile's block_size"),
+        (["--profile", "nope"], "unknown profile 'nope'"),
+    ],
+)
 def test_bad_arguments_end_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["inference", *argv])

@@ -11,8 +11,14 @@ from uncurl.bench.moe import FLOOR, _dense_on_kernel, _FixedRouting
 from uncurl.config import get_profile
 from uncurl.model import MoE
 
-LAYERS = [FLOOR, "uncurl MoE", "DeepSpeed MoE", "HF Mixtral block",
-          "uncurl experts, routing fixed", "floor on uncurl's kernel"]
+LAYERS = [
+    FLOOR,
+    "uncurl MoE",
+    "DeepSpeed MoE",
+    "HF Mixtral block",
+    "uncurl experts, routing fixed",
+    "floor on uncurl's kernel",
+]
 
 
 def test_fixed_routing_row_is_the_layer_without_its_router():
@@ -35,16 +41,33 @@ def test_floor_on_the_kernel_computes_the_floor():
     x = torch.randn(3, 5, 8, requires_grad=True)
     y, y_kernel = floor(x), on_kernel(x)
     torch.testing.assert_close(y_kernel, y)
-    g, = torch.autograd.grad(y.square().sum(), x)
-    g_kernel, = torch.autograd.grad(y_kernel.square().sum(), x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (g_kernel,) = torch.autograd.grad(y_kernel.square().sum(), x)
     torch.testing.assert_close(g_kernel, g)
 
 
 def test_command_prints_and_records_every_layer(tmp_path):
     out = tmp_path / "moe.json"
-    proc = subprocess.run([sys.executable, "-m", "uncurl.bench", "moe", "--profile", "smoke",
-                           "--n-expert", "2", "4", "--repeats", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uncurl.bench",
+            "moe",
+            "--profile",
+            "smoke",
+            "--n-expert",
+            "2",
+            "4",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["n_expert"], r["layer"]) for r in rows] == [(e, n) for e in (2, 4) for n in LAYERS]

@@ -9,15 +9,19 @@ from uncurl.bench import costmodel
 from uncurl.config import ModelConfig
 
 
-@pytest.mark.parametrize("n_expert, tokens, top_k, capacity", [
-    (4, 24, 1, 6),  # ceil(1.0 * 24 / 4)
-    (4, 24, 2, 12),  # top-2 doubles the slots
-    (64, 24, 1, 4),  # the minimum capacity binds
-])
+@pytest.mark.parametrize(
+    "n_expert, tokens, top_k, capacity",
+    [
+        (4, 24, 1, 6),  # ceil(1.0 * 24 / 4)
+        (4, 24, 2, 12),  # top-2 doubles the slots
+        (64, 24, 1, 4),  # the minimum capacity binds
+    ],
+)
 def test_buffer_bytes_follow_the_capacity_rule(n_expert, tokens, top_k, capacity):
     cfg = ModelConfig(n_embd=16, n_head=2, n_expert=n_expert, top_k=top_k)
-    assert costmodel.buffer_bytes(cfg, n_expert, tokens, dtype_bytes=2) == \
-        n_expert * capacity * 16 * 2
+    assert (
+        costmodel.buffer_bytes(cfg, n_expert, tokens, dtype_bytes=2) == n_expert * capacity * 16 * 2
+    )
 
 
 def test_dropless_routing_has_no_fixed_byte_count():

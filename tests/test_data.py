@@ -139,8 +139,9 @@ def test_parameters_have_one_set_of_defaults(tmp_path):
     a = parser().parse_args(["prepare", "--out", "x"])
     cli = {f.name: getattr(a, f.name) for f in dataclasses.fields(DataConfig) if hasattr(a, f.name)}
     assert len(cli) == 5 and cli == {k: getattr(DataConfig(), k) for k in cli}
-    with pytest.raises(ValueError, match="unknown preparation key 'vocab' \\(did you mean "
-                                         "'vocab_size'"):
+    with pytest.raises(
+        ValueError, match="unknown preparation key 'vocab' \\(did you mean 'vocab_size'"
+    ):
         data.prepare(tmp_path / "x", source=str(FIXTURE), vocab=300)
     assert not (tmp_path / "x").exists()
 
@@ -189,11 +190,25 @@ def test_cli_skips_unusable_files_with_a_warning_line(tmp_path, capsys):
 
 def test_cli_refusal_has_no_traceback(tmp_path):
     missing = tmp_path / "missing"
-    r = subprocess.run([sys.executable, "-m", "uncurl.data", "prepare", "--source", str(missing),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uncurl.data",
+            "prepare",
+            "--source",
+            str(missing),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and not (tmp_path / "out").exists()
-    assert r.stderr == (f"python -m uncurl.data: error: source folder {missing} does not exist: "
-                        "give a folder of .txt files, one subfolder per domain\n")
+    assert r.stderr == (
+        f"python -m uncurl.data: error: source folder {missing} does not exist: "
+        "give a folder of .txt files, one subfolder per domain\n"
+    )
 
 
 @pytest.mark.slow

@@ -36,13 +36,18 @@ def compare(rank, world):
         want, want_routing = moe(x)
         layer = ExpertParallelMoE(moe, rank, world)
         got, routing = layer(x)
-        results[name] = {"diff": (got - want).abs().max().item(), "norm": want.norm().item(),
-                         "same_routing": torch.equal(routing.experts, want_routing.experts),
-                         "dropped": int(routing.dropped.sum()), "phases": layer.phases.as_dict(),
-                         "local_experts": layer.w_fc.shape[0]}
+        results[name] = {
+            "diff": (got - want).abs().max().item(),
+            "norm": want.norm().item(),
+            "same_routing": torch.equal(routing.experts, want_routing.experts),
+            "dropped": int(routing.dropped.sum()),
+            "phases": layer.phases.as_dict(),
+            "local_experts": layer.w_fc.shape[0],
+        }
     model = GPT(get_profile("smoke").model_config(n_expert=4)).eval()  # seeded above
-    idx = torch.randint(0, model.cfg.vocab_size, (world, 2, 16),
-                        generator=torch.Generator().manual_seed(2))[rank]
+    idx = torch.randint(
+        0, model.cfg.vocab_size, (world, 2, 16), generator=torch.Generator().manual_seed(2)
+    )[rank]
     want = model(idx).logits
     shard_model(model, rank, world)
     results["gpt"] = (model(idx).logits - want).abs().max().item()

@@ -15,8 +15,16 @@ from uncurl.reduce.save import reduce_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = str(ROOT / "tests" / "fixtures" / "tasks")
-FAST = dict(max_steps=30, eval_interval=10, batch_tokens=256, max_val=40, max_heldout=16,
-            max_val_windows=8, router_warmup_steps=2, threads=1)
+FAST = dict(
+    max_steps=30,
+    eval_interval=10,
+    batch_tokens=256,
+    max_val=40,
+    max_heldout=16,
+    max_val_windows=8,
+    router_warmup_steps=2,
+    threads=1,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,8 +44,10 @@ class Unigram(nn.Module):
 def test_choice_scorer_ranks_answers_by_their_known_likelihood():
     logp = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0]), 0)
     model = Unigram(logp)
-    enc = [tasks.Encoded(np.array([0, 0]), (np.array([1]), np.array([3]), np.array([2, 2])), 1),
-           tasks.Encoded(np.array([4]), (np.array([4, 4]), np.array([1])), 0)]
+    enc = [
+        tasks.Encoded(np.array([0, 0]), (np.array([1]), np.array([3]), np.array([2, 2])), 1),
+        tasks.Encoded(np.array([4]), (np.array([4, 4]), np.array([1])), 0),
+    ]
     scores = evaluate.choice_scores(model, enc)
     expected = [[logp[1], logp[3], 2 * logp[2]], [2 * logp[4], logp[1], -np.inf]]
     np.testing.assert_allclose(scores, np.array(expected, dtype=float), rtol=1e-6)
@@ -59,8 +69,10 @@ class Bigram(nn.Module):
 def test_scores_use_each_answer_token_after_its_own_context_in_any_batch():
     rng = np.random.default_rng(0)
     logp = torch.log_softmax(torch.tensor(rng.normal(size=(6, 6))), 1)
-    enc = [tasks.Encoded(rng.integers(0, 6, n), tuple(rng.integers(0, 6, (k, m))), 0)
-           for n, k, m in [(3, 2, 2), (1, 3, 1), (5, 2, 3), (2, 2, 1), (4, 3, 2)]]
+    enc = [
+        tasks.Encoded(rng.integers(0, 6, n), tuple(rng.integers(0, 6, (k, m))), 0)
+        for n, k, m in [(3, 2, 2), (1, 3, 1), (5, 2, 3), (2, 2, 1), (4, 3, 2)]
+    ]
 
     def by_hand(prompt, answer):
         seq = np.concatenate([prompt, answer])
@@ -75,21 +87,24 @@ def test_scores_use_each_answer_token_after_its_own_context_in_any_batch():
 
 def test_an_examples_score_does_not_depend_on_its_batch(smoke_data):
     torch.manual_seed(0)  # an MoE whose evaluation capacity (1.0) would drop tokens
-    model = GPT(get_profile("smoke").model_config(vocab_size=320, n_expert=4,
-                                                  eval_capacity_factor=1.0, min_capacity=1))
+    model = GPT(
+        get_profile("smoke").model_config(
+            vocab_size=320, n_expert=4, eval_capacity_factor=1.0, min_capacity=1
+        )
+    )
     exs = tasks.examples(tasks.get_task("rotten_tomatoes"), SAMPLES)["val"]
     enc = tasks.encode(data.load_tokenizer(smoke_data), exs, model.cfg.block_size)
     alone = evaluate.choice_scores(model, enc, batch_size=1)
-    np.testing.assert_allclose(evaluate.choice_scores(model, enc, batch_size=64), alone,
-                               rtol=1e-5)
+    np.testing.assert_allclose(evaluate.choice_scores(model, enc, batch_size=64), alone, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def smoke_ckpt(smoke_data, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = get_profile("smoke").model_config(vocab_size=320, n_expert=4)
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "e4", GPT(cfg),
-                           data.load_tokenizer(smoke_data))
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ck") / "e4", GPT(cfg), data.load_tokenizer(smoke_data)
+    )
 
 
 def _cfg(**kw):
@@ -111,8 +126,12 @@ def test_finetuning_lowers_the_task_loss_and_keeps_the_best_weights(smoke_ckpt, 
 def test_a_run_records_per_example_scores_and_is_not_redone(smoke_ckpt, smoke_data, tmp_path):
     args = (smoke_ckpt, "rotten_tomatoes", 0, tmp_path / "run", _cfg(), smoke_data, SAMPLES)
     first = finetune.run(*args)
-    assert first["model"] == {"model": "e4", "source_n_expert": 4, "target_n_expert": 4,
-                              "method": "scratch"}
+    assert first["model"] == {
+        "model": "e4",
+        "source_n_expert": 4,
+        "target_n_expert": 4,
+        "method": "scratch",
+    }
     assert len(first["per_example"]) == first["sizes"]["val"]
     assert first["metrics"]["accuracy"] == pytest.approx(np.mean(first["per_example"]))
     assert finetune.run(*args)["wall_s"] == first["wall_s"]  # read back, not retrained
@@ -121,19 +140,26 @@ def test_a_run_records_per_example_scores_and_is_not_redone(smoke_ckpt, smoke_da
 
 
 def test_same_seed_same_numbers(smoke_ckpt, smoke_data, tmp_path):
-    runs = [finetune.run(smoke_ckpt, "drama", 1, tmp_path / str(i), _cfg(), smoke_data)
-            for i in range(2)]
+    runs = [
+        finetune.run(smoke_ckpt, "drama", 1, tmp_path / str(i), _cfg(), smoke_data)
+        for i in range(2)
+    ]
     assert runs[0]["per_example"] == runs[1]["per_example"]
 
 
 def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_data, tmp_path):
     tok = data.load_tokenizer(smoke_data)
-    docs = tasks.answered(tasks.encode(tok, tasks.examples(
-        tasks.get_task("rotten_tomatoes"), SAMPLES)["train"]))
+    docs = tasks.answered(
+        tasks.encode(tok, tasks.examples(tasks.get_task("rotten_tomatoes"), SAMPLES)["train"])
+    )
     red = reduce_checkpoint(smoke_ckpt, tmp_path / "red", "uncurl", 2, docs, "rotten_tomatoes")
     result = finetune.run(red, "rotten_tomatoes", 0, tmp_path / "ft", _cfg(), None, SAMPLES)
-    assert result["model"] == {"model": "e4-uncurl-d2", "source_n_expert": 4, "target_n_expert": 2,
-                               "method": "uncurl"}
+    assert result["model"] == {
+        "model": "e4-uncurl-d2",
+        "source_n_expert": 4,
+        "target_n_expert": 2,
+        "method": "uncurl",
+    }
     assert len(result["router_warmup"]) == FAST["router_warmup_steps"]
 
 
@@ -162,22 +188,39 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_examples():
 
 
 def _result(model, source, target, method, seed, per):
-    return {"model": {"model": model, "source_n_expert": source, "target_n_expert": target,
-                      "method": method}, "task": "t", "seed": seed, "metric": "accuracy",
-            "metrics": {"accuracy": float(np.mean(per))}, "per_example": list(per)}
+    return {
+        "model": {
+            "model": model,
+            "source_n_expert": source,
+            "target_n_expert": target,
+            "method": method,
+        },
+        "task": "t",
+        "seed": seed,
+        "metric": "accuracy",
+        "metrics": {"accuracy": float(np.mean(per))},
+        "per_example": list(per),
+    }
 
 
 def test_tables_pair_each_reduced_model_with_its_from_scratch_size():
     rng = np.random.default_rng(2)
-    results = [r for s in range(3) for r in (
-        _result("e2", 2, 2, "scratch", s, rng.integers(0, 2, 300)),
-        _result("e4-uncurl-d2", 4, 2, "uncurl", s, np.ones(300)))]
+    results = [
+        r
+        for s in range(3)
+        for r in (
+            _result("e2", 2, 2, "scratch", s, rng.integers(0, 2, 300)),
+            _result("e4-uncurl-d2", 4, 2, "uncurl", s, np.ones(300)),
+        )
+    ]
     results.append(_result("e2", 2, 2, "scratch", 7, np.zeros(300)))  # a seed only one has
     tidy = evaluate.tidy(results)
     assert list(tidy.columns) == evaluate.COLUMNS and len(tidy) == 7
     summary = evaluate.summary(results, n_boot=200)
-    assert dict(zip(summary["model"], summary["seeds"], strict=True)) == {"e2": 4,
-                                                                           "e4-uncurl-d2": 3}
+    assert dict(zip(summary["model"], summary["seeds"], strict=True)) == {
+        "e2": 4,
+        "e4-uncurl-d2": 3,
+    }
     (row,) = evaluate.comparisons(results, n_boot=200).to_dict("records")
     assert row["reference"] == "e2" and row["verdict"] == "+" and row["seeds"] == 3
     ones = evaluate.score_matrix(results, "e2", "t", seeds=[7, 0])
@@ -186,8 +229,18 @@ def test_tables_pair_each_reduced_model_with_its_from_scratch_size():
 
 def test_commands_name_the_fix(smoke_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        finetune.main(["--checkpoint", str(smoke_ckpt), "--task", "sst2", "--out", str(tmp_path),
-                       "--profile", "smoke"])
+        finetune.main(
+            [
+                "--checkpoint",
+                str(smoke_ckpt),
+                "--task",
+                "sst2",
+                "--out",
+                str(tmp_path),
+                "--profile",
+                "smoke",
+            ]
+        )
     assert "registered tasks" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--runs", str(tmp_path)])

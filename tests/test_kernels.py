@@ -8,8 +8,9 @@ from uncurl.config import get_profile
 from uncurl.model import MoE, kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the grouped product's condition
-needs_kernels = pytest.mark.skipif(kernels.backend() != "avx2 kernel",
-                                   reason="needs x86-64 with AVX2/FMA and a C compiler")
+needs_kernels = pytest.mark.skipif(
+    kernels.backend() != "avx2 kernel", reason="needs x86-64 with AVX2/FMA and a C compiler"
+)
 # rows per expert: empty experts, fewer rows than a register tile (6), and ragged remainders
 SIZES = [5, 0, 13, 7, 1, 40, 300, 0]
 # (K, N): a panel (16 columns) exactly, ragged columns, and K past one depth pass (256)
@@ -48,8 +49,11 @@ def test_expert_mm_matches_one_product_per_expert(k, n):
     torch.manual_seed(0)
     a, b = torch.randn(sum(SIZES), k), torch.randn(len(SIZES), k, n)
     bias = torch.randn(len(SIZES), n)
-    for args in [(a, b, SIZES, bias), (a, b, SIZES),
-                 (a.t().contiguous().t(), b.transpose(1, 2).contiguous().transpose(1, 2), SIZES)]:
+    for args in [
+        (a, b, SIZES, bias),
+        (a, b, SIZES),
+        (a.t().contiguous().t(), b.transpose(1, 2).contiguous().transpose(1, 2), SIZES),
+    ]:
         out, ref = _both(kernels.expert_mm, *args)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
@@ -81,8 +85,8 @@ def test_softmax_topk_matches_torch_and_its_gradient(k):
     ref_gates, ref_experts = logits.softmax(-1).topk(k, dim=-1)
     assert torch.equal(experts, ref_experts)
     torch.testing.assert_close(gates, ref_gates, rtol=0, atol=0)
-    grad, = torch.autograd.grad((gates * weights).sum(), logits)
-    ref, = torch.autograd.grad((ref_gates * weights).sum(), logits)
+    (grad,) = torch.autograd.grad((gates * weights).sum(), logits)
+    (ref,) = torch.autograd.grad((ref_gates * weights).sum(), logits)
     torch.testing.assert_close(grad, ref)
 
 
@@ -128,13 +132,16 @@ def test_moe_layer_on_kernels_matches_torch():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("call", [
-    lambda a, b: kernels.expert_mm(a, b, [2, 3]),  # rows do not add up
-    lambda a, b: kernels.expert_mm(a, b, [2, 2, 0]),  # one expert too many
-    lambda a, b: kernels.expert_mm(a, b.transpose(1, 2), [2, 2]),  # inner dimensions differ
-    lambda a, b: kernels.expert_mm(a, b, [2, 2], torch.zeros(2, 3)),  # bias of the wrong width
-    lambda a, b: kernels.expert_outer(a, a[:3], [2, 2]),  # rows of a and b differ
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a, b: kernels.expert_mm(a, b, [2, 3]),  # rows do not add up
+        lambda a, b: kernels.expert_mm(a, b, [2, 2, 0]),  # one expert too many
+        lambda a, b: kernels.expert_mm(a, b.transpose(1, 2), [2, 2]),  # inner dimensions differ
+        lambda a, b: kernels.expert_mm(a, b, [2, 2], torch.zeros(2, 3)),  # bias of the wrong width
+        lambda a, b: kernels.expert_outer(a, a[:3], [2, 2]),  # rows of a and b differ
+    ],
+)
 def test_mismatched_shapes_are_refused_before_the_kernel_runs(call):
     a, b = torch.randn(4, 3), torch.randn(2, 3, 5)
     with pytest.raises(ValueError):

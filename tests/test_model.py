@@ -141,12 +141,11 @@ def test_parameter_count_matches_modules(n_expert):
     assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize(
-    "n_expert,billions", [(8, 1.05), (32, 3.4), (64, 6.7), (128, 13.0)]
-)
+@pytest.mark.parametrize("n_expert,billions", [(8, 1.05), (32, 3.4), (64, 6.7), (128, 13.0)])
 def test_paper_model_sizes(n_expert, billions):
-    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024,
-                      n_expert=n_expert)
+    cfg = ModelConfig(
+        vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024, n_expert=n_expert
+    )
     total = count_parameters(cfg)["total"]
     assert abs(total / 1e9 - billions) / billions < 0.03
     assert abs(count_parameters(cfg)["active"] / 1e6 - 354) / 354 < 0.03
@@ -172,7 +171,9 @@ def test_grouped_mlp_backward_matches_numerical_gradients():
         torch.randn(s, dtype=torch.double, requires_grad=True) for s in shapes
     )
     sizes = [2, 0, 5]  # an expert with no tokens must get zero gradient, not garbage
-    assert gradcheck(lambda *t: GroupedMLP.apply(t[0], sizes, *t[1:]),
-                     (xs, w_fc, b_fc, w_proj, b_proj))
-    assert gradcheck(lambda x, a, c: GroupedMLP.apply(x, sizes, a, None, c, None),
-                     (xs, w_fc, w_proj))
+    assert gradcheck(
+        lambda *t: GroupedMLP.apply(t[0], sizes, *t[1:]), (xs, w_fc, b_fc, w_proj, b_proj)
+    )
+    assert gradcheck(
+        lambda x, a, c: GroupedMLP.apply(x, sizes, a, None, c, None), (xs, w_fc, w_proj)
+    )

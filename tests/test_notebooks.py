@@ -31,17 +31,43 @@ GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\} (\S+)")
 PROMISED = {
     "data": ["corpus.csv"],
     "pretrain": [],
-    "pretraining_report": ["models.csv", "curves.csv", "corpus.csv", "loss_curves.png",
-                           "loss_params.png"],
-    "dense_equivalent": ["paper_comparison.csv", "our_ratios.csv", "law.csv",
-                         "paper_dense_equivalent.png", "our_dense_equivalent.png"],
+    "pretraining_report": [
+        "models.csv",
+        "curves.csv",
+        "corpus.csv",
+        "loss_curves.png",
+        "loss_params.png",
+    ],
+    "dense_equivalent": [
+        "paper_comparison.csv",
+        "our_ratios.csv",
+        "law.csv",
+        "paper_dense_equivalent.png",
+        "our_dense_equivalent.png",
+    ],
     "premise_sweep": ["gaps.csv", "premise_sweep.png"],
     "finetune": ["summary.csv"],
-    "tasks_report": ["results.csv", "summary.csv", "comparisons.csv", "tasks.csv",
-                     "from_scratch.csv", "tasks.png"],
-    "inference_cost": ["models.csv", "layer.csv", "forward.csv", "exchanges.csv", "fit.csv",
-                       "paper_fig4.csv", "bench.json", "loss_latency.png", "a2a_compute.png",
-                       "latency_procs.png", "cost_model.png"],
+    "tasks_report": [
+        "results.csv",
+        "summary.csv",
+        "comparisons.csv",
+        "tasks.csv",
+        "from_scratch.csv",
+        "tasks.png",
+    ],
+    "inference_cost": [
+        "models.csv",
+        "layer.csv",
+        "forward.csv",
+        "exchanges.csv",
+        "fit.csv",
+        "paper_fig4.csv",
+        "bench.json",
+        "loss_latency.png",
+        "a2a_compute.png",
+        "latency_procs.png",
+        "cost_model.png",
+    ],
 }
 
 
@@ -60,8 +86,9 @@ def test_notebook_is_thin_and_committed_without_outputs(path, tmp_path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
-            assert not re.search(r"^\s*(async\s+)?(def|class)\s", cell.source, re.M), \
+            assert not re.search(r"^\s*(async\s+)?(def|class)\s", cell.source, re.M), (
                 "no functions or classes in a notebook: they belong in uncurl/"
+            )
     assert [c for c in rest if c.cell_type == "code"], "a notebook calls the library"
 
 
@@ -76,6 +103,7 @@ def test_every_notebook_is_a_step_and_every_chapter_is_in_the_book():
 
 # ------------------------------------------------------------------------ the smoke study
 
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The study at the smoke profile, executed and rendered once, in temporary folders."""
@@ -83,11 +111,16 @@ def smoke(tmp_path_factory):
     sweep = root / "premise_sweep.csv"
     standin_sweep().to_csv(sweep, index=False)  # made up, for the test only
     profile = get_profile("smoke")
-    args = dict(profile=profile, build=root / "build" / "smoke", runs_dir=root / "runs",
-                overrides={"sweep_csv": str(sweep)})
+    args = dict(
+        profile=profile,
+        build=root / "build" / "smoke",
+        runs_dir=root / "runs",
+        overrides={"sweep_csv": str(sweep)},
+    )
     outcome = study.run_study(jobs=2, **args)
-    runs = study.plan(profile, study.load_steps(), args["build"], args["runs_dir"],
-                      args["overrides"])
+    runs = study.plan(
+        profile, study.load_steps(), args["build"], args["runs_dir"], args["overrides"]
+    )
     index = study.build_book(runs, args["build"], root / "html")
     return {"root": root, "args": args, "outcome": outcome, "runs": runs, "index": index}
 
@@ -99,8 +132,9 @@ def test_every_run_executed(smoke):
 def test_every_notebook_writes_what_it_promises(smoke):
     for run in smoke["runs"]:
         nb = json.loads(run.executed.read_text())
-        errors = [o for c in nb["cells"] for o in c.get("outputs", [])
-                  if o["output_type"] == "error"]
+        errors = [
+            o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"
+        ]
         assert not errors, f"{run.label}: {errors}"
         record = json.loads((run.out / "results.json").read_text())
         assert record["parameters"]["profile"] == "smoke"
@@ -115,8 +149,12 @@ def test_every_notebook_writes_what_it_promises(smoke):
 
 
 def glued(nb: dict) -> set[str]:
-    return {o["metadata"]["scrapbook"]["name"] for c in nb["cells"] for o in c.get("outputs", [])
-            if "scrapbook" in o.get("metadata", {})}
+    return {
+        o["metadata"]["scrapbook"]["name"]
+        for c in nb["cells"]
+        for o in c.get("outputs", [])
+        if "scrapbook" in o.get("metadata", {})
+    }
 
 
 def referenced(markdown: str) -> set[str]:
@@ -129,8 +167,9 @@ def test_every_number_in_the_prose_is_glued(smoke):
     for run in smoke["runs"]:
         if run.step.chapter:
             nb = json.loads(run.executed.read_text())
-            prose = "\n".join("".join(c["source"]) for c in nb["cells"]
-                              if c["cell_type"] == "markdown")
+            prose = "\n".join(
+                "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
+            )
             missing = referenced(prose) - glued(nb)
             assert not missing, f"{run.step.chapter} pastes keys it never glues: {missing}"
     intro = (ROOT / "book/intro.md").read_text()

@@ -31,14 +31,14 @@ ALLOWED = (
 # glue or math should carry them). Strict: a fixed notebook fails here until it leaves this list.
 KNOWN = {
     "notebooks/02_pretraining_report.py": "the paper's backbone size, expert range and token "
-                                             "count are typed (cells 0 and 9)",
+    "count are typed (cells 0 and 9)",
     "notebooks/03_dense_equivalent.py": "the paper's backbone size is typed (cells 0 and 14)",
     "notebooks/05_inference_cost.py": "the paper's setups (backbones, batches, parallelism), "
-                                         "link speeds, 1/P and a block size are typed",
+    "link speeds, 1/P and a block size are typed",
     "notebooks/06_tasks_report.py": "the interval level, the paper's tokens and backbone size "
-                                       "and the window length are typed",
+    "and the window length are typed",
     "notebooks/A1_premise_sweep.py": "initialisation scales, 1/E, step and expert counts are "
-                                        "typed (cell 8)",
+    "typed (cell 8)",
 }
 
 
@@ -66,8 +66,11 @@ def strip_blocks(text: str) -> list[str]:
             options = directive
             out.append("")
             continue
-        if fence is not None and line.strip() == fence[0] * len(line.strip()) \
-                and len(line.strip()) >= len(fence):
+        if (
+            fence is not None
+            and line.strip() == fence[0] * len(line.strip())
+            and len(line.strip()) >= len(fence)
+        ):
             fence = None
             out.append("")
             continue
@@ -79,37 +82,47 @@ def strip_blocks(text: str) -> list[str]:
     return out
 
 
-INLINE = [re.compile(p, re.DOTALL) for p in (
-    r"<!--.*?-->",  # comments
-    r"\$\$.*?\$\$",  # display math
-    r"\$(?:[^$\n]|\n(?![ \t]*\n))+?\$",  # inline math, within one paragraph
-    r"\{[\w:.-]+\}`[^`]*`",  # roles: {glue:text}`key:fmt`, {math}`x`, {numref}`fig-x`
-    r"(`+)(?:(?!\1).)+?\1",  # code spans
-    r"\{\{[^}]*\}\}",  # substitutions
-    r"\]\([^)\s]*\)",  # a link's target (its text stays prose)
-    r"<https?://[^>]+>|https?://\S+",  # URLs
-)]
-LINE = [re.compile(p) for p in (
-    r"^\([\w-]+\)=\s*$",  # a target label, (fig-x)=
-    r"^\s*\d+[.)]\s",  # numbered list items
-    r"\[\^[\w-]+\]",  # footnote references
-)]
+INLINE = [
+    re.compile(p, re.DOTALL)
+    for p in (
+        r"<!--.*?-->",  # comments
+        r"\$\$.*?\$\$",  # display math
+        r"\$(?:[^$\n]|\n(?![ \t]*\n))+?\$",  # inline math, within one paragraph
+        r"\{[\w:.-]+\}`[^`]*`",  # roles: {glue:text}`key:fmt`, {math}`x`, {numref}`fig-x`
+        r"(`+)(?:(?!\1).)+?\1",  # code spans
+        r"\{\{[^}]*\}\}",  # substitutions
+        r"\]\([^)\s]*\)",  # a link's target (its text stays prose)
+        r"<https?://[^>]+>|https?://\S+",  # URLs
+    )
+]
+LINE = [
+    re.compile(p)
+    for p in (
+        r"^\([\w-]+\)=\s*$",  # a target label, (fig-x)=
+        r"^\s*\d+[.)]\s",  # numbered list items
+        r"\[\^[\w-]+\]",  # footnote references
+    )
+]
 YEAR = r"(?:19|20)\d\d[a-z]?"
 NAME = r"(?!(?:In|On|At|By|From|Since|Until|The)\b)[A-Z][\w'\u2019-]+"  # not "In 2024"
 _ = r"\s+"  # a space, or a line break where the prose wraps
-CITATION = [re.compile(p) for p in (
-    # Sarkar et al. 2024, Sarkar et al. (2024), Sarkar et al., 2024, Clark and Smith 2023,
-    # Karypis (2024), Chen et al. (2024, Fig. 2b) (the figure reference is stripped below)
-    rf"{NAME}(?:{_}et{_}al\.|{_}and{_}{NAME})?,?{_}\(?{YEAR}(?=[)\s,.;:]|$)\)?",
-    rf"\({NAME}(?:{_}et{_}al\.|{_}and{_}{NAME})?,{_}{YEAR}\)",  # (Sarkar et al., 2024)
-    rf"\(\s*{YEAR}\s*[,)]",  # (2022) or (2024, section 5) after a name on the line before
-    rf"arXiv(?::|{_})\s*\d{{4}}\.\d{{4,5}}(?:v\d+)?",  # arXiv:2409.01483, arXiv 2409.01483
-    rf"PMLR{_}\d+(?::\d+(?:[-\u2013]\d+)?)?",  # PMLR 262:165-181
-)]
+CITATION = [
+    re.compile(p)
+    for p in (
+        # Sarkar et al. 2024, Sarkar et al. (2024), Sarkar et al., 2024, Clark and Smith 2023,
+        # Karypis (2024), Chen et al. (2024, Fig. 2b) (the figure reference is stripped below)
+        rf"{NAME}(?:{_}et{_}al\.|{_}and{_}{NAME})?,?{_}\(?{YEAR}(?=[)\s,.;:]|$)\)?",
+        rf"\({NAME}(?:{_}et{_}al\.|{_}and{_}{NAME})?,{_}{YEAR}\)",  # (Sarkar et al., 2024)
+        rf"\(\s*{YEAR}\s*[,)]",  # (2022) or (2024, section 5) after a name on the line before
+        rf"arXiv(?::|{_})\s*\d{{4}}\.\d{{4,5}}(?:v\d+)?",  # arXiv:2409.01483, arXiv 2409.01483
+        rf"PMLR{_}\d+(?::\d+(?:[-\u2013]\d+)?)?",  # PMLR 262:165-181
+    )
+]
 _NUMBER = r"[A-Z]?\d+(?:\.\d+)*[a-z]?"
 REFERENCE = re.compile(  # Fig. 2a, Figure 3, Table 1, Tables 1 and 3, Algorithm 1, section 5.1
     r"\b(?:Fig(?:ure)?s?\.?|Tables?|Algorithms?|[Ss]ections?|Eq(?:uation)?s?\.?|Appendix)"
-    rf"{_}{_NUMBER}(?:(?:,\s*|{_}and{_}|\s*[-\u2013]\s*){_NUMBER})*")
+    rf"{_}{_NUMBER}(?:(?:,\s*|{_}and{_}|\s*[-\u2013]\s*){_NUMBER})*"
+)
 WORDS = re.compile(r"(?<![\w-])(?:" + "|".join(map(re.escape, ALLOWED)) + r")(?![\w-])")
 
 
@@ -127,14 +140,17 @@ def prose_lines(text: str) -> list[str]:
 def front_matter(text: str) -> str:
     """A page's YAML front matter blanked (it configures the page; it is not prose)."""
     m = re.match(r"---\n.*?\n---\n", text, re.DOTALL)
-    return text if not m else _blank(m) + text[m.end():]
+    return text if not m else _blank(m) + text[m.end() :]
 
 
 def typed_numbers(text: str) -> list[tuple[int, str]]:
     """(line number, original line) of every line whose prose still holds a digit."""
     original = text.split("\n")
-    return [(i + 1, original[i].strip()) for i, line in enumerate(prose_lines(front_matter(text)))
-            if re.search(r"\d", line)]
+    return [
+        (i + 1, original[i].strip())
+        for i, line in enumerate(prose_lines(front_matter(text)))
+        if re.search(r"\d", line)
+    ]
 
 
 def sources(path: Path) -> list[tuple[str, str]]:
@@ -147,8 +163,11 @@ def sources(path: Path) -> list[tuple[str, str]]:
 
 def offences(path: Path) -> list[str]:
     rel = path.relative_to(ROOT)
-    return [f"{rel}: {where}line {n}: {line}" for where, text in sources(path)
-            for n, line in typed_numbers(text)]
+    return [
+        f"{rel}: {where}line {n}: {line}"
+        for where, text in sources(path)
+        for n, line in typed_numbers(text)
+    ]
 
 
 def _param(path: Path):
@@ -160,37 +179,44 @@ def _param(path: Path):
 @pytest.mark.parametrize("path", [_param(p) for p in PAGES + NOTEBOOKS])
 def test_no_number_is_typed_in_prose(path):
     found = offences(path)
-    assert not found, "numbers typed by hand (glue them, or put them in math or code):\n" + \
-        "\n".join(found)
+    assert not found, (
+        "numbers typed by hand (glue them, or put them in math or code):\n" + "\n".join(found)
+    )
 
 
 def test_the_sources_are_found():
     assert ROOT / "book/intro.md" in PAGES and NOTEBOOKS
 
 
-@pytest.mark.parametrize("text", [
-    "Sarkar et al. 2024 reduce Z to D experts; see Table 1 and Fig. 2a.",
-    "Use `capacity_factor = 1.2` and $\\alpha = 0.01$, as Fedus et al. (2022) do.",
-    "A GPT-2 decoder, top-1 routing, All2All (arXiv:2409.01483, PMLR 262:165-181).",
-    "{glue:text}`pretraining.ipynb::n_models:d` models ([link](https://x.org/a1)).",
-    "```{glue:figure} fig_1\n:name: fig-2\n\nA caption with math $x_2$.\n```",
-    "```python\nx = 3\n```",
-    "1. A numbered list item\n2. and its second item",
-    "$$\nL = 2\n$$",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sarkar et al. 2024 reduce Z to D experts; see Table 1 and Fig. 2a.",
+        "Use `capacity_factor = 1.2` and $\\alpha = 0.01$, as Fedus et al. (2022) do.",
+        "A GPT-2 decoder, top-1 routing, All2All (arXiv:2409.01483, PMLR 262:165-181).",
+        "{glue:text}`pretraining.ipynb::n_models:d` models ([link](https://x.org/a1)).",
+        "```{glue:figure} fig_1\n:name: fig-2\n\nA caption with math $x_2$.\n```",
+        "```python\nx = 3\n```",
+        "1. A numbered list item\n2. and its second item",
+        "$$\nL = 2\n$$",
+    ],
+)
 def test_what_is_not_a_typed_number(text):
     assert typed_numbers(text) == []
 
 
-@pytest.mark.parametrize("text, line", [
-    ("Pretraining takes 20 minutes.", 1),
-    ("A heading\n\n## Step 1", 3),
-    ("```{note}\nThe body of a note is prose: 8 experts.\n```", 2),
-    ("```{glue:figure} fig\n:name: fig-x\n\nA caption with 95% intervals.\n```", 4),
-    ("Reduced from 32 to 8 experts (Sarkar et al. 2024).", 1),
-    ("Trained in 2024 on GPUs.", 1),
-    ("In 2024 it was trained.", 1),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("Pretraining takes 20 minutes.", 1),
+        ("A heading\n\n## Step 1", 3),
+        ("```{note}\nThe body of a note is prose: 8 experts.\n```", 2),
+        ("```{glue:figure} fig\n:name: fig-x\n\nA caption with 95% intervals.\n```", 4),
+        ("Reduced from 32 to 8 experts (Sarkar et al. 2024).", 1),
+        ("Trained in 2024 on GPUs.", 1),
+        ("In 2024 it was trained.", 1),
+    ],
+)
 def test_a_typed_number_is_found(text, line):
     assert [n for n, _ in typed_numbers(text)] == [line]
 
@@ -200,5 +226,6 @@ def test_a_page_with_a_digit_fails(tmp_path, monkeypatch):
     page = tmp_path / "book" / "page.md"
     page.parent.mkdir()
     page.write_text("# A page\n\nIt has `code 1` and $x = 2$ but also 3 experts.\n")
-    assert offences(page) == ["book/page.md: line 3: It has `code 1` and $x = 2$ but also 3 "
-                              "experts."]
+    assert offences(page) == [
+        "book/page.md: line 3: It has `code 1` and $x = 2$ but also 3 experts."
+    ]

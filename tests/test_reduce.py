@@ -34,8 +34,17 @@ def tiny(n_expert=8, top_k=1, seed=0, **kw) -> GPT:
     """A 4-layer model (MoE layers 0 and 2), dropless, with decisive routing."""
     torch.manual_seed(seed)
     kw = {"eval_capacity_factor": None, "router_init_std": 0.5, **kw}
-    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=16, d_ff=32,
-                      n_expert=n_expert, top_k=top_k, **kw)
+    cfg = ModelConfig(
+        vocab_size=64,
+        block_size=16,
+        n_layer=4,
+        n_head=2,
+        n_embd=16,
+        d_ff=32,
+        n_expert=n_expert,
+        top_k=top_k,
+        **kw,
+    )
     return GPT(cfg).eval()
 
 
@@ -54,8 +63,7 @@ def layer_io(model, batches):
             mask = b.mask.reshape(-1)
             routing = model(b.idx, return_routing=True, dropless=True).routing
             for part, r in zip(parts, routing, strict=True):
-                part.append([t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts,
-                                               r.gates)])
+                part.append([t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts, r.gates)])
     return [[torch.cat(t) for t in zip(*part, strict=True)] for part in parts]
 
 
@@ -77,10 +85,13 @@ def test_routing_carries_each_layers_input_and_gated_expert_output():
         assert len(routing) == 2
         for moe, r in zip(model.moe_blocks, routing, strict=True):
             assert r.inputs.shape == r.outputs.shape == (b.idx.numel(), 16)
-            expected = sum(r.gates[:, [j]] * torch.stack([moe.expert(int(e), x) for e, x in
-                                                           zip(r.experts[:, j], r.inputs,
-                                                               strict=True)])
-                           for j in range(2))
+            expected = sum(
+                r.gates[:, [j]]
+                * torch.stack(
+                    [moe.expert(int(e), x) for e, x in zip(r.experts[:, j], r.inputs, strict=True)]
+                )
+                for j in range(2)
+            )
             torch.testing.assert_close(r.outputs, expected)
 
 
@@ -110,11 +121,13 @@ def test_reap_score_is_mean_gate_times_output_norm_over_routed_tokens():
     model, batches = tiny(n_expert=6), task()
     stats = collect_stats(model, batches, needs=("reap",))
     plan = make_plan(stats, "reap", 3)
-    for st, layer, (_, y, _, experts, _) in zip(stats, plan["layers"], layer_io(model, batches),
-                                                strict=True):
+    for st, layer, (_, y, _, experts, _) in zip(
+        stats, plan["layers"], layer_io(model, batches), strict=True
+    ):
         norms = y.norm(dim=-1).double()
-        expected = [norms[experts[:, 0] == e].mean().item() if st.counts[e] else 0.0
-                    for e in range(6)]
+        expected = [
+            norms[experts[:, 0] == e].mean().item() if st.counts[e] else 0.0 for e in range(6)
+        ]
         np.testing.assert_allclose(st.reap_score(), expected, rtol=1e-5)
         kept = [g["members"][0] for g in layer["groups"]]
         assert kept == sorted(np.argsort(-np.array(expected), kind="stable")[:3].tolist())
@@ -141,10 +154,19 @@ def test_naee_picks_the_subset_whose_pruned_layer_output_is_closest(top_k):
 
 
 def _plan_of(groups_per_layer, stats, method="test") -> dict:
-    return {"method": method, "seed": 0, "target_n_expert": [len(g) for g in groups_per_layer],
-            "layers": [{"layer": st.layer, "source_n_expert": st.n_expert,
-                        "groups": [make_group(m, st.counts) for m in groups]}
-                       for st, groups in zip(stats, groups_per_layer, strict=True)]}
+    return {
+        "method": method,
+        "seed": 0,
+        "target_n_expert": [len(g) for g in groups_per_layer],
+        "layers": [
+            {
+                "layer": st.layer,
+                "source_n_expert": st.n_expert,
+                "groups": [make_group(m, st.counts) for m in groups],
+            }
+            for st, groups in zip(stats, groups_per_layer, strict=True)
+        ],
+    }
 
 
 # planning
@@ -182,8 +204,11 @@ def test_freq_merge_joins_each_expert_to_its_most_similar_centre():
 
 def test_mcsmoe_chooses_dominant_experts_globally_and_averages_d_per_layer():
     # layer 0 concentrated on two experts, layer 1 spread, layer 2 in between
-    layers = [crafted([50, 40, 5, 3, 2, 0], layer=0), crafted([17, 17, 17, 17, 16, 16], layer=2),
-              crafted([30, 30, 20, 10, 5, 5], layer=4)]
+    layers = [
+        crafted([50, 40, 5, 3, 2, 0], layer=0),
+        crafted([17, 17, 17, 17, 16, 16], layer=2),
+        crafted([30, 30, 20, 10, 5, 5], layer=4),
+    ]
     plan = make_plan(layers, "mcsmoe", 3)
     assert np.mean(plan["target_n_expert"]) == 3
     # the globally most frequent 9 (layer, expert) pairs
@@ -193,8 +218,10 @@ def test_mcsmoe_chooses_dominant_experts_globally_and_averages_d_per_layer():
 
 
 def test_mcsmoe_keeps_top_k_experts_in_every_layer():
-    layers = [crafted([100, 0, 0, 0], top_k=2, layer=0),
-              crafted([30, 30, 20, 20], top_k=2, layer=2)]
+    layers = [
+        crafted([100, 0, 0, 0], top_k=2, layer=0),
+        crafted([30, 30, 20, 20], top_k=2, layer=2),
+    ]
     plan = make_plan(layers, "mcsmoe", 2)
     assert min(plan["target_n_expert"]) >= 2 and np.mean(plan["target_n_expert"]) == 2
 
@@ -261,12 +288,14 @@ def test_uncurl_recovers_planted_groups_and_gives_exactly_d_experts(top_k):
     # each merged expert computes what its group's members compute (they are near-copies)
     x = torch.randn(10, 16)
     with torch.no_grad():
-        for old, new, layer in zip(model.moe_blocks, reduced.moe_blocks,
-                                   record["plan"]["layers"], strict=True):
+        for old, new, layer in zip(
+            model.moe_blocks, reduced.moe_blocks, record["plan"]["layers"], strict=True
+        ):
             for i, group in enumerate(layer["groups"]):
                 for m in group["members"]:
-                    torch.testing.assert_close(new.expert(i, x),
-                                               old.expert(m, x), atol=2e-2, rtol=0)
+                    torch.testing.assert_close(
+                        new.expert(i, x), old.expert(m, x), atol=2e-2, rtol=0
+                    )
 
 
 def test_uncurl_clusters_as_sklearn_spectral_clustering_with_precomputed_affinity():
@@ -276,7 +305,8 @@ def test_uncurl_clusters_as_sklearn_spectral_clustering_with_precomputed_affinit
         plan = make_plan(stats, "uncurl", d, seed=3)
         for st, layer in zip(stats, plan["layers"], strict=True):
             labels = SpectralClustering(d, affinity="precomputed", random_state=3).fit_predict(
-                st.similarity())
+                st.similarity()
+            )
             expected = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
             assert partition(g["members"] for g in layer["groups"]) == partition(expected)
 
@@ -288,7 +318,8 @@ def test_uncurl_gives_exactly_d_groups_even_when_experts_coincide():
         plan = make_plan([st], "uncurl", d)
         assert plan["target_n_expert"] == [d]
         assert sorted(m for g in plan["layers"][0]["groups"] for m in g["members"]) == list(
-            range(8))
+            range(8)
+        )
 
 
 def test_frequency_weights_sum_to_one_uniform_when_unused_anchor_most_selected():
@@ -305,10 +336,15 @@ def test_frequency_weights_sum_to_one_uniform_when_unused_anchor_most_selected()
                 assert sum(g["weights"]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("method", "d", "error"), [
-    ("uncurl", 8, "choose D < 8"), ("greedy", 9, "choose D < 8"), ("uncurl", 0, "too small"),
-    ("kmeans", 4, "unknown method"),
-])
+@pytest.mark.parametrize(
+    ("method", "d", "error"),
+    [
+        ("uncurl", 8, "choose D < 8"),
+        ("greedy", 9, "choose D < 8"),
+        ("uncurl", 0, "too small"),
+        ("kmeans", 4, "unknown method"),
+    ],
+)
 def test_bad_requests_are_named(method, d, error):
     with pytest.raises(ValueError, match=error):
         reduce_model(tiny(), task(), method, d)
@@ -392,16 +428,19 @@ def test_router_keep_merge_reinit():
     rows = [m.router.weight for m in model.moe_blocks]
     keep = apply_plan(model, plan, "keep")
     merge = apply_plan(model, plan, "merge")
-    reinit, again = apply_plan(model, plan, "reinit", seed=1), apply_plan(model, plan, "reinit",
-                                                                          seed=1)
+    reinit, again = (
+        apply_plan(model, plan, "reinit", seed=1),
+        apply_plan(model, plan, "reinit", seed=1),
+    )
     for li, layer in enumerate(plan["layers"]):
         for i, g in enumerate(layer["groups"]):
             torch.testing.assert_close(keep.moe_blocks[li].router.weight[i], rows[li][g["anchor"]])
             mixed = sum(w * rows[li][m] for w, m in zip(g["weights"], g["members"], strict=True))
             torch.testing.assert_close(merge.moe_blocks[li].router.weight[i], mixed)
     fresh = [m.router.weight for m in reinit.moe_blocks]
-    assert all(torch.equal(f, m.router.weight) for f, m in zip(fresh, again.moe_blocks,
-                                                              strict=True))
+    assert all(
+        torch.equal(f, m.router.weight) for f, m in zip(fresh, again.moe_blocks, strict=True)
+    )
     assert fresh[0].shape == (3, 16) and fresh[1].shape == (2, 16)
     assert not torch.allclose(fresh[0], keep.moe_blocks[0].router.weight)
 

@@ -62,12 +62,28 @@ def reviews(monkeypatch, tmp_path_factory) -> tasks.Task:
 
 
 def reduce(checkpoint, out, method="uncurl", d=2, task_data="drama", *extra):
-    main(["--checkpoint", str(checkpoint), "--method", method, "--target-n-expert", str(d),
-          "--task-data", str(task_data), "--out", str(out), "--max-tokens", "1024", *extra])
+    main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--method",
+            method,
+            "--target-n-expert",
+            str(d),
+            "--task-data",
+            str(task_data),
+            "--out",
+            str(out),
+            "--max-tokens",
+            "1024",
+            *extra,
+        ]
+    )
 
 
-def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(tmp_path, checkpoints,
-                                                                      smoke_data):
+def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(
+    tmp_path, checkpoints, smoke_data
+):
     out = tmp_path / "reduced"
     reduce(checkpoints["e4"], out, "uncurl", 2, f"{smoke_data}:drama", "--router-warmup-steps", "2")
     model = load_model(out)
@@ -85,8 +101,9 @@ def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(tmp_path, c
     assert len(record["router_warmup"]["losses"]) == 2
 
 
-@pytest.mark.parametrize("method", ["greedy", "freq-merge", "mcsmoe", "random", "reap", "naee",
-                                    "hcsmoe"])
+@pytest.mark.parametrize(
+    "method", ["greedy", "freq-merge", "mcsmoe", "random", "reap", "naee", "hcsmoe"]
+)
 def test_every_method_reduces_a_top_2_model_from_text_files(tmp_path, checkpoints, method):
     out = tmp_path / method
     reduce(checkpoints["e4k2"], out, method, 2, DRAMA_TXT)
@@ -94,19 +111,23 @@ def test_every_method_reduces_a_top_2_model_from_text_files(tmp_path, checkpoint
     assert model.cfg.top_k == 2 and np.mean([m.n_expert for m in model.moe_blocks]) == 2
 
 
-@pytest.mark.parametrize(("which", "method", "d", "task_data", "message"), [
-    ("dense", "greedy", 1, "smoke:drama", "dense model"),
-    ("e4", "uncurl", 4, "smoke:drama", "choose D < 4"),
-    ("e4", "uncurl", 0, "smoke:drama", "too small"),
-    ("e4", "kmeans", 2, "smoke:drama", "unknown method 'kmeans'"),
-    ("other-tokenizer", "uncurl", 2, "smoke:drama", "different tokenizer"),
-    ("no-tokenizer", "uncurl", 2, DRAMA_TXT, "needs the model's tokenizer"),
-    ("e4", "uncurl", 2, "smoke:poetry", "no domain 'poetry'"),
-    ("e4", "uncurl", 2, "no/such/data", "neither a registered task"),
-    ("small-vocab", "uncurl", 2, "reviews", "beyond the model's vocabulary of 64"),
-])
-def test_bad_input_is_named_and_nothing_is_written(tmp_path, checkpoints, smoke_data, capsys,
-                                                   reviews, which, method, d, task_data, message):
+@pytest.mark.parametrize(
+    ("which", "method", "d", "task_data", "message"),
+    [
+        ("dense", "greedy", 1, "smoke:drama", "dense model"),
+        ("e4", "uncurl", 4, "smoke:drama", "choose D < 4"),
+        ("e4", "uncurl", 0, "smoke:drama", "too small"),
+        ("e4", "kmeans", 2, "smoke:drama", "unknown method 'kmeans'"),
+        ("other-tokenizer", "uncurl", 2, "smoke:drama", "different tokenizer"),
+        ("no-tokenizer", "uncurl", 2, DRAMA_TXT, "needs the model's tokenizer"),
+        ("e4", "uncurl", 2, "smoke:poetry", "no domain 'poetry'"),
+        ("e4", "uncurl", 2, "no/such/data", "neither a registered task"),
+        ("small-vocab", "uncurl", 2, "reviews", "beyond the model's vocabulary of 64"),
+    ],
+)
+def test_bad_input_is_named_and_nothing_is_written(
+    tmp_path, checkpoints, smoke_data, capsys, reviews, which, method, d, task_data, message
+):
     task_data = str(task_data).replace("smoke", str(smoke_data))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
@@ -115,8 +136,7 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, checkpoints, smoke_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_data,
-                                                  monkeypatch):
+def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_data, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
@@ -126,8 +146,9 @@ def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_d
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_existing_folder_is_replaced_only_if_it_is_an_earlier_reduction(tmp_path, checkpoints,
-                                                                           smoke_data, capsys):
+def test_an_existing_folder_is_replaced_only_if_it_is_an_earlier_reduction(
+    tmp_path, checkpoints, smoke_data, capsys
+):
     out = tmp_path / "out"
     reduce(checkpoints["e4"], out, "greedy", 3, f"{smoke_data}:drama")
     reduce(checkpoints["e4"], out, "greedy", 2, f"{smoke_data}:drama")
@@ -166,4 +187,5 @@ def test_batches_cover_every_token_once_with_shifted_targets_and_padding_masked(
     capped = make_batches(docs, block_size=16, batch_size=2, max_tokens=10, seed=0)
     assert sum(int(b.mask.sum()) for b in capped) < 40
     assert [b.idx.tolist() for b in make_batches(docs, 16, 2, seed=1)] == [
-        b.idx.tolist() for b in make_batches(docs, 16, 2, seed=1)]
+        b.idx.tolist() for b in make_batches(docs, 16, 2, seed=1)
+    ]

@@ -14,8 +14,13 @@ from uncurl.report import dense_equivalent, paper, premise, pretraining, records
 from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILE = Profile(name="tiny", data={"name": "tiny-data"}, model={"n_embd": 32},
-                  train={"max_steps": 20}, expert_counts=(1, 4, 8))
+PROFILE = Profile(
+    name="tiny",
+    data={"name": "tiny-data"},
+    model={"n_embd": 32},
+    train={"max_steps": 20},
+    expert_counts=(1, 4, 8),
+)
 LOSS = {1: 5.0, 4: 5.1, 8: 5.05}
 
 
@@ -25,13 +30,22 @@ def fake_runs(root: Path, counts=(1, 4, 8), **model_over) -> Path:
         folder = root / PROFILE.name / ("dense" if n == 1 else f"e{n}")
         folder.mkdir(parents=True)
         summary = {
-            "name": folder.name, "step": 20, "tokens": 20 * 256, "val_loss": LOSS[n],
-            "wall_time_s": 10.0 * n, "finished": True,
+            "name": folder.name,
+            "step": 20,
+            "tokens": 20 * 256,
+            "val_loss": LOSS[n],
+            "wall_time_s": 10.0 * n,
+            "finished": True,
             "parameters": {"total": 1000 * (1 + n), "active": 2000},
-            "model": {"n_embd": 32, "n_expert": n, **model_over}, "train": {"max_steps": 20},
+            "model": {"n_embd": 32, "n_expert": n, **model_over},
+            "train": {"max_steps": 20},
             "data_hash": None,
-            "environment": {"git": "abc", "cpus": 2, "torch_threads": 1,
-                            "platform": "Linux-6.1-x86_64"},
+            "environment": {
+                "git": "abc",
+                "cpus": 2,
+                "torch_threads": 1,
+                "platform": "Linux-6.1-x86_64",
+            },
         }
         (folder / "summary.json").write_text(json.dumps(summary))
         lines = [{"step": s, "tokens": s * 256, "loss": 6.0} for s in range(1, 21)]
@@ -71,8 +85,9 @@ def test_figures_have_labelled_axes(tmp_path):
     ]
     fit = fit_fixed_size(models["n_expert"], models["val_loss"])
     ratios = dense_equivalent_from_fit(fit, models["n_expert"], CLARK_S_BASE.dense_exponent)
-    figs.append(dense_equivalent.plot_fixed_size_fit(models, fit, ratios, {1: 1.0, 8: 2.0},
-                                                     CLARK_S_BASE))
+    figs.append(
+        dense_equivalent.plot_fixed_size_fit(models, fit, ratios, {1: 1.0, 8: 2.0}, CLARK_S_BASE)
+    )
     for fig in figs:
         assert isinstance(fig, Figure)
         for ax in fig.axes:
@@ -118,7 +133,8 @@ def test_sweep_gaps_and_headline():
 def test_a_variant_without_dense_run_is_compared_with_the_dense_run_of_its_shape():
     df = standin_sweep()
     router = df[(df["variant"] == "B: small") & (df["n_expert"] == 16)].assign(
-        variant="router init std 0.3", val_loss=4.55)
+        variant="router init std 0.3", val_loss=4.55
+    )
     gaps = premise.sweep_gaps(pd.concat([df, router]))
     row = gaps[gaps["variant"] == "router init std 0.3"].iloc[0]
     assert row["dense_variant"] == "B: small" and row["gap"] == pytest.approx(4.55 - 4.6)
@@ -132,8 +148,10 @@ def test_load_sweep_checks_columns(tmp_path):
         premise.load_sweep(tmp_path / "s.csv")
 
 
-@pytest.mark.skipif(not (ROOT / "data/results/premise_sweep.csv").exists(),
-                    reason="the premise sweep's results are not committed yet")
+@pytest.mark.skipif(
+    not (ROOT / "data/results/premise_sweep.csv").exists(),
+    reason="the premise sweep's results are not committed yet",
+)
 def test_the_committed_sweep_loads_and_summarizes():
     df = premise.load_sweep(ROOT / "data/results/premise_sweep.csv")
     values = premise.sweep_headline(df)
@@ -155,9 +173,14 @@ def test_paper_model_sizes_match_the_paper():
 
 
 def test_write_results_records_provenance(tmp_path):
-    path = records.write_results(tmp_path / "out", {"profile": "tiny"}, started=0.0,
-                                tables={"t": pd.DataFrame({"a": [1]})},
-                                values={"x": np.float64(1.5)}, outputs=[tmp_path / "o.txt"])
+    path = records.write_results(
+        tmp_path / "out",
+        {"profile": "tiny"},
+        started=0.0,
+        tables={"t": pd.DataFrame({"a": [1]})},
+        values={"x": np.float64(1.5)},
+        outputs=[tmp_path / "o.txt"],
+    )
     record = json.loads(path.read_text())
     assert record["parameters"] == {"profile": "tiny"} and record["values"] == {"x": 1.5}
     assert record["tables"] == {"t": "t.csv"} and (tmp_path / "out" / "t.csv").exists()

@@ -37,7 +37,8 @@ def test_effective_parameter_count_matches_published_values():
 def test_a_dense_model_is_worth_exactly_itself():
     assert LAW.effective_params(354e6, 1) == pytest.approx(354e6)
     assert LAW.log_loss(354e6, 1) == pytest.approx(
-        LAW.dense_exponent * np.log10(354e6) + LAW.b * np.log10(LAW.e_start) + LAW.d)
+        LAW.dense_exponent * np.log10(354e6) + LAW.b * np.log10(LAW.e_start) + LAW.d
+    )
 
 
 def test_the_two_readings_of_dense_equivalent_differ_by_the_dense_offset():

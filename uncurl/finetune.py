@@ -30,7 +30,6 @@ from uncurl.model.checkpoint import (
     find_checkpoint,
     load_model,
     load_tokenizer,
-    read_info,
     save_checkpoint,
 )
 from uncurl.provenance import environment
@@ -55,8 +54,7 @@ def task_loss(model, b, kind: str):
     return out.lm_loss * per_example + model.cfg.aux_loss_weight * out.aux_loss
 
 
-def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
-             progress: bool = False) -> dict:
+def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int, progress: bool = False) -> dict:
     """Train `model` in place, ending with the weights of its best held-out evaluation after
     training began (the untrained weights are measured, never chosen: early in fine-tuning the
     held-out loss can rise before it falls)."""
@@ -87,43 +85,40 @@ def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int,
             break
     model.load_state_dict(best["state"])
     model.eval()
-    return {"steps": step, "best_step": best["step"], "best_heldout_loss": best["loss"],
-            "curve": curve}
+    return {
+        "steps": step,
+        "best_step": best["step"],
+        "best_heldout_loss": best["loss"],
+        "curve": curve,
+    }
 
 
 def _best(model, step: int, loss: float) -> dict:
     return {"step": step, "loss": loss, "state": copy.deepcopy(model.state_dict())}
 
 
-def score(model, data: TaskData) -> tuple[dict, list[float]]:
-    """Validation metrics and the per-example scores the bootstrap resamples."""
-    if data.task.kind == "lm":
-        per = evaluate.window_losses(model, data.val)
-        return {"loss": float(per.mean()), "perplexity": float(np.exp(per.mean()))}, per.tolist()
-    per = evaluate.correct(model, data.val)
-    return {"accuracy": float(per.mean()), "majority": data.majority,
-            "chance": data.chance}, per.tolist()
-
-
-def describe(checkpoint) -> dict:
-    """The model's label and kind: from scratch, or reduced from Z to D experts by a method
-    (per-layer counts by their mean)."""
-    info = read_info(checkpoint)
-    target = int(round(float(np.mean(info["model"]["n_expert"]))))
-    red = info.get("reduction")
-    method = layout.SCRATCH if red is None else red["method"]
-    source = target if red is None else int(round(float(np.mean(red["source_n_expert"]))))
-    return {"model": layout.model_label(target, method, source), "source_n_expert": source,
-            "target_n_expert": target, "method": method}
-
-
-def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=None,
-        task_source: str = "", save_model: bool = False, progress: bool = False) -> dict:
+def run(
+    checkpoint,
+    task: str,
+    seed: int,
+    out,
+    cfg: FinetuneConfig,
+    data_dir=None,
+    task_source: str = "",
+    save_model: bool = False,
+    progress: bool = False,
+) -> dict:
     """Fine-tune and score one (checkpoint, task, seed); write out/result.json; return it."""
     out = Path(out)
-    params = {"checkpoint": str(checkpoint), "digest": digest(checkpoint), "task": task,
-              "seed": seed, "finetune": asdict(cfg), "task_source": task_source,
-              "data_dir": str(data_dir) if data_dir else None}
+    params = {
+        "checkpoint": str(checkpoint),
+        "digest": digest(checkpoint),
+        "task": task,
+        "seed": seed,
+        "finetune": asdict(cfg),
+        "task_source": task_source,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
     if (out / evaluate.RESULT).exists():
         done = evaluate.load_results(out)[0]
         if done["params"] == params:
@@ -133,16 +128,30 @@ def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=Non
     model = load_model(checkpoint)
     tok = load_tokenizer(checkpoint)
     data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
-    model_info = describe(checkpoint)
+    model_info = evaluate.describe(checkpoint)
     warmup = _router_warmup(model, model_info, data, cfg, seed)
     trained = finetune(model, data, cfg, seed, progress)
-    metrics, per_example = score(model, data)
-    result = {"model": model_info, "task": task, "kind": data.task.kind, "seed": seed,
-              "metric": data.task.metric, "metrics": metrics, "per_example": per_example,
-              "router_warmup": warmup, "training": trained, "params": params,
-              "sizes": {"train": len(data.train), "heldout": _count(data.heldout),
-                        "val": _count(data.val), "batch": data.batch_size},
-              "wall_s": time.time() - started, "environment": environment()}
+    metrics, per_example = evaluate.score(model, data)
+    result = {
+        "model": model_info,
+        "task": task,
+        "kind": data.task.kind,
+        "seed": seed,
+        "metric": data.task.metric,
+        "metrics": metrics,
+        "per_example": per_example,
+        "router_warmup": warmup,
+        "training": trained,
+        "params": params,
+        "sizes": {
+            "train": len(data.train),
+            "heldout": _count(data.heldout),
+            "val": _count(data.val),
+            "batch": data.batch_size,
+        },
+        "wall_s": time.time() - started,
+        "environment": environment(),
+    }
     out.mkdir(parents=True, exist_ok=True)
     if save_model:
         save_checkpoint(out / "model", model, tok, {"finetune": params})
@@ -150,14 +159,20 @@ def run(checkpoint, task: str, seed: int, out, cfg: FinetuneConfig, data_dir=Non
     return result
 
 
-def _router_warmup(model, model_info: dict, data: TaskData, cfg: FinetuneConfig,
-                   seed: int) -> list[float]:
+def _router_warmup(
+    model, model_info: dict, data: TaskData, cfg: FinetuneConfig, seed: int
+) -> list[float]:
     """Reduced models only: router-only steps on the task's training batches."""
     if model_info["method"] == layout.SCRATCH or cfg.router_warmup_steps == 0:
         return []
     batches = training_batches(data, cfg, seed, model.cfg.block_size)
-    return router_warmup(model, [next(batches) for _ in range(cfg.router_warmup_steps)],
-                         cfg.router_warmup_steps, cfg.router_warmup_lr, cfg.grad_clip)
+    return router_warmup(
+        model,
+        [next(batches) for _ in range(cfg.router_warmup_steps)],
+        cfg.router_warmup_steps,
+        cfg.router_warmup_lr,
+        cfg.grad_clip,
+    )
 
 
 def _count(items: list) -> int:
@@ -165,42 +180,50 @@ def _count(items: list) -> int:
     return sum(len(b.idx) for b in items) if items and hasattr(items[0], "idx") else len(items)
 
 
-def score_checkpoint(checkpoint, task: str, cfg: FinetuneConfig, data_dir=None,
-                     task_source: str = "") -> dict:
-    """A checkpoint's validation metrics on a task as it is, without fine-tuning."""
-    model = load_model(checkpoint)
-    data = load_task(task, load_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir,
-                     task_source)
-    return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uncurl.finetune",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m uncurl.finetune", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run folder")
     p.add_argument("--task", required=True, help=f"one of {', '.join(sorted(tasks.TASKS))}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for result.json")
     p.add_argument("--profile", default="small", help="fine-tuning recipe and corpus of a profile")
-    p.add_argument("--data-dir", type=Path, help="prepared corpus for lm tasks (default: the "
-                   "profile's)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override fine-tuning parameters (recorded with the result)")
+    p.add_argument(
+        "--data-dir", type=Path, help="prepared corpus for lm tasks (default: the profile's)"
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override fine-tuning parameters (recorded with the result)",
+    )
     p.add_argument("--save-model", action="store_true", help="also keep the fine-tuned weights")
     args = p.parse_args(argv)
     try:
         find_checkpoint(args.checkpoint)
         profile = get_profile(args.profile)
         cfg = profile.finetune_config(args.task, **parse_overrides(args.set))
-        result = run(args.checkpoint, args.task, args.seed, args.out, cfg,
-                     args.data_dir or profile.data_dir, profile.task_source, args.save_model,
-                     progress=True)
+        result = run(
+            args.checkpoint,
+            args.task,
+            args.seed,
+            args.out,
+            cfg,
+            args.data_dir or profile.data_dir,
+            profile.task_source,
+            args.save_model,
+            progress=True,
+        )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
-    print(f"{result['model']['model']} on {args.task} (seed {args.seed}): {metrics}; "
-          f"best step {result['training']['best_step']} of {result['training']['steps']}, "
-          f"{result['wall_s']:.1f} s -> {args.out / evaluate.RESULT}")
+    print(
+        f"{result['model']['model']} on {args.task} (seed {args.seed}): {metrics}; "
+        f"best step {result['training']['best_step']} of {result['training']['steps']}, "
+        f"{result['wall_s']:.1f} s -> {args.out / evaluate.RESULT}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 The one owner of the on-disk layout; nothing else builds these paths or labels:
 
+    data/cache/<registry>/<package>/                source packages, fetched once (`CACHE`)
+    data/prepared/<name>/                           a prepared corpus (`prepared_dir`)
     runs/<profile>/
         dense/, e4/, e8/, ...                       pretraining runs (`Runs.pretrained`)
             checkpoint/  metrics.jsonl  summary.json
         reduced/e32-uncurl-d8-<task>/               reductions on a task (`Runs.reduced`)
         finetune/<task>/<label>/s<seed>/result.json  fine-tuning runs (`Runs.finetuned`)
+    runs/sweep/<variant>-<label>/                   premise-sweep runs (`Runs.sweep`)
     build/<profile>/<step>[__name=value...]/results.json   a study step's record
 
 Model labels: `dense`, `e8` (8 experts, from scratch), `e32-uncurl-d8` (32 reduced to 8 by UNCURL).
@@ -23,19 +26,25 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+CACHE = Path("data/cache")  # registry packages, fetched once
+PREPARED = Path("data/prepared")  # prepared corpora, one folder each
 CHECKPOINT = "checkpoint"  # a training run's checkpoint folder
 SUMMARY = "summary.json"  # a finished training run's summary
 METRICS = "metrics.jsonl"  # a training run's per-step metrics
 RESULT = "result.json"  # one fine-tuning run: parameters, metrics, per-example scores
 RESULTS = "results.json"  # one study step: parameters, values, tables, provenance
+REDUCTION = "reduction.json"  # a reduction's record: plan, statistics, timings
+META = "meta.json"  # a prepared corpus: vocabulary, counts, provenance, hash
 SCRATCH = "scratch"  # the method name of a model trained from scratch
 _LABEL = re.compile(r"^(?:dense|e(\d+))$|^e(\d+)-(.+)-d(\d+)$")
 
 
 # ------------------------------------------------------------------------------------- labels
 
-def model_label(target_n_expert: int, method: str = SCRATCH,
-                source_n_expert: int | None = None) -> str:
+
+def model_label(
+    target_n_expert: int, method: str = SCRATCH, source_n_expert: int | None = None
+) -> str:
     """`dense` or `e8` from scratch; `e32-uncurl-d8` for 32 experts reduced to 8 by a method."""
     if method == SCRATCH:
         return "dense" if target_n_expert == 1 else f"e{target_n_expert}"
@@ -50,11 +59,20 @@ def parse_label(label: str) -> dict:
     if m.group(2) is None:
         n = int(m.group(1) or 1)
         return {"source_n_expert": n, "method": SCRATCH, "target_n_expert": n}
-    return {"source_n_expert": int(m.group(2)), "method": m.group(3),
-            "target_n_expert": int(m.group(4))}
+    return {
+        "source_n_expert": int(m.group(2)),
+        "method": m.group(3),
+        "target_n_expert": int(m.group(4)),
+    }
 
 
 # -------------------------------------------------------------------------------------- paths
+
+
+def prepared_dir(name: str, vocab_size: int | None = None) -> Path:
+    """A prepared corpus folder; with `vocab_size`, a sibling prepared at that vocabulary."""
+    return PREPARED / (name if vocab_size is None else f"{name}-v{vocab_size}")
+
 
 class Runs:
     """The run folders of one profile under a runs root (`runs/` by default)."""
@@ -66,15 +84,24 @@ class Runs:
     def pretrained(self, n_expert: int) -> Path:
         return self.folder / model_label(n_expert)
 
-    def reduced(self, source_n_expert: int, method: str, target_n_expert: int,
-                task: str) -> Path:
+    def reduced(self, source_n_expert: int, method: str, target_n_expert: int, task: str) -> Path:
         label = model_label(target_n_expert, method, source_n_expert)
         return self.folder / "reduced" / f"{label}-{task}"
 
     def reductions(self) -> list[Path]:
         """Every reduction folder of the profile, in name order."""
-        return sorted(p for p in (self.folder / "reduced").glob("*") if p.is_dir()
-                      and not p.name.startswith("."))
+        return sorted(
+            p
+            for p in (self.folder / "reduced").glob("*")
+            if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def sweep(self, variant: str, n_expert: int) -> Path:
+        """A premise-sweep run: its variant's label made a folder name, then the model label."""
+        slug = "-".join(
+            filter(None, "".join(c if c.isalnum() else "-" for c in variant.lower()).split("-"))
+        )
+        return self.root / "sweep" / f"{slug}-{model_label(n_expert)}"
 
     @property
     def finetune(self) -> Path:
@@ -90,6 +117,7 @@ def step_stem(notebook: str, values: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ atomic writes
+
 
 def write_text(path, text: str) -> Path:
     """Write `text` to `path` atomically (a temporary file in the same folder, then rename)."""

@@ -43,8 +43,7 @@ def run_task(profile, task: str, runs, progress: bool = True) -> list[dict]:
     for model, seed in tqdm(jobs, desc=f"{task}: models x seeds", disable=not progress):
         checkpoint = starting_point(profile, task, model, folders)
         out = folders.finetuned(task, label(model), seed)
-        results.append(run(checkpoint, task, seed, out, cfg, profile.data_dir,
-                           profile.task_source))
+        results.append(run(checkpoint, task, seed, out, cfg, profile.data_dir, profile.task_source))
     return results
 
 
@@ -61,16 +60,30 @@ def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
     budget."""
     cfg = profile.finetune_config(task)
     source = folders.pretrained(model["source_n_expert"])
-    out = folders.reduced(model["source_n_expert"], model["method"], model["target_n_expert"],
-                          task)
-    task_data = (f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
-                 f"source={profile.task_source or 'packages'}, weights {digest(source)})")
+    out = folders.reduced(model["source_n_expert"], model["method"], model["target_n_expert"], task)
+    task_data = (
+        f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
+        f"source={profile.task_source or 'packages'}, weights {digest(source)})"
+    )
     if (out / RECORD).exists():
         done = layout.read_json(out / RECORD)
         if (done["task_data"], done["max_tokens"]) == (task_data, cfg.reduce_tokens):
             return out
-    docs = tasks.training_documents(tasks.get_task(task), load_tokenizer(source),
-                                    read_info(source)["model"]["block_size"], profile.data_dir,
-                                    profile.task_source, cfg.val_frac, cfg.heldout_frac)
-    return reduce_checkpoint(source, out, model["method"], model["target_n_expert"], docs,
-                             task_data, ReduceConfig(max_tokens=cfg.reduce_tokens))
+    docs = tasks.training_documents(
+        tasks.get_task(task),
+        load_tokenizer(source),
+        read_info(source)["model"]["block_size"],
+        profile.data_dir,
+        profile.task_source,
+        cfg.val_frac,
+        cfg.heldout_frac,
+    )
+    return reduce_checkpoint(
+        source,
+        out,
+        model["method"],
+        model["target_n_expert"],
+        docs,
+        task_data,
+        ReduceConfig(max_tokens=cfg.reduce_tokens),
+    )

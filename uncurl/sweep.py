@@ -14,20 +14,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from uncurl import data
+from uncurl import data, layout
 from uncurl.config import get_profile
-from uncurl.train import run_name, train_all
+from uncurl.train import train_all
 
 # (label, data vocabulary, model overrides, train overrides, expert counts), in the order they
 # were tried. Overrides are relative to the profile; a variant without overrides is the profile
 # itself and shares its run folders. Runs are kept, so adding a variant trains only its runs.
 OLD_INIT = {"router_init_std": 0.02}  # GPT-2's init for every linear layer, routers included
 VARIANTS = [
-    ("d_model 128, vocab 4096, router std 0.02, 250 steps (equal wall time)", 4096,
-     {"n_embd": 128, **OLD_INIT}, {"max_steps": 250}, (1, 16)),
+    (
+        "d_model 128, vocab 4096, router std 0.02, 250 steps (equal wall time)",
+        4096,
+        {"n_embd": 128, **OLD_INIT},
+        {"max_steps": 250},
+        (1, 16),
+    ),
     ("d_model 64, router std 0.02, 500 steps", 2048, OLD_INIT, {"max_steps": 500}, (1, 16)),
-    ("d_model 64, router std 0.02, 500 steps, seed 1", 2048, OLD_INIT,
-     {"max_steps": 500, "seed": 1}, (1, 16)),
+    (
+        "d_model 64, router std 0.02, 500 steps, seed 1",
+        2048,
+        OLD_INIT,
+        {"max_steps": 500, "seed": 1},
+        (1, 16),
+    ),
     ("router std 0.3, 500 steps", 2048, {}, {"max_steps": 500}, (16,)),
     ("router std 1.0, 500 steps", 2048, {"router_init_std": 1.0}, {"max_steps": 500}, (16,)),
     ("small profile (router std 0.3, 600 steps)", 2048, {}, {}, (1, 4, 8, 16, 32, 64)),
@@ -39,8 +49,8 @@ def data_dir_for(vocab: int, profile) -> Path:
     """The profile's data folder, or a sibling prepared at another vocabulary size."""
     if vocab == profile.data["vocab_size"]:
         return profile.data_dir
-    out = profile.data_dir.with_name(f"{profile.data_dir.name}-v{vocab}")
-    if not (out / "meta.json").exists():
+    out = layout.prepared_dir(profile.data_dir.name, vocab)
+    if not (out / layout.META).exists():
         data.prepare(out, source=profile.data["source"], vocab_size=vocab)
     return out
 
@@ -54,16 +64,18 @@ def jobs_for(profile, runs: Path) -> list[dict]:
             train = profile.train_config(**train_over)
             # the profile's own settings share the profile's run folder
             own = not model_over and not train_over and vocab == profile.data["vocab_size"]
-            folder = runs / profile.name / run_name(n) if own else (
-                runs / "sweep" / f"{_slug(label)}-{run_name(n)}")
-            jobs.append({"label": label, "out": folder, "model": model.to_dict(),
-                         "train": asdict(train), "data": data_dir})
+            folders = layout.Runs(runs, profile.name)
+            folder = folders.pretrained(n) if own else folders.sweep(label, n)
+            jobs.append(
+                {
+                    "label": label,
+                    "out": folder,
+                    "model": model.to_dict(),
+                    "train": asdict(train),
+                    "data": data_dir,
+                }
+            )
     return jobs
-
-
-def _slug(label: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in label.lower())
-    return "-".join(filter(None, slug.split("-")))
 
 
 def main(argv=None):
@@ -76,13 +88,23 @@ def main(argv=None):
     jobs = jobs_for(get_profile(args.profile), args.runs)
     summaries = train_all([{k: v for k, v in j.items() if k != "label"} for j in jobs], args.jobs)
     rows = [
-        {"variant": j["label"], "n_expert": j["model"]["n_expert"], "seed": j["train"]["seed"],
-         "n_embd": j["model"]["n_embd"], "vocab_size": j["model"]["vocab_size"],
-         "router_init_std": j["model"]["router_init_std"], "steps": j["train"]["max_steps"],
-         "lr": j["train"]["lr"],
-         "tokens": s["tokens"], "val_loss": s["val_loss"], "wall_time_s": s["wall_time_s"],
-         "total_params": s["parameters"]["total"], "active_params": s["parameters"]["active"],
-         "git": s["environment"]["git"], "run": str(j["out"])}
+        {
+            "variant": j["label"],
+            "n_expert": j["model"]["n_expert"],
+            "seed": j["train"]["seed"],
+            "n_embd": j["model"]["n_embd"],
+            "vocab_size": j["model"]["vocab_size"],
+            "router_init_std": j["model"]["router_init_std"],
+            "steps": j["train"]["max_steps"],
+            "lr": j["train"]["lr"],
+            "tokens": s["tokens"],
+            "val_loss": s["val_loss"],
+            "wall_time_s": s["wall_time_s"],
+            "total_params": s["parameters"]["total"],
+            "active_params": s["parameters"]["active"],
+            "git": s["environment"]["git"],
+            "run": str(j["out"]),
+        }
         for j, s in zip(jobs, summaries, strict=True)
     ]
     args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,7 @@ def quartiles_ms(seconds: list[float]) -> dict:
     """Median and quartiles, in milliseconds, of times given in seconds."""
     ms = sorted(1e3 * t for t in seconds)
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else ms * 3
-    return {"median_ms": statistics.median(ms), "q1_ms": q[0], "q3_ms": q[2],
-            "repeats": len(ms)}
+    return {"median_ms": statistics.median(ms), "q1_ms": q[0], "q3_ms": q[2], "repeats": len(ms)}
 
 
 def time_all(fns: dict, repeats: int = 10, warmup: int = 3) -> dict[str, dict]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncurl import cpu, data
+from uncurl import cpu, data, layout
 from uncurl.config import ModelConfig, OptimConfig, TrainConfig, get_profile, parse_overrides
 from uncurl.layout import write_json
 from uncurl.model import GPT, count_parameters, eval_mode
@@ -95,8 +95,9 @@ def train(
             f"({meta['vocab_size']} tokens in {data_dir}); set vocab_size to match"
         )
     train_tokens = data.load_tokens(data_dir, "train")
-    val = eval_batches(data.load_tokens(data_dir, "val"), cfg.eval_batches, cfg.batch_size,
-                       model_cfg.block_size)
+    val = eval_batches(
+        data.load_tokens(data_dir, "val"), cfg.eval_batches, cfg.batch_size, model_cfg.block_size
+    )
     tokens_per_step = cfg.batch_size * model_cfg.block_size
 
     done = _finished_summary(out, model_cfg, cfg)
@@ -114,21 +115,32 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         step, elapsed = state["step"], state["elapsed"]
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _open_metrics(out / "metrics.jsonl", keep_until=step)
+    metrics = _open_metrics(out / layout.METRICS, keep_until=step)
     tokenizer = data.load_tokenizer(data_dir)
 
     def checkpoint():
         state = {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
-            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "torch_rng": torch.get_rng_state(),
+            "model_config": model_cfg.to_dict(),
+            "train_config": asdict(cfg),
         }
         info = {"train": asdict(cfg), "data": str(data_dir), "step": step}
-        save_checkpoint(out / "checkpoint", model, tokenizer, info, state)
+        save_checkpoint(out / layout.CHECKPOINT, model, tokenizer, info, state)
 
     end = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc=out.name,
-               unit="step", dynamic_ncols=True, position=position)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not progress,
+        desc=out.name,
+        unit="step",
+        dynamic_ncols=True,
+        position=position,
+    )
     val_loss = None
     while step < end:
         t0 = time.perf_counter()
@@ -143,9 +155,16 @@ def train(
         opt.step()
         step += 1
         elapsed += time.perf_counter() - t0
-        record = {"step": step, "tokens": step * tokens_per_step, "loss": res.loss.item(),
-                  "lm_loss": res.lm_loss.item(), "aux_loss": res.aux_loss.item(), "lr": lr,
-                  "grad_norm": grad_norm, "elapsed": elapsed}
+        record = {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "loss": res.loss.item(),
+            "lm_loss": res.lm_loss.item(),
+            "aux_loss": res.aux_loss.item(),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "elapsed": elapsed,
+        }
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = record["val_loss"] = evaluate(model, val)
         metrics.write(json.dumps(record) + "\n")
@@ -157,19 +176,26 @@ def train(
     bar.close()
     metrics.close()
     summary = {
-        "name": out.name, "step": step, "tokens": step * tokens_per_step,
-        "val_loss": val_loss, "wall_time_s": elapsed, "parameters": count_parameters(model_cfg),
-        "model": model_cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir),
-        "data_hash": meta.get("hash"), "finished": step >= cfg.max_steps,
+        "name": out.name,
+        "step": step,
+        "tokens": step * tokens_per_step,
+        "val_loss": val_loss,
+        "wall_time_s": elapsed,
+        "parameters": count_parameters(model_cfg),
+        "model": model_cfg.to_dict(),
+        "train": asdict(cfg),
+        "data": str(data_dir),
+        "data_hash": meta.get("hash"),
+        "finished": step >= cfg.max_steps,
         "environment": environment(),
     }
-    write_json(out / "summary.json", summary)
+    write_json(out / layout.SUMMARY, summary)
     return summary
 
 
 def _finished_summary(out: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> dict | None:
     """The summary of a finished run with these very settings, if there is one."""
-    path = out / "summary.json"
+    path = out / layout.SUMMARY
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
@@ -195,7 +221,7 @@ def _open_metrics(path: Path, keep_until: int):
 
 
 def load_metrics(run_dir) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(ln) for ln in (Path(run_dir) / layout.METRICS).read_text().splitlines()]
 
 
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -204,20 +230,25 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
     train_keys = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - model_keys - train_keys)
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; model: {sorted(model_keys)}; "
-                         f"train: {sorted(train_keys)}")
-    return ({k: v for k, v in overrides.items() if k in model_keys},
-            {k: v for k, v in overrides.items() if k in train_keys})
-
-
-def run_name(n_expert: int) -> str:
-    return "dense" if n_expert == 1 else f"e{n_expert}"
+        raise ValueError(
+            f"unknown parameter(s) {unknown}; model: {sorted(model_keys)}; "
+            f"train: {sorted(train_keys)}"
+        )
+    return (
+        {k: v for k, v in overrides.items() if k in model_keys},
+        {k: v for k, v in overrides.items() if k in train_keys},
+    )
 
 
 def _train_job(job: dict) -> dict:
-    return train(job["out"], ModelConfig.from_dict(job["model"]),
-                 TrainConfig.from_dict(job["train"]), job["data"], progress=job["progress"],
-                 position=job.get("position"))
+    return train(
+        job["out"],
+        ModelConfig.from_dict(job["model"]),
+        TrainConfig.from_dict(job["train"]),
+        job["data"],
+        progress=job["progress"],
+        position=job.get("position"),
+    )
 
 
 def train_all(jobs: list[dict], procs: int = 2) -> list[dict]:
@@ -242,9 +273,12 @@ def _jobs(args) -> list[dict]:
     data_dir = args.data or profile.data_dir
     vocab = data.load_meta(data_dir)["vocab_size"]
     return [
-        {"out": args.out if len(args.n_expert) == 1 else args.out / run_name(n),
-         "model": profile.model_config(n_expert=n, vocab_size=vocab, **model_over).to_dict(),
-         "train": asdict(profile.train_config(**train_over)), "data": data_dir}
+        {
+            "out": args.out if len(args.n_expert) == 1 else args.out / layout.model_label(n),
+            "model": profile.model_config(n_expert=n, vocab_size=vocab, **model_over).to_dict(),
+            "train": asdict(profile.train_config(**train_over)),
+            "data": data_dir,
+        }
         for n in args.n_expert
     ]
 
@@ -252,23 +286,39 @@ def _jobs(args) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uncurl.train", description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="small", help="profile in uncurl/profiles.toml")
-    p.add_argument("--n-expert", type=int, nargs="+", required=True,
-                   help="experts per MoE layer (1 = dense); several train side by side")
-    p.add_argument("--out", type=Path, required=True,
-                   help="run folder (resumed if it exists); with several --n-expert, their parent")
+    p.add_argument(
+        "--n-expert",
+        type=int,
+        nargs="+",
+        required=True,
+        help="experts per MoE layer (1 = dense); several train side by side",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run folder (resumed if it exists); with several --n-expert, their parent",
+    )
     p.add_argument("--data", type=Path, help="prepared data folder (default: the profile's)")
     p.add_argument("--seed", type=int, help="override the profile's seed")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override model or training parameters, e.g. lr=1e-3 top_k=2")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override model or training parameters, e.g. lr=1e-3 top_k=2",
+    )
     args = p.parse_args(argv)
     try:  # bad settings end with one line naming the problem, not a traceback
         jobs = _jobs(args)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     for summary in train_all(jobs, args.jobs):
-        print(f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
-              f"{summary['wall_time_s']:.0f} s")
+        print(
+            f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
+            f"{summary['wall_time_s']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

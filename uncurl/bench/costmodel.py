@@ -10,8 +10,8 @@ whole buffer to all_to_all; the rank keeps 1/P of it and sends the rest as P - 1
 with alpha the fixed cost of a message and bandwidth in bytes per second per direction. A layer
 makes two exchanges of equal size (tokens out to the experts, results back). `fit` calibrates
 alpha and the bandwidth on measured exchanges; `LINKS` holds published bandwidths to evaluate it
-for the paper's GPUs. The paper's measurements (Sarkar et al. 2024, Fig. 2a, 4, 5; STUDY.md
-section 6) are kept here, beside the setup they were measured in.
+for the paper's GPUs. The paper's measurements (Sarkar et al. 2024, Fig. 2a, 4, 5) are kept
+here, beside the setup they were measured in.
 """
 
 from dataclasses import dataclass
@@ -26,8 +26,10 @@ def buffer_bytes(cfg: ModelConfig, n_expert: int, tokens: int, dtype_bytes: int 
     """Bytes one rank hands to one all_to_all: its (E, C, d) buffer at evaluation capacity."""
     capacity = cfg.capacity(tokens, n_expert, training=False)
     if capacity is None:
-        raise ValueError("dropless routing has no fixed buffer size: the bytes depend on the "
-                         "routing; set eval_capacity_factor")
+        raise ValueError(
+            "dropless routing has no fixed buffer size: the bytes depend on the "
+            "routing; set eval_capacity_factor"
+        )
     return n_expert * capacity * cfg.n_embd * dtype_bytes
 
 
@@ -55,16 +57,24 @@ def fit(nbytes, world, seconds) -> Fit:
     """Least squares of the measured exchange times on the model, alpha and 1/bandwidth >= 0."""
     x, y = features(nbytes, world), np.asarray(seconds, float)
     if len(y) < 2 or np.linalg.matrix_rank(x) < 2:
-        raise ValueError("fitting alpha and the bandwidth needs exchanges of at least two sizes "
-                         "or two world sizes above 1")
+        raise ValueError(
+            "fitting alpha and the bandwidth needs exchanges of at least two sizes "
+            "or two world sizes above 1"
+        )
     (alpha, inv_bw), _ = nnls(x, y)
     resid = y - x @ np.array([alpha, inv_bw])
     r2 = 1 - (resid**2).sum() / ((y - y.mean()) ** 2).sum()
-    return Fit(float(alpha), float(1 / inv_bw) if inv_bw else float("inf"), float(r2),
-               tuple(resid.tolist()), len(y))
+    return Fit(
+        float(alpha),
+        float(1 / inv_bw) if inv_bw else float("inf"),
+        float(r2),
+        tuple(resid.tolist()),
+        len(y),
+    )
 
 
 # --------------------------------------------------------------------- published hardware
+
 
 @dataclass(frozen=True)
 class Link:
@@ -74,8 +84,11 @@ class Link:
 
 
 LINKS = (
-    Link("A100 SXM, NVLink 3", 300e9,
-         "NVIDIA A100 datasheet: NVLink 600 GB/s per GPU, both directions together"),
+    Link(
+        "A100 SXM, NVLink 3",
+        300e9,
+        "NVIDIA A100 datasheet: NVLink 600 GB/s per GPU, both directions together",
+    ),
     Link("A10, PCIe 4.0 x16", 32e9, "NVIDIA A10 datasheet: PCIe Gen4 64 GB/s, both directions"),
     Link("between nodes, InfiniBand HDR", 25e9, "Mellanox HDR InfiniBand: 200 Gb/s per port"),
 )
@@ -90,9 +103,16 @@ GPU_ALPHA = 10e-6
 # tokens per GPU, DeepSpeed with expert parallelism 2 (data parallelism 8). Top-1; DeepSpeed's
 # evaluation capacity factor 1.0 and minimum capacity 4. The paper does not give the GPU type
 # or the precision (its models are trained in bf16): 2 bytes per value assumed.
-PAPER_FIG4_CONFIG = ModelConfig(n_embd=768, n_head=12, n_layer=12, block_size=1024,
-                                vocab_size=50257, top_k=1, eval_capacity_factor=1.0,
-                                min_capacity=4)
+PAPER_FIG4_CONFIG = ModelConfig(
+    n_embd=768,
+    n_head=12,
+    n_layer=12,
+    block_size=1024,
+    vocab_size=50257,
+    top_k=1,
+    eval_capacity_factor=1.0,
+    min_capacity=4,
+)
 PAPER_FIG4 = {"tokens": 512, "world": 2, "dtype_bytes": 2}
 PAPER_FIG4_A2A_US = {8: 1920, 16: 2236, 32: 3916, 64: 3760, 128: 6591}
 PAPER_FIG4_COMPUTE_US = 693.56
@@ -100,8 +120,13 @@ PAPER_FIG4_COMPUTE_US = 693.56
 PAPER_FIG5_MS = {1: 124.5, 2: 129.0, 4: 133.3, 8: 141.9}
 # Fig. 2a: forward latency (ms) and validation loss of 354M+Xe on 8 A10 GPUs, batch 2 x 256
 # per GPU, expert parallelism 2 (losses read off the plot).
-PAPER_FIG2A = {1: (21.32, 2.81), 8: (39.82, 2.72), 32: (51.14, 2.65), 64: (101.98, 2.59),
-               128: (173.62, 2.56)}
+PAPER_FIG2A = {
+    1: (21.32, 2.81),
+    8: (39.82, 2.72),
+    32: (51.14, 2.65),
+    64: (101.98, 2.59),
+    128: (173.62, 2.56),
+}
 
 
 def paper_fig4_prediction(alpha: float = GPU_ALPHA, links=LINKS) -> list[dict]:
@@ -114,9 +139,15 @@ def paper_fig4_prediction(alpha: float = GPU_ALPHA, links=LINKS) -> list[dict]:
         for link in links:
             model = 2 * exchange_time(nbytes, setup["world"], alpha, link.bandwidth)[0]
             wire = 2 * exchange_time(nbytes, setup["world"], 0.0, link.bandwidth)[0]
-            rows.append({"n_expert": n_expert, "link": link.name, "buffer_bytes": nbytes,
-                         "model_us": model * 1e6, "paper_us": measured,
-                         "paper_over_model": measured / (model * 1e6),
-                         "alpha_to_match_us": (measured * 1e-6 - wire) / 2
-                         / (setup["world"] - 1) * 1e6})
+            rows.append(
+                {
+                    "n_expert": n_expert,
+                    "link": link.name,
+                    "buffer_bytes": nbytes,
+                    "model_us": model * 1e6,
+                    "paper_us": measured,
+                    "paper_over_model": measured / (model * 1e6),
+                    "alpha_to_match_us": (measured * 1e-6 - wire) / 2 / (setup["world"] - 1) * 1e6,
+                }
+            )
     return rows

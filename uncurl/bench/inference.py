@@ -56,6 +56,7 @@ def notebook_overrides(**values) -> dict:
 
 # ------------------------------------------------------------------------ single process
 
+
 def measure_single(models: list[dict], s: dict) -> list[dict]:
     """Latency (round-robin over the models), parameter bytes and forward peak memory."""
     built = {m["name"]: build_model(m) for m in models}
@@ -63,9 +64,15 @@ def measure_single(models: list[dict], s: dict) -> list[dict]:
     steps = {name: _forward(model, idx) for name, model in built.items()}
     times = time_all(steps, s["repeats"], s["warmup_runs"])
     cpu.map_large_blocks_afresh()
-    return [{"model": name, **times[name], "param_bytes": parameter_bytes(model),
-             "forward_peak_bytes": forward_peak_bytes(steps[name])}
-            for name, model in built.items()]
+    return [
+        {
+            "model": name,
+            **times[name],
+            "param_bytes": parameter_bytes(model),
+            "forward_peak_bytes": forward_peak_bytes(steps[name]),
+        }
+        for name, model in built.items()
+    ]
 
 
 def _forward(model: GPT, idx: torch.Tensor):
@@ -99,10 +106,12 @@ def _status_kib(key: str) -> int:
 
 # ------------------------------------------------------------------------------- the bench
 
+
 def settings(profile, **overrides) -> dict:
     """The profile's bench sizes with the given (non-None) overrides, checked."""
-    s = dataclasses.asdict(profile.bench_config(
-        **{k: v for k, v in overrides.items() if v is not None}))
+    s = dataclasses.asdict(
+        profile.bench_config(**{k: v for k, v in overrides.items() if v is not None})
+    )
     block_size = profile.model_config().block_size
     if s["seq_len"] > block_size:
         raise ValueError(f"seq_len {s['seq_len']} exceeds the profile's block_size {block_size}")
@@ -118,32 +127,57 @@ def run_bench(profile_name: str, runs="runs", threads: int = 1, **overrides) -> 
     models = find_models(runs, profile)
     single = measure_single(models, s)
     parallel = measure_parallel(profile.model_config(), models, s)
-    fit = costmodel.fit(*zip(*[(r["bytes"], r["world"], r["median_s"])
-                               for r in parallel["exchanges"]], strict=True))
+    fit = costmodel.fit(
+        *zip(*[(r["bytes"], r["world"], r["median_s"]) for r in parallel["exchanges"]], strict=True)
+    )
     return {
-        "profile": profile_name, "runs": str(runs), "settings": s, "threads": threads,
-        "models": models, "single": single, **parallel,
-        "fit": fit.__dict__, "paper_fig4": costmodel.paper_fig4_prediction(),
-        "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
+        "profile": profile_name,
+        "runs": str(runs),
+        "settings": s,
+        "threads": threads,
+        "models": models,
+        "single": single,
+        **parallel,
+        "fit": fit.__dict__,
+        "paper_fig4": costmodel.paper_fig4_prediction(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg()[0],
         "environment": environment(),
     }
 
 
 def add_arguments(p):
     p.add_argument("--profile", default="small", help="models and bench sizes of this profile")
-    p.add_argument("--runs", type=Path, default=Path("runs"),
-                   help="parent of the run folders ({runs}/{profile}/dense, e4, reduced/...)")
-    p.add_argument("--batch-size", type=_at_least(1), help="sequences per process "
-                   "(default: the profile's `inference_bench` in uncurl/profiles.toml)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="parent of the run folders ({runs}/{profile}/dense, e4, reduced/...)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_at_least(1),
+        help="sequences per process "
+        "(default: the profile's `inference_bench` in uncurl/profiles.toml)",
+    )
     p.add_argument("--seq-len", type=_at_least(1), help="tokens per sequence")
     p.add_argument("--repeats", type=_at_least(1), help="timed runs (median and quartiles)")
     p.add_argument("--warmup-runs", type=_at_least(0), help="discarded runs before timing")
     p.add_argument("--procs", type=_at_least(1), nargs="+", help="process counts P")
-    p.add_argument("--n-expert", type=_at_least(1), nargs="+", dest="expert_counts",
-                   help="expert counts of the one-layer sweep")
+    p.add_argument(
+        "--n-expert",
+        type=_at_least(1),
+        nargs="+",
+        dest="expert_counts",
+        help="expert counts of the one-layer sweep",
+    )
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's layer")
-    p.add_argument("--threads", type=_at_least(1), default=1,
-                   help="torch threads of the single process (recorded)")
+    p.add_argument(
+        "--threads",
+        type=_at_least(1),
+        default=1,
+        help="torch threads of the single process (recorded)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -159,9 +193,15 @@ def _at_least(low: int):
 
 def run(args) -> dict:
     """The command: check the arguments, measure, print the tables."""
-    sizes = dict(batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats,
-                 warmup_runs=args.warmup_runs, procs=args.procs, expert_counts=args.expert_counts,
-                 deepspeed=False if args.no_deepspeed else None)
+    sizes = dict(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        repeats=args.repeats,
+        warmup_runs=args.warmup_runs,
+        procs=args.procs,
+        expert_counts=args.expert_counts,
+        deepspeed=False if args.no_deepspeed else None,
+    )
     try:
         settings(get_profile(args.profile), **sizes)
     except ValueError as exc:
@@ -174,12 +214,14 @@ def run(args) -> dict:
 def print_tables(result: dict) -> None:
     s = result["settings"]
     kinds = sorted({m["kind"] for m in result["models"]})
-    print(f"inference cost, profile {result['profile']}, models: {', '.join(kinds)} "
-          f"(from {result['runs']}); batch {s['batch_size']} x {s['seq_len']} tokens per "
-          f"process, {s['repeats']} repeats after {s['warmup_runs']} warm-up; single process "
-          f"{result['threads']} thread(s), expert-parallel ranks 1 thread each on "
-          f"{result['environment']['cpus']} cores; load {result['load_avg_before']:.2f} before, "
-          f"{result['load_avg_after']:.2f} after")
+    print(
+        f"inference cost, profile {result['profile']}, models: {', '.join(kinds)} "
+        f"(from {result['runs']}); batch {s['batch_size']} x {s['seq_len']} tokens per "
+        f"process, {s['repeats']} repeats after {s['warmup_runs']} warm-up; single process "
+        f"{result['threads']} thread(s), expert-parallel ranks 1 thread each on "
+        f"{result['environment']['cpus']} cores; load {result['load_avg_before']:.2f} before, "
+        f"{result['load_avg_after']:.2f} after"
+    )
     for title, table in printed_tables(result):
         print(f"\n{title}")
         with pd.option_context("display.width", 200, "display.max_columns", 30):

@@ -43,13 +43,28 @@ def _reduced(path, ckpt, info: dict) -> dict:
     sources = red.get("source_n_expert", [])
     source = layout.model_label(sources[0]) if len(set(sources)) == 1 else None
     equivalent = layout.model_label(counts[0]) if len(set(counts)) == 1 else None
-    return _spec(f"reduced/{path.name}", "reduced", info["model"], ckpt, _val_loss(path),
-                 source=source, method=red.get("method"), equivalent=equivalent)
+    return _spec(
+        f"reduced/{path.name}",
+        "reduced",
+        info["model"],
+        ckpt,
+        _val_loss(path),
+        source=source,
+        method=red.get("method"),
+        equivalent=equivalent,
+    )
 
 
 def _spec(name, kind, model: dict, path=None, val_loss=None, **extra) -> dict:
-    return {"name": name, "kind": kind, "model": model, "path": str(path) if path else None,
-            "val_loss": val_loss, "n_expert": model["n_expert"], **extra}
+    return {
+        "name": name,
+        "kind": kind,
+        "model": model,
+        "path": str(path) if path else None,
+        "val_loss": val_loss,
+        "n_expert": model["n_expert"],
+        **extra,
+    }
 
 
 def _val_loss(folder) -> float | None:

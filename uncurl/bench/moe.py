@@ -16,8 +16,6 @@ where that kernel beats torch's BLAS on these shapes, it flatters uncurl's ratio
 the ratio of uncurl's layer to this row is its cost over a dense FFN on the same kernel.
 """
 
-import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch.nn as nn
 from uncurl import cpu
 from uncurl.config import get_profile
 from uncurl.model import MLP, MoE
+from uncurl.model.deepspeed_moe import deepspeed_moe, init_deepspeed
 from uncurl.provenance import environment
 from uncurl.timing import time_all
 
@@ -44,20 +43,6 @@ def add_arguments(p):
     p.add_argument("--json", type=Path, help="also write the results here")
 
 
-def init_deepspeed():
-    """World-size-1 gloo group without JIT-compiling DeepSpeed's shared-memory op."""
-    import deepspeed.comm.torch  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # it would JIT-compile a C++ op
-    for key, value in dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    ).items():
-        os.environ.setdefault(key, value)
-    import deepspeed
-
-    deepspeed.init_distributed("gloo", verbose=False)
-
-
 def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
     """The four layers; each returns its output tensor from `layer(x)`."""
     from transformers import MixtralConfig
@@ -67,35 +52,22 @@ def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
     ds = deepspeed_moe(cfg, n_expert)
     # gated experts have three matrices: 2/3 of d_ff (rounded to 4 floats, which torch's
     # grouped_mm needs for its strides) matches FLOPs and parameters
-    mixtral_cfg = MixtralConfig(hidden_size=d, intermediate_size=4 * round(2 * h / 3 / 4),
-                                num_local_experts=n_expert, num_experts_per_tok=k)
+    mixtral_cfg = MixtralConfig(
+        hidden_size=d,
+        intermediate_size=4 * round(2 * h / 3 / 4),
+        num_local_experts=n_expert,
+        num_experts_per_tok=k,
+    )
     mixtral_cfg._experts_implementation = "grouped_mm"  # what from_pretrained picks by default
     mixtral = MixtralSparseMoeBlock(mixtral_cfg)
     ours = MoE(replace(cfg, n_expert=n_expert), n_expert)
     first = lambda out: out[0]  # noqa: E731
     return {
-        FLOOR: nn.Sequential(
-            nn.Linear(d, k * h), nn.GELU(), nn.Linear(k * h, d)
-        ),
+        FLOOR: nn.Sequential(nn.Linear(d, k * h), nn.GELU(), nn.Linear(k * h, d)),
         "uncurl MoE": _Wrap(ours, first),
         "DeepSpeed MoE": _Wrap(ds, first),
         "HF Mixtral block": _Wrap(mixtral, lambda out: out[0] if isinstance(out, tuple) else out),
     }
-
-
-def deepspeed_moe(cfg, n_expert: int, ep_size: int = 1) -> nn.Module:
-    """DeepSpeed's MoE layer at cfg's shapes and capacity rules, its experts split over ep_size
-    ranks (after `init_deepspeed`); `layer(x)[0]` is the output."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    d, h = cfg.n_embd, cfg.hidden
-    expert = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
-    layer = DeepSpeedMoE(d, expert, n_expert, ep_size=ep_size, k=cfg.top_k,
-                         capacity_factor=cfg.capacity_factor,
-                         eval_capacity_factor=cfg.eval_capacity_factor,
-                         min_capacity=cfg.min_capacity)
-    layer.set_deepspeed_parallelism()
-    return layer
 
 
 def _step(layer, x):
@@ -122,8 +94,14 @@ class _FixedRouting(nn.Module):
 def _dense_on_kernel(cfg, floor: nn.Sequential) -> MLP:
     """uncurl's dense FFN (one expert of its grouped product) with the floor's width and weights."""
     mlp = MLP(replace(cfg, n_embd=floor[0].in_features, d_ff=floor[0].out_features, bias=True))
-    mlp.load_state_dict({"c_fc.weight": floor[0].weight, "c_fc.bias": floor[0].bias,
-                         "c_proj.weight": floor[2].weight, "c_proj.bias": floor[2].bias})
+    mlp.load_state_dict(
+        {
+            "c_fc.weight": floor[0].weight,
+            "c_fc.bias": floor[0].bias,
+            "c_proj.weight": floor[2].weight,
+            "c_proj.bias": floor[2].bias,
+        }
+    )
     return mlp
 
 
@@ -169,6 +147,8 @@ def run(args) -> dict:
         for name, t in timings.items():
             row = {"n_expert": n_expert, "layer": name, **t, "vs_floor": t["median_ms"] / floor}
             results["rows"].append(row)
-            print(f"  E={n_expert:3d}  {name:34s} {t['median_ms']:8.2f} ms "
-                  f"(IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})  {row['vs_floor']:.2f}x floor")
+            print(
+                f"  E={n_expert:3d}  {name:34s} {t['median_ms']:8.2f} ms "
+                f"(IQR {t['q1_ms']:.2f}-{t['q3_ms']:.2f})  {row['vs_floor']:.2f}x floor"
+            )
     return results

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from uncurl.bench import costmodel
 from uncurl.bench.models import batch_tokens, build_model
 from uncurl.model import MoE
+from uncurl.model.deepspeed_moe import deepspeed_moe, init_deepspeed
 from uncurl.model.expert_parallel import ExpertParallelMoE, launch, shard_model
 from uncurl.timing import quartiles_ms
 
@@ -50,8 +51,7 @@ def _measure(rank, world, cfg, models, s):
         result["layer"][("uncurl", n_expert)] = _time_layers(partial(layer, x), [layer], s)
     if s["deepspeed"]:
         for n_expert in experts:
-            result["layer"][("DeepSpeed", n_expert)] = _deepspeed_layer(cfg, n_expert, world, x,
-                                                                        s)
+            result["layer"][("DeepSpeed", n_expert)] = _deepspeed_layer(cfg, n_expert, world, x, s)
     for spec in models:
         if not _divides(world, spec["n_expert"]):
             continue
@@ -81,15 +81,23 @@ def _all_to_all(t):
 
 def _time_layers(fn, layers, s) -> list[dict]:
     """Timed runs of `fn`, the phases of the expert-parallel `layers` reset before each."""
-    return _repeat(fn, lambda: _phases(layers), s["repeats"], s["warmup_runs"],
-                   lambda: [la.phases.reset() for la in layers])
+    return _repeat(
+        fn,
+        lambda: _phases(layers),
+        s["repeats"],
+        s["warmup_runs"],
+        lambda: [la.phases.reset() for la in layers],
+    )
 
 
 def _phases(layers) -> dict:
     """Seconds per phase summed over the layers, and bytes handed to all_to_all."""
     total = {p: sum(getattr(la.phases, p) for la in layers) for p in PHASES}
-    return {**total, "bytes_sent": sum(la.phases.bytes_sent for la in layers),
-            "moe_layers": len(layers)}
+    return {
+        **total,
+        "bytes_sent": sum(la.phases.bytes_sent for la in layers),
+        "moe_layers": len(layers),
+    }
 
 
 def _repeat(fn, read, repeats: int, warmup: int, reset=lambda: None) -> list[dict]:
@@ -110,8 +118,6 @@ def _repeat(fn, read, repeats: int, warmup: int, reset=lambda: None) -> list[dic
 def _deepspeed_layer(cfg, n_expert, world, x, s) -> list[dict]:
     """DeepSpeed's layer (`ep_size = P`) on the same tokens: its own All2All timers, and the
     experts timed by hooks."""
-    from uncurl.bench.moe import deepspeed_moe, init_deepspeed
-
     init_deepspeed()  # wraps the process group `launch` made, skipping the JIT-built op
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -120,8 +126,9 @@ def _deepspeed_layer(cfg, n_expert, world, x, s) -> list[dict]:
     inner.wall_clock_breakdown = True
     clock = {"start": 0.0, "compute": 0.0}
     inner.experts.register_forward_pre_hook(lambda *_: clock.update(start=time.perf_counter()))
-    inner.experts.register_forward_hook(lambda *_: clock.update(
-        compute=clock["compute"] + time.perf_counter() - clock["start"]))
+    inner.experts.register_forward_hook(
+        lambda *_: clock.update(compute=clock["compute"] + time.perf_counter() - clock["start"])
+    )
 
     def reset():
         clock["compute"] = 0.0
@@ -129,14 +136,18 @@ def _deepspeed_layer(cfg, n_expert, world, x, s) -> list[dict]:
             timer.reset()
 
     def read():
-        return {"first_a2a": inner.time_falltoall / 1e3, "second_a2a": inner.time_salltoall / 1e3,
-                "compute": clock["compute"], "bytes_sent": 2 * costmodel.buffer_bytes(
-                    cfg, n_expert, len(x))}
+        return {
+            "first_a2a": inner.time_falltoall / 1e3,
+            "second_a2a": inner.time_salltoall / 1e3,
+            "compute": clock["compute"],
+            "bytes_sent": 2 * costmodel.buffer_bytes(cfg, n_expert, len(x)),
+        }
 
     return _repeat(lambda: layer(x), read, s["repeats"], s["warmup_runs"], reset)
 
 
 # ----------------------------------------------------------------------------- aggregation
+
 
 def _combine(per_rank: list[dict], table: str, world: int) -> list[dict]:
     """One row per measured thing: the slowest rank's pass, the ranks' mean per phase."""
@@ -144,12 +155,17 @@ def _combine(per_rank: list[dict], table: str, world: int) -> list[dict]:
     for key in per_rank[0][table]:
         runs = [rank[table][key] for rank in per_rank]
         totals = [max(r[i]["total"] for r in runs) for i in range(len(runs[0]))]
-        row = {"world": world, **_key(table, key), **quartiles_ms(totals),
-               "median_s": statistics.median(totals)}
+        row = {
+            "world": world,
+            **_key(table, key),
+            **quartiles_ms(totals),
+            "median_s": statistics.median(totals),
+        }
         for name in runs[0][0]:
             if name != "total":
                 row[name] = statistics.median(
-                    statistics.fmean(r[i][name] for r in runs) for i in range(len(runs[0])))
+                    statistics.fmean(r[i][name] for r in runs) for i in range(len(runs[0]))
+                )
         rows.append(row)
     return rows
 

@@ -23,6 +23,16 @@ from uncurl.data.prepare import (
 from uncurl.data.sources import Document
 
 __all__ = [
-    "DEFAULT_CACHE", "Document", "FetchError", "Package", "fetch", "load_docs",
-    "load_meta", "load_tokenizer", "load_tokens", "prepare", "prepare_profile", "train_tokenizer",
+    "DEFAULT_CACHE",
+    "Document",
+    "FetchError",
+    "Package",
+    "fetch",
+    "load_docs",
+    "load_meta",
+    "load_tokenizer",
+    "load_tokens",
+    "prepare",
+    "prepare_profile",
+    "train_tokenizer",
 ]

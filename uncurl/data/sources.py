@@ -262,8 +262,10 @@ def load_folder(folder) -> list[Document]:
         raise ValueError(f"source {folder} is a file, not a folder: {fix}")
     paths = sorted(p for p in folder.rglob("*.txt") if p.is_file())
     if not paths:
-        raise ValueError(f"no .txt files under {folder}: put the texts there as .txt files, "
-                         "one subfolder per domain")
+        raise ValueError(
+            f"no .txt files under {folder}: put the texts there as .txt files, "
+            "one subfolder per domain"
+        )
     docs = []
     for path in paths:
         if (text := _read_text(path)) is not None:
@@ -271,8 +273,10 @@ def load_folder(folder) -> list[Document]:
             domain = rel.parts[0] if len(rel.parts) > 1 else "local"
             docs.append(Document(domain, str(rel.with_suffix("")), text))
     if not docs:
-        raise ValueError(f"no usable .txt files under {folder}: all {len(paths)} were skipped "
-                         "(see the warnings); give it UTF-8 text files")
+        raise ValueError(
+            f"no usable .txt files under {folder}: all {len(paths)} were skipped "
+            "(see the warnings); give it UTF-8 text files"
+        )
     return docs
 
 
@@ -284,8 +288,9 @@ def _read_text(path: Path) -> str | None:
     try:
         text = normalize(strip_gutenberg(raw.decode("utf-8")))
     except UnicodeDecodeError as e:
-        return _skip(path, f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
-                           "save it as UTF-8")
+        return _skip(
+            path, f"not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        )
     if not text.strip():
         return _skip(path, "empty (no text)")
     return text

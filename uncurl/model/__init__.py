@@ -6,5 +6,17 @@ from uncurl.model.checkpoint import load_model, save_checkpoint
 from uncurl.model.gpt import GPT, Output, count_parameters, eval_mode
 from uncurl.model.moe import MLP, GroupedMLP, MoE, Routing, dispatch, load_balancing_loss
 
-__all__ = ["GPT", "MLP", "GroupedMLP", "MoE", "Output", "Routing", "count_parameters",
-           "dispatch", "eval_mode", "load_balancing_loss", "load_model", "save_checkpoint"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "GroupedMLP",
+    "MoE",
+    "Output",
+    "Routing",
+    "count_parameters",
+    "dispatch",
+    "eval_mode",
+    "load_balancing_loss",
+    "load_model",
+    "save_checkpoint",
+]

@@ -24,8 +24,9 @@ def save_checkpoint(path, model: GPT, tokenizer=None, info: dict | None = None, 
     return Path(path)
 
 
-def write_checkpoint(folder: Path, model: GPT, tokenizer=None, info: dict | None = None,
-                     state=None) -> None:
+def write_checkpoint(
+    folder: Path, model: GPT, tokenizer=None, info: dict | None = None, state=None
+) -> None:
     """The checkpoint's files into an existing (temporary) folder."""
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(weights, folder / MODEL_FILE)
@@ -41,8 +42,9 @@ def find_checkpoint(path) -> Path:
     path = Path(path)
     for candidate in (path, path / layout.CHECKPOINT):
         if layout.recover_dir(candidate):
-            log.warning("%s: put back the checkpoint an interrupted save had moved aside",
-                        candidate)
+            log.warning(
+                "%s: put back the checkpoint an interrupted save had moved aside", candidate
+            )
         if (candidate / MODEL_FILE).exists() and (candidate / CONFIG_FILE).exists():
             return candidate
     raise FileNotFoundError(

@@ -77,8 +77,7 @@ class ExpertParallelMoE(nn.Module):
         shape, ph, clock = x.shape, self.phases, vars(self.phases)
         x = x.reshape(-1, shape[-1])  # (N, d): this rank's tokens; equal N on every rank
         with stopwatch(clock, "route"):
-            capacity = None if dropless else self.cfg.capacity(len(x), self.n_expert,
-                                                                 self.training)
+            capacity = None if dropless else self.cfg.capacity(len(x), self.n_expert, self.training)
             d = dispatch(self.router(x), self.cfg.top_k, capacity)
             buffer, slot = scatter(x, d.token, d.sizes, capacity or self._largest(d.sizes))
         with stopwatch(clock, "first_a2a"):
@@ -86,8 +85,7 @@ class ExpertParallelMoE(nn.Module):
         with stopwatch(clock, "compute"):
             p, e, c, width = received.shape
             rows = received.transpose(0, 1).reshape(e * p * c, width)  # each expert contiguous
-            y = GroupedMLP.apply(rows, [p * c] * e, self.w_fc, self.b_fc, self.w_proj,
-                                 self.b_proj)
+            y = GroupedMLP.apply(rows, [p * c] * e, self.w_fc, self.b_fc, self.w_proj, self.b_proj)
             outputs = y.view(e, p, c, width).transpose(0, 1)  # (P, E/P, C, d): by origin rank
         with stopwatch(clock, "second_a2a"):
             returned = self._exchange(outputs)  # (P, E/P, C, d) = (E, C, d): my slots, computed
@@ -112,8 +110,9 @@ class ExpertParallelMoE(nn.Module):
         return int(largest)
 
 
-def scatter(x: torch.Tensor, token: torch.Tensor, sizes: torch.Tensor,
-            capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scatter(
+    x: torch.Tensor, token: torch.Tensor, sizes: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The capacity buffer (E, C, d) holding each kept slot's token at (expert, queue position),
     zeros elsewhere, and each slot's flat index into it; slots come sorted by expert."""
     n_expert = len(sizes)
@@ -138,6 +137,7 @@ def shard_model(model: GPT, rank: int, world: int, group=None) -> list[ExpertPar
 
 # ------------------------------------------------------------------------------ processes
 
+
 def launch(fn, world: int, *args) -> list:
     """Run `fn(rank, world, *args)` in `world` fresh processes joined in one gloo group on
     localhost, one torch thread each; returns each rank's (picklable) result, by rank.
@@ -160,8 +160,13 @@ def launch(fn, world: int, *args) -> list:
 def _run(rank, world, port, queue, fn, args):
     cpu.configure(1)
     # environment variables as well, so that DeepSpeed's initialisation finds the same group
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)

@@ -89,8 +89,9 @@ class GPT(nn.Module):
     def moe_blocks(self) -> list[MoE]:
         return [b.mlp for b in self.h if isinstance(b.mlp, MoE)]
 
-    def forward(self, idx, targets=None, return_routing=False, loss_mask=None,
-                dropless: bool = False):
+    def forward(
+        self, idx, targets=None, return_routing=False, loss_mask=None, dropless: bool = False
+    ):
         """Logits, losses and (on request) every MoE layer's routing; `dropless` lifts the
         experts' capacity, so that a token's result does not depend on its batch."""
         B, T = idx.shape
@@ -110,8 +111,9 @@ class GPT(nn.Module):
         )
         lm_loss = loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                      ignore_index=-1)
+            lm_loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1
+            )
             loss = lm_loss + self.cfg.aux_loss_weight * aux
         return Output(logits, loss, lm_loss, aux, tuple(routing) if return_routing else None)
 

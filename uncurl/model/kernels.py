@@ -30,19 +30,34 @@ def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> 
     out[rows of e] = a[rows of e] @ b[e] (+ bias[e], bias being (E, N))."""
     _check(sizes, rows=len(a), experts=len(b), inner=(a.shape[1], b.shape[1]))
     if bias is not None and bias.shape != (len(b), b.shape[2]):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, not (experts, N) = "
-                         f"{(len(b), b.shape[2])}")
+        raise ValueError(
+            f"bias has shape {tuple(bias.shape)}, not (experts, N) = {(len(b), b.shape[2])}"
+        )
     out = a.new_empty(len(a), b.shape[2])
     if _gemm_for(a, b, bias):
         bias = None if bias is None else bias.contiguous()  # the kernel reads its rows whole
-        _gemm(sizes, False, 0, b.shape[2], b.shape[1], a, (a.stride(0), a.stride(1)),
-              b, (b.stride(1), b.stride(2), b.stride(0)), bias, out, out.stride(0), 0)
+        _gemm(
+            sizes,
+            False,
+            0,
+            b.shape[2],
+            b.shape[1],
+            a,
+            (a.stride(0), a.stride(1)),
+            b,
+            (b.stride(1), b.stride(2), b.stride(0)),
+            bias,
+            out,
+            out.stride(0),
+            0,
+        )
     elif bias is None:
         for a_e, b_e, out_e in zip(a.split(sizes), b.unbind(), out.split(sizes), strict=True):
             torch.mm(a_e, b_e, out=out_e)
     else:
-        for a_e, b_e, out_e, bias_e in zip(a.split(sizes), b.unbind(), out.split(sizes),
-                                           bias.unbind(), strict=True):
+        for a_e, b_e, out_e, bias_e in zip(
+            a.split(sizes), b.unbind(), out.split(sizes), bias.unbind(), strict=True
+        ):
             torch.addmm(bias_e, a_e, b_e, out=out_e)
     return out
 
@@ -56,11 +71,26 @@ def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None
         raise ValueError(f"b_sums has shape {tuple(b_sums.shape)}, not {(len(sizes), b.shape[1])}")
     out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
     if _gemm_for(a, b, b_sums) and (b_sums is None or b_sums.is_contiguous()):
-        _gemm(sizes, True, a.shape[1], b.shape[1], 0, a, (a.stride(1), a.stride(0)),
-              b, (b.stride(0), b.stride(1), 0), None, out, out.stride(1), out.stride(0), b_sums)
+        _gemm(
+            sizes,
+            True,
+            a.shape[1],
+            b.shape[1],
+            0,
+            a,
+            (a.stride(1), a.stride(0)),
+            b,
+            (b.stride(0), b.stride(1), 0),
+            None,
+            out,
+            out.stride(1),
+            out.stride(0),
+            b_sums,
+        )
         return out
-    for a_e, b_e, out_e in zip(a.t().split(sizes, dim=1), b.split(sizes), out.unbind(),
-                               strict=True):
+    for a_e, b_e, out_e in zip(
+        a.t().split(sizes, dim=1), b.split(sizes), out.unbind(), strict=True
+    ):
         torch.mm(a_e, b_e, out=out_e)  # (P, 0) @ (0, Q) writes zeros
     if b_sums is not None:
         torch.stack([b_e.sum(0) for b_e in b.split(sizes)], out=b_sums)
@@ -81,8 +111,14 @@ class SoftmaxTopK(torch.autograd.Function):
             probs = probs.contiguous()
             gates = probs.new_empty(len(probs), k)
             experts = torch.empty(len(probs), k, dtype=torch.long)
-            lib.uncurl_topk(len(probs), probs.shape[1], k, probs.data_ptr(), gates.data_ptr(),
-                            experts.data_ptr())
+            lib.uncurl_topk(
+                len(probs),
+                probs.shape[1],
+                k,
+                probs.data_ptr(),
+                gates.data_ptr(),
+                experts.data_ptr(),
+            )
         else:
             gates, experts = probs.topk(k, dim=-1)
         ctx.save_for_backward(probs, gates, experts)
@@ -110,9 +146,17 @@ def sort_slots(experts: torch.Tensor, n_expert: int, capacity: int | None):
         experts = experts.contiguous()
         kept, dropped = torch.empty(n * k, dtype=torch.long), torch.empty(n * k, dtype=torch.bool)
         counts, sizes = (torch.empty(n_expert, dtype=torch.long) for _ in range(2))
-        m = lib.uncurl_dispatch(n, k, n_expert, experts.data_ptr(),
-                                -1 if capacity is None else capacity, kept.data_ptr(),
-                                counts.data_ptr(), sizes.data_ptr(), dropped.data_ptr())
+        m = lib.uncurl_dispatch(
+            n,
+            k,
+            n_expert,
+            experts.data_ptr(),
+            -1 if capacity is None else capacity,
+            kept.data_ptr(),
+            counts.data_ptr(),
+            sizes.data_ptr(),
+            dropped.data_ptr(),
+        )
         if m < 0:
             raise MemoryError("uncurl.model.kernels: no memory for dispatch")
         return kept[:m], counts, sizes, dropped
@@ -137,16 +181,21 @@ def backend() -> str:
 def _check(sizes, rows, experts, inner):
     """Shapes the kernel relies on (it would read past a tensor's end otherwise)."""
     if len(sizes) != experts or sum(sizes) != rows or min(sizes, default=0) < 0:
-        raise ValueError(f"sizes ({len(sizes)} experts, {sum(sizes)} rows) do not match the "
-                         f"operands ({experts} experts, {rows} rows)")
+        raise ValueError(
+            f"sizes ({len(sizes)} experts, {sum(sizes)} rows) do not match the "
+            f"operands ({experts} experts, {rows} rows)"
+        )
     if inner[0] != inner[1]:
         raise ValueError(f"inner dimensions differ: {inner[0]} and {inner[1]}")
 
 
 def _gemm_for(*tensors) -> bool:
     # the kernel runs on one thread; with more, torch's threaded BLAS is the safer choice
-    return _has_gemm() and torch.get_num_threads() == 1 and all(
-        t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+    return (
+        _has_gemm()
+        and torch.get_num_threads() == 1
+        and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+    )
 
 
 @functools.cache
@@ -155,17 +204,32 @@ def _has_gemm() -> bool:
     return bool(lib and lib.uncurl_gemm_supported())
 
 
-def _gemm(sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc, out_stride,
-          b_sums=None):
+def _gemm(
+    sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc, out_stride, b_sums=None
+):
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     status = _library().uncurl_grouped_gemm(
-        len(sizes), (ctypes.c_int64 * len(sizes))(*sizes), k_grouped, M, N, K,
-        ptr(a), *a_strides, ptr(b), *b_strides,
-        ptr(bias), 0 if bias is None else bias.stride(0), ptr(out), ldc, out_stride, ptr(b_sums),
+        len(sizes),
+        (ctypes.c_int64 * len(sizes))(*sizes),
+        k_grouped,
+        M,
+        N,
+        K,
+        ptr(a),
+        *a_strides,
+        ptr(b),
+        *b_strides,
+        ptr(bias),
+        0 if bias is None else bias.stride(0),
+        ptr(out),
+        ldc,
+        out_stride,
+        ptr(b_sums),
     )
     if status:
-        raise MemoryError("uncurl.model.kernels: no memory for the grouped product's scratch "
-                          "buffer")
+        raise MemoryError(
+            "uncurl.model.kernels: no memory for the grouped product's scratch buffer"
+        )
 
 
 @functools.cache
@@ -177,13 +241,35 @@ def _library():
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
-        warnings.warn(f"uncurl.model.kernels: could not build {SOURCE.name} ({detail}); MoE layers "
-                      "run on torch ops alone. Install a C compiler (or set CC) to get the "
-                      "kernels, or set UNCURL_KERNELS=torch to silence this.", stacklevel=2)
+        warnings.warn(
+            f"uncurl.model.kernels: could not build {SOURCE.name} ({detail}); MoE layers "
+            "run on torch ops alone. Install a C compiler (or set CC) to get the "
+            "kernels, or set UNCURL_KERNELS=torch to silence this.",
+            stacklevel=2,
+        )
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.uncurl_grouped_gemm.argtypes = [i64, ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64,
-                                        ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr]
+    lib.uncurl_grouped_gemm.argtypes = [
+        i64,
+        ptr,
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        i64,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        i64,
+        i64,
+        ptr,
+    ]
     lib.uncurl_topk.argtypes = [i64, i64, i64, ptr, ptr, ptr]
     lib.uncurl_dispatch.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
     lib.uncurl_dispatch.restype = i64
@@ -199,7 +285,11 @@ def _build() -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / lib.name
-            subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(built)],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(built)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             os.replace(built, lib)
     return lib

@@ -52,8 +52,14 @@ class MLP(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, x.shape[-1])
         one = lambda t: None if t is None else t[None]  # noqa: E731  as a stack of one expert
-        y = GroupedMLP.apply(rows, [len(rows)], one(self.c_fc.weight.t()), one(self.c_fc.bias),
-                             one(self.c_proj.weight.t()), one(self.c_proj.bias))
+        y = GroupedMLP.apply(
+            rows,
+            [len(rows)],
+            one(self.c_fc.weight.t()),
+            one(self.c_fc.bias),
+            one(self.c_proj.weight.t()),
+            one(self.c_proj.bias),
+        )
         return y.view(*x.shape[:-1], -1)
 
 
@@ -157,11 +163,14 @@ class GroupedMLP(torch.autograd.Function):
         xs, pre, act, w_fc, w_proj = ctx.saved_tensors
         sizes = ctx.sizes
         # bias gradients are the experts' row sums of the output gradients
-        g_bfc, g_bproj = (xs.new_empty(len(sizes), w.shape[2]) if has else None
-                          for w, has in zip((w_fc, w_proj), ctx.has_bias, strict=True))
+        g_bfc, g_bproj = (
+            xs.new_empty(len(sizes), w.shape[2]) if has else None
+            for w, has in zip((w_fc, w_proj), ctx.has_bias, strict=True)
+        )
         g_wproj = expert_outer(act, grad_out, sizes, g_bproj)
-        g_pre = torch.ops.aten.gelu_backward(expert_mm(grad_out, w_proj.transpose(1, 2), sizes),
-                                             pre)
+        g_pre = torch.ops.aten.gelu_backward(
+            expert_mm(grad_out, w_proj.transpose(1, 2), sizes), pre
+        )
         g_wfc = expert_outer(xs, g_pre, sizes, g_bfc)
         g_xs = expert_mm(g_pre, w_fc.transpose(1, 2), sizes)
         return g_xs, None, g_wfc, g_bfc, g_wproj, g_bproj

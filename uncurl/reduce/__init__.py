@@ -24,20 +24,38 @@ from uncurl.timing import stopwatch
 METHODS = tuple(PLANNERS)
 
 __all__ = [
-    "METHODS", "NEEDS", "ROUTERS", "SOLVERS", "LayerStats", "align_plan", "apply_plan",
-    "check_model", "check_request", "collect_stats", "default_router", "load_task_docs",
-    "make_plan", "match_neurons", "merge_group", "neuron_scores", "reduce_model", "router_warmup",
+    "METHODS",
+    "NEEDS",
+    "ROUTERS",
+    "SOLVERS",
+    "LayerStats",
+    "align_plan",
+    "apply_plan",
+    "check_model",
+    "check_request",
+    "collect_stats",
+    "default_router",
+    "load_task_docs",
+    "make_plan",
+    "match_neurons",
+    "merge_group",
+    "neuron_scores",
+    "reduce_model",
+    "router_warmup",
 ]
 
 
 def check_model(model: GPT) -> None:
     if not model.cfg.is_moe:
-        raise ValueError("the checkpoint is a dense model (n_expert=1); expert reduction needs an "
-                         "SMoE checkpoint (trained with --n-expert > 1, e.g. runs/small/e16)")
+        raise ValueError(
+            "the checkpoint is a dense model (n_expert=1); expert reduction needs an "
+            "SMoE checkpoint (trained with --n-expert > 1, e.g. runs/small/e16)"
+        )
 
 
-def reduce_model(model: GPT, batches, method: str, target_n_expert: int,
-                 cfg: ReduceConfig = ReduceConfig()) -> tuple[GPT, dict]:
+def reduce_model(
+    model: GPT, batches, method: str, target_n_expert: int, cfg: ReduceConfig = ReduceConfig()
+) -> tuple[GPT, dict]:
     """Reduce every MoE layer of `model` to `target_n_expert` experts on task batches.
 
     Returns the reduced model and a JSON-serializable record: the plan (with permutations),
@@ -46,8 +64,7 @@ def reduce_model(model: GPT, batches, method: str, target_n_expert: int,
     """
     router = cfg.router or default_router(method)
     check_model(model)
-    check_request(method, target_n_expert, [m.n_expert for m in model.moe_blocks],
-                  model.cfg.top_k)
+    check_request(method, target_n_expert, [m.n_expert for m in model.moe_blocks], model.cfg.top_k)
     if router not in ROUTERS or cfg.solver not in SOLVERS:
         raise ValueError(f"router must be one of {ROUTERS} and solver one of {SOLVERS}")
     times = {}
@@ -62,17 +79,29 @@ def reduce_model(model: GPT, batches, method: str, target_n_expert: int,
     with stopwatch(times, "router_warmup"):
         losses = router_warmup(reduced, batches, cfg.router_warmup_steps, cfg.router_warmup_lr)
     record = {
-        "method": method, "target_n_expert": target_n_expert, "router": router,
-        "seed": cfg.seed, "solver": cfg.solver, "n_tokens": stats[0].n_tokens, "plan": plan,
+        "method": method,
+        "target_n_expert": target_n_expert,
+        "router": router,
+        "seed": cfg.seed,
+        "solver": cfg.solver,
+        "n_tokens": stats[0].n_tokens,
+        "plan": plan,
         "layers": [_layer_record(st) for st in stats],
-        "router_warmup": {"steps": cfg.router_warmup_steps, "lr": cfg.router_warmup_lr,
-                          "losses": losses},
+        "router_warmup": {
+            "steps": cfg.router_warmup_steps,
+            "lr": cfg.router_warmup_lr,
+            "losses": losses,
+        },
         "timings_s": times,
     }
     return reduced, record
 
 
 def _layer_record(st: LayerStats) -> dict:
-    return {"layer": st.layer, "counts": st.counts.tolist(), "top1": st.top1.tolist(),
-            "frequency": st.frequency().tolist(),
-            "similarity": np.round(st.similarity(), 6).tolist()}
+    return {
+        "layer": st.layer,
+        "counts": st.counts.tolist(),
+        "top1": st.top1.tolist(),
+        "frequency": st.frequency().tolist(),
+        "similarity": np.round(st.similarity(), 6).tolist(),
+    }

@@ -22,21 +22,38 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uncurl.reduce", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="SMoE checkpoint or run folder")
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--target-n-expert", type=int, required=True,
-                   help="D, experts per MoE layer after")
-    p.add_argument("--task-data", required=True,
-                   help="registered task, prepared DIR[:DOMAIN] (train split), or .txt file/folder")
+    p.add_argument(
+        "--target-n-expert", type=int, required=True, help="D, experts per MoE layer after"
+    )
+    p.add_argument(
+        "--task-data",
+        required=True,
+        help="registered task, prepared DIR[:DOMAIN] (train split), or .txt file/folder",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for the reduced checkpoint")
-    p.add_argument("--router", choices=ROUTERS, default=d.router,
-                   help="router handling (default: keep for pruning methods, reinit for merging)")
+    p.add_argument(
+        "--router",
+        choices=ROUTERS,
+        default=d.router,
+        help="router handling (default: keep for pruning methods, reinit for merging)",
+    )
     p.add_argument("--solver", choices=SOLVERS, default=d.solver, help="weight-matching solver")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                   help="task tokens for the statistics (a seeded sample of windows)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=d.max_tokens,
+        help="task tokens for the statistics (a seeded sample of windows)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="sampling, clustering, random, router init")
-    p.add_argument("--router-warmup-steps", type=int, default=d.router_warmup_steps,
-                   help="router-only training steps on the task data after the reduction")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="sampling, clustering, random, router init"
+    )
+    p.add_argument(
+        "--router-warmup-steps",
+        type=int,
+        default=d.router_warmup_steps,
+        help="router-only training steps on the task data after the reduction",
+    )
     p.add_argument("--router-warmup-lr", type=float, default=d.router_warmup_lr)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -53,8 +70,9 @@ def run(args) -> Path:
     vocab_size = read_info(args.checkpoint)["model"]["vocab_size"]
     docs = load_task_docs(args.task_data, load_tokenizer(args.checkpoint), vocab_size)
     cfg = ReduceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReduceConfig)})
-    return reduce_checkpoint(args.checkpoint, args.out, args.method, args.target_n_expert, docs,
-                             args.task_data, cfg)
+    return reduce_checkpoint(
+        args.checkpoint, args.out, args.method, args.target_n_expert, docs, args.task_data, cfg
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Apply a plan: a new model that physically holds only the planned experts (STUDY.md section 3,
-steps 4-6). Each group's members, aligned to its anchor, are averaged with the plan's weights
-(a singleton is copied exactly); the router is re-initialised, kept, or merged."""
+"""Apply a plan: a new model that physically holds only the planned experts (the book's Method
+chapter: UNCURL's alignment, merge and new router). Each group's members, aligned to its anchor,
+are averaged with the plan's weights (a singleton is copied exactly); the router is
+re-initialised, kept, or merged."""
 
 import torch
 
@@ -12,8 +13,9 @@ ROUTERS = ("reinit", "keep", "merge")
 EXPERT_PARAMS = ("w_fc", "b_fc", "w_proj", "b_proj")
 
 
-def apply_plan(model: GPT, plan: dict, router: str = "keep", seed: int = 0,
-               solver: str = "hungarian") -> GPT:
+def apply_plan(
+    model: GPT, plan: dict, router: str = "keep", seed: int = 0, solver: str = "hungarian"
+) -> GPT:
     """The reduced model. Members the plan has not aligned yet are aligned first (`solver`).
 
     router: "reinit" a fresh router with D outputs (seeded), "keep" each group's anchor row,
@@ -28,8 +30,9 @@ def apply_plan(model: GPT, plan: dict, router: str = "keep", seed: int = 0,
     reduced.load_state_dict(shared, strict=False)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for old, new, layer in zip(model.moe_blocks, reduced.moe_blocks, plan["layers"],
-                                   strict=True):
+        for old, new, layer in zip(
+            model.moe_blocks, reduced.moe_blocks, plan["layers"], strict=True
+        ):
             merged = [merge_group(old, g) for g in layer["groups"]]
             for name in EXPERT_PARAMS:
                 if getattr(new, name) is not None:
@@ -54,12 +57,16 @@ def check_plan_fits(model: GPT, plan: dict) -> None:
 
 def merge_group(moe: MoE, group: dict) -> dict:
     """Weighted average of the group's aligned members: {param name: tensor for one expert}."""
-    parts = [expert_params(moe, m, p) for m, p in zip(group["members"], group["perms"],
-                                                      strict=True)]
+    parts = [
+        expert_params(moe, m, p) for m, p in zip(group["members"], group["perms"], strict=True)
+    ]
     weights = torch.tensor(group["weights"], dtype=moe.w_fc.dtype)
-    return {name: None if parts[0][name] is None else
-            torch.einsum("m,m...->...", weights, torch.stack([p[name] for p in parts]))
-            for name in EXPERT_PARAMS}
+    return {
+        name: None
+        if parts[0][name] is None
+        else torch.einsum("m,m...->...", weights, torch.stack([p[name] for p in parts]))
+        for name in EXPERT_PARAMS
+    }
 
 
 def expert_params(moe: MoE, e: int, perm=None) -> dict:
@@ -78,8 +85,9 @@ def _router_rows(old: MoE, groups: list[dict], router: str, gen) -> torch.Tensor
     if router == "keep":
         return rows[[g["anchor"] for g in groups]]
     if router == "merge":
-        return torch.stack([torch.tensor(g["weights"], dtype=rows.dtype) @ rows[g["members"]]
-                            for g in groups])
+        return torch.stack(
+            [torch.tensor(g["weights"], dtype=rows.dtype) @ rows[g["members"]] for g in groups]
+        )
     fresh = torch.empty(len(groups), rows.shape[1])
     return fresh.normal_(0.0, old.cfg.router_init_std, generator=gen)
 

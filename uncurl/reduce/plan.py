@@ -48,20 +48,25 @@ def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: 
     """Plan the reduction of every MoE layer to `target_n_expert` experts (on average for
     mcsmoe)."""
     check_request(method, target_n_expert, [st.n_expert for st in stats], stats[0].top_k)
-    if not all(_has(st, need, target_n_expert) for st in stats
-               for need in NEEDS.get(method, ())):
-        raise ValueError(f"{method} needs statistics {NEEDS[method]}: collect them with "
-                         f"collect_stats(model, batches, needs={NEEDS[method]}, subset_size=D)")
+    if not all(_has(st, need, target_n_expert) for st in stats for need in NEEDS.get(method, ())):
+        raise ValueError(
+            f"{method} needs statistics {NEEDS[method]}: collect them with "
+            f"collect_stats(model, batches, needs={NEEDS[method]}, subset_size=D)"
+        )
     layers = PLANNERS[method](stats, target_n_expert, seed)
     return {
         "method": method,
         "seed": seed,
         "target_n_expert": [len(clusters) for clusters, _ in layers],
         "layers": [
-            {"layer": st.layer, "source_n_expert": st.n_expert,
-             "groups": sorted((make_group(m, st.counts) for m in clusters),
-                              key=lambda g: g["anchor"]),
-             **details}
+            {
+                "layer": st.layer,
+                "source_n_expert": st.n_expert,
+                "groups": sorted(
+                    (make_group(m, st.counts) for m in clusters), key=lambda g: g["anchor"]
+                ),
+                **details,
+            }
             for st, (clusters, details) in zip(stats, layers, strict=True)
         ],
     }
@@ -72,11 +77,15 @@ def check_request(method: str, target_n_expert: int, counts: list[int], top_k: i
     if method not in PLANNERS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(PLANNERS)}")
     if target_n_expert < max(1, top_k):
-        raise ValueError(f"target_n_expert={target_n_expert} is too small: each MoE layer needs "
-                         f"at least top_k={top_k} expert(s); choose D >= {max(1, top_k)}")
+        raise ValueError(
+            f"target_n_expert={target_n_expert} is too small: each MoE layer needs "
+            f"at least top_k={top_k} expert(s); choose D >= {max(1, top_k)}"
+        )
     if target_n_expert >= min(counts):
-        raise ValueError(f"target_n_expert={target_n_expert} does not reduce layers of {counts} "
-                         f"experts; choose D < {min(counts)}")
+        raise ValueError(
+            f"target_n_expert={target_n_expert} does not reduce layers of {counts} "
+            f"experts; choose D < {min(counts)}"
+        )
 
 
 def _has(st: LayerStats, need: str, d: int) -> bool:
@@ -90,8 +99,12 @@ def make_group(members, counts) -> dict:
     members = sorted(int(m) for m in members)
     c = np.array([counts[m] for m in members], dtype=float)
     weights = c / c.sum() if c.sum() > 0 else np.full(len(members), 1 / len(members))
-    return {"members": members, "anchor": members[int(np.argmax(c))],
-            "weights": weights.tolist(), "perms": [None] * len(members)}
+    return {
+        "members": members,
+        "anchor": members[int(np.argmax(c))],
+        "weights": weights.tolist(),
+        "perms": [None] * len(members),
+    }
 
 
 def top(values, d: int) -> list[int]:
@@ -108,8 +121,9 @@ def _uncurl(st: LayerStats, d: int, seed: int):
     """Spectral clustering as sklearn's SpectralClustering(affinity="precomputed"), in its two
     steps so that the embedding F (Z x D eigenvectors of the normalised Laplacian) is kept."""
     rng = np.random.RandomState(seed)  # one stream for both steps, as SpectralClustering
-    embedding = spectral_embedding(st.similarity(), n_components=d, drop_first=False,
-                                   random_state=rng)
+    embedding = spectral_embedding(
+        st.similarity(), n_components=d, drop_first=False, random_state=rng
+    )
     labels = KMeans(d, n_init=10, random_state=rng).fit_predict(embedding)
     return _clusters(_split_to(labels, embedding, d)), {"embedding": embedding.tolist()}
 
@@ -156,8 +170,9 @@ def _mcsmoe(stats: list[LayerStats], d: int, seed: int):
     """D x n_layers dominant experts by frequency across all layers, top_k of them per layer."""
     freqs = [st.frequency() for st in stats]
     dominant = [set(top(f, st.top_k)) for st, f in zip(stats, freqs, strict=True)]
-    rest = sorted((-f[e], i, e) for i, f in enumerate(freqs)
-                  for e in range(len(f)) if e not in dominant[i])
+    rest = sorted(
+        (-f[e], i, e) for i, f in enumerate(freqs) for e in range(len(f)) if e not in dominant[i]
+    )
     for _, i, e in rest[: sum(d - len(s) for s in dominant)]:
         dominant[i].add(e)
     return [(_join(st, sorted(s)), {}) for st, s in zip(stats, dominant, strict=True)]
@@ -171,14 +186,17 @@ def _reap(st: LayerStats, d: int, seed: int):
 def _naee(st: LayerStats, d: int, seed: int):
     best = int(np.argmin(st.subset_error))
     mse = st.subset_error[best] / max(1, st.n_tokens)
-    return [[int(e)] for e in st.subsets[best]], {"error_per_token": mse,
-                                                  "n_subsets": len(st.subsets)}
+    return [[int(e)] for e in st.subsets[best]], {
+        "error_per_token": mse,
+        "n_subsets": len(st.subsets),
+    }
 
 
 def _hcsmoe(st: LayerStats, d: int, seed: int):
     distance = cdist(st.mean_output(), st.mean_output(), "sqeuclidean")
     labels = AgglomerativeClustering(d, metric="precomputed", linkage="average").fit_predict(
-        distance)
+        distance
+    )
     return _clusters(labels), {}
 
 

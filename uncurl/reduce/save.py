@@ -24,11 +24,18 @@ from uncurl.provenance import environment
 from uncurl.reduce import check_model, check_request, reduce_model
 from uncurl.tasks import make_batches
 
-RECORD = "reduction.json"
+RECORD = layout.REDUCTION
 
 
-def reduce_checkpoint(checkpoint, out, method: str, target_n_expert: int, docs: list[np.ndarray],
-                      task_data: str, cfg: ReduceConfig = ReduceConfig()) -> Path:
+def reduce_checkpoint(
+    checkpoint,
+    out,
+    method: str,
+    target_n_expert: int,
+    docs: list[np.ndarray],
+    task_data: str,
+    cfg: ReduceConfig = ReduceConfig(),
+) -> Path:
     """Reduce `checkpoint` to `target_n_expert` experts per MoE layer on task documents `docs`
     (token arrays; `task_data` names them in the record) and write it to `out`."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -40,16 +47,29 @@ def reduce_checkpoint(checkpoint, out, method: str, target_n_expert: int, docs: 
     batches = make_batches(docs, model.cfg.block_size, cfg.batch_size, cfg.max_tokens, cfg.seed)
     reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
     parent = {k: v for k, v in read_info(checkpoint).items() if k != "model"}
-    info = {"reduction": {
-        "from": str(checkpoint), "method": method, "router": record["router"],
-        "task_data": task_data, "source_n_expert": source,
-        "target_n_expert": record["plan"]["target_n_expert"],
-        "sources": [[g["members"] for g in layer["groups"]] for layer in record["plan"]["layers"]],
-        "parent": parent,
-    }}
-    record = {"checkpoint": str(checkpoint), "task_data": task_data, "n_documents": len(docs),
-              "max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size, **record,
-              "environment": environment()}
+    info = {
+        "reduction": {
+            "from": str(checkpoint),
+            "method": method,
+            "router": record["router"],
+            "task_data": task_data,
+            "source_n_expert": source,
+            "target_n_expert": record["plan"]["target_n_expert"],
+            "sources": [
+                [g["members"] for g in layer["groups"]] for layer in record["plan"]["layers"]
+            ],
+            "parent": parent,
+        }
+    }
+    record = {
+        "checkpoint": str(checkpoint),
+        "task_data": task_data,
+        "n_documents": len(docs),
+        "max_tokens": cfg.max_tokens,
+        "batch_size": cfg.batch_size,
+        **record,
+        "environment": environment(),
+    }
     return _write(out, reduced, load_tokenizer(checkpoint), info, record)
 
 

@@ -1,4 +1,4 @@
-"""Per-MoE-layer statistics of task data, streamed over batches (STUDY.md section 3, step 1).
+"""Per-MoE-layer statistics of task data, streamed over batches (UNCURL's first step).
 
 Every layer keeps running sums, never per-token arrays, so |T| can be large:
 - selection counts (all k choices, and first choices) over real tokens;
@@ -56,36 +56,47 @@ class LayerStats:
         return self.output_sum / max(1, self.n_tokens)
 
 
-def collect_stats(model: GPT, batches, needs=(), subset_size: int | None = None,
-                  dropless: bool = True) -> list[LayerStats]:
+def collect_stats(
+    model: GPT, batches, needs=(), subset_size: int | None = None, dropless: bool = True
+) -> list[LayerStats]:
     """One pass of `batches` (tasks.Batch) through `model`; `needs` adds "reap", "outputs",
     "naee" (the last with `subset_size` = D)."""
     if "naee" in needs and subset_size is None:
         raise ValueError("NAEE statistics need subset_size, the D of the subsets to enumerate")
-    stats = [_empty(model, layer, moe, needs, subset_size)
-             for layer, moe in zip(model.cfg.moe_layers, model.moe_blocks, strict=True)]
+    stats = [
+        _empty(model, layer, moe, needs, subset_size)
+        for layer, moe in zip(model.cfg.moe_layers, model.moe_blocks, strict=True)
+    ]
     with torch.no_grad(), eval_mode(model):
         for batch in batches:
             mask = batch.mask.reshape(-1)
             routing = model(batch.idx, return_routing=True, dropless=dropless).routing
             for st, moe, r in zip(stats, model.moe_blocks, routing, strict=True):
-                _update(st, moe, r.inputs[mask], r.outputs[mask],
-                        (r.logits[mask], r.experts[mask], r.gates[mask]))
+                _update(
+                    st,
+                    moe,
+                    r.inputs[mask],
+                    r.outputs[mask],
+                    (r.logits[mask], r.experts[mask], r.gates[mask]),
+                )
     return stats
 
 
 def _empty(model: GPT, layer: int, moe: MoE, needs, subset_size) -> LayerStats:
     z, c = moe.n_expert, model.cfg.n_embd
-    st = LayerStats(layer, model.cfg.top_k, np.zeros(z, np.int64), np.zeros(z, np.int64),
-                    np.zeros((z, z)))
+    st = LayerStats(
+        layer, model.cfg.top_k, np.zeros(z, np.int64), np.zeros(z, np.int64), np.zeros((z, z))
+    )
     if "reap" in needs:
         st.reap_sum = np.zeros(z)
     if "outputs" in needs:
         st.output_sum = np.zeros((z, c))
     if "naee" in needs:
         if z > NAEE_MAX_EXPERTS:
-            raise ValueError(f"naee enumerates all C({z}, {subset_size}) expert subsets; it is "
-                             f"for layers of at most {NAEE_MAX_EXPERTS} experts")
+            raise ValueError(
+                f"naee enumerates all C({z}, {subset_size}) expert subsets; it is "
+                f"for layers of at most {NAEE_MAX_EXPERTS} experts"
+            )
         st.subsets = np.array(list(itertools.combinations(range(z), subset_size)))
         st.subset_error = np.zeros(len(st.subsets))
     return st

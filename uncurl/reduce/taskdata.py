@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uncurl import data, tasks
+from uncurl import data, layout, tasks
 
 
 def load_task_docs(spec: str, tokenizer=None, vocab_size: int | None = None) -> list[np.ndarray]:
@@ -45,7 +45,7 @@ def _labelled_tasks() -> list[str]:
 
 def _prepared_folder(spec: str) -> Path | None:
     folder = Path(spec.rpartition(":")[0] if ":" in spec else spec)
-    return folder if (folder / "meta.json").exists() else None
+    return folder if (folder / layout.META).exists() else None
 
 
 def _prepared_docs(spec: str, tokenizer, vocab_size) -> list[np.ndarray]:
@@ -58,13 +58,19 @@ def _prepared_docs(spec: str, tokenizer, vocab_size) -> list[np.ndarray]:
         raise ValueError(f"no domain {domain!r} in {folder}; its domains are {domains}")
     tokens = data.load_tokens(folder, "train")
     # each document keeps its <|endoftext|>, as in pretraining
-    return [np.asarray(tokens[r["start"] : r["end"] + 1], dtype=np.int64)
-            for r in rows if domain is None or r["domain"] == domain]
+    return [
+        np.asarray(tokens[r["start"] : r["end"] + 1], dtype=np.int64)
+        for r in rows
+        if domain is None or r["domain"] == domain
+    ]
 
 
 def _check_same_tokenizer(folder: Path, tokenizer, vocab_size) -> None:
-    same = (tokenizer.get_vocab() == data.load_tokenizer(folder).get_vocab() if tokenizer
-            else data.load_meta(folder)["vocab_size"] == vocab_size)
+    same = (
+        tokenizer.get_vocab() == data.load_tokenizer(folder).get_vocab()
+        if tokenizer
+        else data.load_meta(folder)["vocab_size"] == vocab_size
+    )
     if not same:
         raise ValueError(
             f"{folder} was tokenized with a different tokenizer than the model's; prepare the "
@@ -82,6 +88,7 @@ def _text_docs(path: Path, tokenizer) -> list[np.ndarray]:
             "use a prepared data folder (DIR:DOMAIN) instead"
         )
     eot = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [np.array(tokenizer(f.read_text(), add_special_tokens=False)["input_ids"] + eot)
-            for f in files]
-
+    return [
+        np.array(tokenizer(f.read_text(), add_special_tokens=False)["input_ids"] + eot)
+        for f in files
+    ]

@@ -1,13 +1,15 @@
-"""Router warm-up (STUDY.md section 3, step 6): after a reduction, train only the routers for a
-few steps on the task data, every other parameter frozen, before the whole model is fine-tuned."""
+"""Router warm-up (the last step of UNCURL in the book's Method chapter): after a reduction,
+train only the routers for a few steps on the task data, every other parameter frozen, before
+the whole model is fine-tuned."""
 
 import torch
 
 from uncurl.model import GPT
 
 
-def router_warmup(model: GPT, batches, steps: int, lr: float = 1e-3,
-                  grad_clip: float = 1.0) -> list[float]:
+def router_warmup(
+    model: GPT, batches, steps: int, lr: float = 1e-3, grad_clip: float = 1.0
+) -> list[float]:
     """Train the routers in place for `steps` steps, cycling through `batches` (tasks.Batch);
     returns the loss (LM + weighted load-balancing) of each step. Training mode, so capacity and
     dropping are as in fine-tuning."""

@@ -25,14 +25,39 @@ def plot_dense_equivalent(comparison: pd.DataFrame, fitted: dict, total_params: 
     ax = fig.subplots()
     e = comparison["n_expert"]
     ax.plot(e, comparison["paper"], "o", color="black", label="Sarkar et al. Fig. 2b (read off)")
-    ax.plot(e, comparison["dense_equivalent"], "-", marker="s", markersize=4, color="C0",
-            label="Clark et al. S-BASE: a log N' + d = log L")
-    ax.plot(e, comparison["effective_params"], "--", marker="^", markersize=4, color="C0",
-            label="Clark et al. S-BASE: L(N', 1) = L(N, E)")
-    ax.plot(list(fitted), list(fitted.values()), ":", color="C3",
-            label="law's form fitted to the paper's values")
-    ax.plot(list(total_params), list(total_params.values()), "-", color="0.6", linewidth=1,
-            label="total parameters of 354M+Xe")
+    ax.plot(
+        e,
+        comparison["dense_equivalent"],
+        "-",
+        marker="s",
+        markersize=4,
+        color="C0",
+        label="Clark et al. S-BASE: a log N' + d = log L",
+    )
+    ax.plot(
+        e,
+        comparison["effective_params"],
+        "--",
+        marker="^",
+        markersize=4,
+        color="C0",
+        label="Clark et al. S-BASE: L(N', 1) = L(N, E)",
+    )
+    ax.plot(
+        list(fitted),
+        list(fitted.values()),
+        ":",
+        color="C3",
+        label="law's form fitted to the paper's values",
+    )
+    ax.plot(
+        list(total_params),
+        list(total_params.values()),
+        "-",
+        color="0.6",
+        linewidth=1,
+        label="total parameters of 354M+Xe",
+    )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     plain_axis(ax.xaxis)
@@ -43,8 +68,9 @@ def plot_dense_equivalent(comparison: pd.DataFrame, fitted: dict, total_params: 
     return fig
 
 
-def plot_fixed_size_fit(models: pd.DataFrame, fit, ratios: pd.DataFrame, clark_ratio: dict,
-                        law) -> Figure:
+def plot_fixed_size_fit(
+    models: pd.DataFrame, fit, ratios: pd.DataFrame, clark_ratio: dict, law
+) -> Figure:
     """Our models: the fit of log L on log Ê (left) and the implied N'/N (right)."""
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2)
@@ -62,10 +88,21 @@ def plot_fixed_size_fit(models: pd.DataFrame, fit, ratios: pd.DataFrame, clark_r
     left.legend(fontsize="small")
     left.set_title("(a) final loss of our models")
     right.plot(ratios["n_expert"], ratios["ratio"], marker="o", color="C3", label="our fit")
-    right.fill_between(ratios["n_expert"], ratios["ratio_lo"], ratios["ratio_hi"], color="C3",
-                       alpha=0.2, label="95% interval (beta only)")
-    right.plot(list(clark_ratio), list(clark_ratio.values()), "--", color="C0",
-               label="Clark et al. S-BASE at our size (extrapolated)")
+    right.fill_between(
+        ratios["n_expert"],
+        ratios["ratio_lo"],
+        ratios["ratio_hi"],
+        color="C3",
+        alpha=0.2,
+        label="95% interval (beta only)",
+    )
+    right.plot(
+        list(clark_ratio),
+        list(clark_ratio.values()),
+        "--",
+        color="C0",
+        label="Clark et al. S-BASE at our size (extrapolated)",
+    )
     right.axhline(1, color="black", linewidth=0.8)
     right.set_xscale("log", base=2)
     right.set_yscale("log")
@@ -81,37 +118,54 @@ def plot_fixed_size_fit(models: pd.DataFrame, fit, ratios: pd.DataFrame, clark_r
 def paper_model_sizes(expert_counts) -> dict[int, int]:
     """Total parameters of 354M+Xe by our own count (the `paper` profile with GPT-2's BPE)."""
     cfg = get_profile("paper")
-    return {int(n): count_parameters(cfg.model_config(n_expert=int(n),
-                                                      vocab_size=paper.GPT2_VOCAB))["total"]
-            for n in expert_counts}
+    return {
+        int(n): count_parameters(cfg.model_config(n_expert=int(n), vocab_size=paper.GPT2_VOCAB))[
+            "total"
+        ]
+        for n in expert_counts
+    }
 
 
 def dense_equivalent_table(comparison: pd.DataFrame, fitted: dict, sizes: dict):
-    df = pd.DataFrame({
-        "experts X": comparison["n_expert"],
-        "total parameters (paper)": comparison["n_expert"].map(
-            lambda n: human(paper.TOTAL_PARAMS[n]) if n in paper.TOTAL_PARAMS else ""),
-        "total parameters (our count)": comparison["n_expert"].map(lambda n: human(sizes[n])),
-        "N' paper Fig. 2b": comparison["paper"].map(human),
-        "N' law, a log N' + d = log L": comparison["dense_equivalent"].map(human),
-        "N' law, L(N', 1) = L(N, E)": comparison["effective_params"].map(human),
-        "N' form fitted to the paper": comparison["n_expert"].map(lambda n: human(fitted[n])),
-    })
+    df = pd.DataFrame(
+        {
+            "experts X": comparison["n_expert"],
+            "total parameters (paper)": comparison["n_expert"].map(
+                lambda n: human(paper.TOTAL_PARAMS[n]) if n in paper.TOTAL_PARAMS else ""
+            ),
+            "total parameters (our count)": comparison["n_expert"].map(lambda n: human(sizes[n])),
+            "N' paper Fig. 2b": comparison["paper"].map(human),
+            "N' law, a log N' + d = log L": comparison["dense_equivalent"].map(human),
+            "N' law, L(N', 1) = L(N, E)": comparison["effective_params"].map(human),
+            "N' form fitted to the paper": comparison["n_expert"].map(lambda n: human(fitted[n])),
+        }
+    )
     return display_table(df)
 
 
 def ratios_table(ratios: pd.DataFrame, level: float):
     pct = f"{level:.0%}"
-    df = pd.DataFrame({
-        "model": ratios["n_expert"].map(expert_label), "N' / N": ratios["ratio"],
-        f"{pct} interval, low": ratios["ratio_lo"], f"{pct} interval, high": ratios["ratio_hi"],
-    })
+    df = pd.DataFrame(
+        {
+            "model": ratios["n_expert"].map(expert_label),
+            "N' / N": ratios["ratio"],
+            f"{pct} interval, low": ratios["ratio_lo"],
+            f"{pct} interval, high": ratios["ratio_hi"],
+        }
+    )
     return display_table(df, {c: "{:.3g}" for c in df.columns[1:]})
 
 
-def dense_equivalent_headline(comparison: pd.DataFrame, k: float, k_se: float, fit,
-                              ratios: pd.DataFrame, models: pd.DataFrame, law,
-                              level: float) -> dict:
+def dense_equivalent_headline(
+    comparison: pd.DataFrame,
+    k: float,
+    k_se: float,
+    fit,
+    ratios: pd.DataFrame,
+    models: pd.DataFrame,
+    law,
+    level: float,
+) -> dict:
     """The numbers and phrases of the dense-equivalent chapter."""
     row = comparison.set_index("n_expert")
     first, last = row.index.min(), row.index.max()
@@ -126,24 +180,37 @@ def dense_equivalent_headline(comparison: pd.DataFrame, k: float, k_se: float, f
         sign = "more experts lower the loss: the MoE models are worth larger dense models"
     else:
         sign = "the data cannot tell whether more experts lower or raise the loss"
-    return plain_values({
-        "paper_first_x": int(first), "paper_last_x": int(last),
-        "paper_first_b": row.loc[first, "paper"] / 1e9,
-        "law_first_b": row.loc[first, "dense_equivalent"] / 1e9,
-        "epc_first_b": row.loc[first, "effective_params"] / 1e9,
-        "paper_last_b": row.loc[last, "paper"] / 1e9,
-        "law_last_b": row.loc[last, "dense_equivalent"] / 1e9,
-        "epc_last_b": row.loc[last, "effective_params"] / 1e9,
-        "e_max": law.e_max, "paper_k": k, "paper_k_se": k_se,
-        "our_n_models": len(models), "our_dof": fit.dof, "our_params": human(n_ours),
-        "our_beta": fit.slope, "our_beta_lo": lo, "our_beta_hi": hi, "our_r2": fit.r2,
-        "our_resid_sd": fit.residual_sd, "level_pct": f"{level:.0%}",
-        "dense_exponent": law.dense_exponent, "our_max_x": int(top["n_expert"]),
-        "our_ratio_max": float(top["ratio"]), "our_ratio_max_lo": float(top["ratio_lo"]),
-        "our_ratio_max_hi": float(top["ratio_hi"]),
-        "clark_ratio_max": float(law.effective_params(n_ours, top["n_expert"]) / n_ours),
-        "our_sign": sign,
-    })
+    return plain_values(
+        {
+            "paper_first_x": int(first),
+            "paper_last_x": int(last),
+            "paper_first_b": row.loc[first, "paper"] / 1e9,
+            "law_first_b": row.loc[first, "dense_equivalent"] / 1e9,
+            "epc_first_b": row.loc[first, "effective_params"] / 1e9,
+            "paper_last_b": row.loc[last, "paper"] / 1e9,
+            "law_last_b": row.loc[last, "dense_equivalent"] / 1e9,
+            "epc_last_b": row.loc[last, "effective_params"] / 1e9,
+            "e_max": law.e_max,
+            "paper_k": k,
+            "paper_k_se": k_se,
+            "our_n_models": len(models),
+            "our_dof": fit.dof,
+            "our_params": human(n_ours),
+            "our_beta": fit.slope,
+            "our_beta_lo": lo,
+            "our_beta_hi": hi,
+            "our_r2": fit.r2,
+            "our_resid_sd": fit.residual_sd,
+            "level_pct": f"{level:.0%}",
+            "dense_exponent": law.dense_exponent,
+            "our_max_x": int(top["n_expert"]),
+            "our_ratio_max": float(top["ratio"]),
+            "our_ratio_max_lo": float(top["ratio_lo"]),
+            "our_ratio_max_hi": float(top["ratio_hi"]),
+            "clark_ratio_max": float(law.effective_params(n_ours, top["n_expert"]) / n_ours),
+            "our_sign": sign,
+        }
+    )
 
 
 def backbone_params(models: pd.DataFrame) -> float:

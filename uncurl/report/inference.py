@@ -42,6 +42,7 @@ def display(df: pd.DataFrame):
 
 # ---------------------------------------------------------------------------------- figures
 
+
 def plot_loss_vs_latency(result: dict) -> Figure:
     """Fig. 2a's analog: validation loss against forward latency, one point per model."""
     fig = Figure(figsize=(10, 4.2), layout="constrained")
@@ -51,15 +52,27 @@ def plot_loss_vs_latency(result: dict) -> Figure:
         if m["val_loss"] is None:
             continue
         reduced = m["kind"] == "reduced"
-        ours.scatter(single[m["name"]], m["val_loss"], s=45, zorder=3,
-                     marker="D" if reduced else "o", facecolors="none" if reduced else None,
-                     color=expert_color(_experts(m["n_expert"])))
-        ours.annotate(_label(m["name"], m["n_expert"]), (single[m["name"]], m["val_loss"]),
-                      textcoords="offset points", xytext=(5, 4), fontsize="small")
+        ours.scatter(
+            single[m["name"]],
+            m["val_loss"],
+            s=45,
+            zorder=3,
+            marker="D" if reduced else "o",
+            facecolors="none" if reduced else None,
+            color=expert_color(_experts(m["n_expert"])),
+        )
+        ours.annotate(
+            _label(m["name"], m["n_expert"]),
+            (single[m["name"]], m["val_loss"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize="small",
+        )
     for n, (ms, loss) in costmodel.PAPER_FIG2A.items():
         theirs.scatter(ms, loss, s=45, color=expert_color(n), zorder=3)
-        theirs.annotate(expert_label(n), (ms, loss), textcoords="offset points", xytext=(5, 4),
-                        fontsize="small")
+        theirs.annotate(
+            expert_label(n), (ms, loss), textcoords="offset points", xytext=(5, 4), fontsize="small"
+        )
     for ax in (ours, theirs):
         ax.set_xlabel("forward latency (ms)")
         ax.set_ylabel(LOSS_LABEL)
@@ -75,14 +88,23 @@ def plot_a2a_vs_compute(result: dict) -> Figure:
     panels = [(f"{impl}, P = {p}", g) for (impl, p), g in layer.groupby(["implementation", "P"])]
     fig = Figure(figsize=(3.4 * (len(panels) + 1), 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels) + 1))
-    paper = pd.DataFrame({"experts": list(costmodel.PAPER_FIG4_A2A_US),
-                          "a2a": list(costmodel.PAPER_FIG4_A2A_US.values()),
-                          "compute": costmodel.PAPER_FIG4_COMPUTE_US})
+    paper = pd.DataFrame(
+        {
+            "experts": list(costmodel.PAPER_FIG4_A2A_US),
+            "a2a": list(costmodel.PAPER_FIG4_A2A_US.values()),
+            "compute": costmodel.PAPER_FIG4_COMPUTE_US,
+        }
+    )
     for ax, (title, g) in zip(axes, panels, strict=False):
         a2a = 1e3 * (g["first All2All (ms)"] + g["second All2All (ms)"])
         _stacked(ax, g["experts"], a2a, 1e3 * g["expert computation (ms)"], title)
-    _stacked(axes[-1], paper["experts"], paper["a2a"], paper["compute"],
-             "Sarkar et al. Fig. 4: 124M, GPUs, EP 2")
+    _stacked(
+        axes[-1],
+        paper["experts"],
+        paper["a2a"],
+        paper["compute"],
+        "Sarkar et al. Fig. 4: 124M, GPUs, EP 2",
+    )
     axes[0].legend(fontsize="small")
     return fig
 
@@ -105,13 +127,24 @@ def plot_latency_vs_procs(result: dict) -> Figure:
     ours, theirs = fig.subplots(1, 2)
     for model, g in fwd.groupby("model", sort=False):
         n = names[model]
-        ours.plot(g["P"], g["forward (ms)"], marker="o", color=expert_color(_experts(n)),
-                  linestyle="--" if model.startswith("reduced/") else "-",
-                  label=_label(model, n))
-        ours.fill_between(g["P"], g["q1 (ms)"], g["q3 (ms)"], color=expert_color(_experts(n)),
-                          alpha=0.15)
-    theirs.plot(list(costmodel.PAPER_FIG5_MS), list(costmodel.PAPER_FIG5_MS.values()),
-                marker="o", color=expert_color(32), label="124M+32e")
+        ours.plot(
+            g["P"],
+            g["forward (ms)"],
+            marker="o",
+            color=expert_color(_experts(n)),
+            linestyle="--" if model.startswith("reduced/") else "-",
+            label=_label(model, n),
+        )
+        ours.fill_between(
+            g["P"], g["q1 (ms)"], g["q3 (ms)"], color=expert_color(_experts(n)), alpha=0.15
+        )
+    theirs.plot(
+        list(costmodel.PAPER_FIG5_MS),
+        list(costmodel.PAPER_FIG5_MS.values()),
+        marker="o",
+        color=expert_color(32),
+        label="124M+32e",
+    )
     ours.set_xlabel(f"processes P on {result['environment']['cpus']} cores")
     theirs.set_xlabel("GPUs")
     for ax in (ours, theirs):
@@ -134,12 +167,20 @@ def plot_cost_model(result: dict) -> Figure:
     layer = layer[(layer["impl"] == "uncurl") & (layer["world"] > 1)]
     for i, (world, g) in enumerate(ex.groupby("world")):
         grid = np.geomspace(g["bytes"].min(), g["bytes"].max(), 50)
-        left.plot(grid, 1e3 * costmodel.exchange_time(grid, world, fit["alpha"],
-                                                      fit["bandwidth"]), color=f"C{i}")
+        left.plot(
+            grid,
+            1e3 * costmodel.exchange_time(grid, world, fit["alpha"], fit["bandwidth"]),
+            color=f"C{i}",
+        )
         left.scatter(g["bytes"], g["median_ms"], color=f"C{i}", label=f"bare, P = {world}")
         mine = layer[layer["world"] == world]
-        left.scatter(mine["bytes_sent"] / 2, 1e3 * (mine["first_a2a"] + mine["second_a2a"]) / 2,
-                     marker="x", color=f"C{i}", label=f"in our layer, P = {world}")
+        left.scatter(
+            mine["bytes_sent"] / 2,
+            1e3 * (mine["first_a2a"] + mine["second_a2a"]) / 2,
+            marker="x",
+            color=f"C{i}",
+            label=f"in our layer, P = {world}",
+        )
     left.set_xscale("log")
     left.set_yscale("log")
     plain_axis(left.xaxis, human)
@@ -147,14 +188,23 @@ def plot_cost_model(result: dict) -> Figure:
     left.set_xlabel("bytes per rank and exchange")
     left.set_ylabel("ms per exchange")
     left.legend(fontsize="small")
-    left.set_title(f"(a) fit on gloo: {1e6 * fit['alpha']:.0f} µs per message, "
-                   f"{fit['bandwidth'] / 1e6:.0f} MB/s", fontsize="medium")
+    left.set_title(
+        f"(a) fit on gloo: {1e6 * fit['alpha']:.0f} µs per message, "
+        f"{fit['bandwidth'] / 1e6:.0f} MB/s",
+        fontsize="medium",
+    )
     paper = pd.DataFrame(result["paper_fig4"])
     for i, (link, g) in enumerate(paper.groupby("link", sort=False)):
-        right.plot(g["n_expert"], g["model_us"], marker="s", color=f"C{i + 2}",
-                   label=f"model: {link}")
-    right.plot(list(costmodel.PAPER_FIG4_A2A_US), list(costmodel.PAPER_FIG4_A2A_US.values()),
-               marker="o", color="black", label="Sarkar et al. Fig. 4, measured")
+        right.plot(
+            g["n_expert"], g["model_us"], marker="s", color=f"C{i + 2}", label=f"model: {link}"
+        )
+    right.plot(
+        list(costmodel.PAPER_FIG4_A2A_US),
+        list(costmodel.PAPER_FIG4_A2A_US.values()),
+        marker="o",
+        color="black",
+        label="Sarkar et al. Fig. 4, measured",
+    )
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     plain_axis(right.xaxis)
@@ -168,6 +218,7 @@ def plot_cost_model(result: dict) -> Figure:
 
 # ---------------------------------------------------------------------------------- numbers
 
+
 def headline(result: dict) -> dict:
     """The numbers and phrases the chapter pastes."""
     layer = layer_table(result)
@@ -179,28 +230,44 @@ def headline(result: dict) -> dict:
     a100 = [r for r in result["paper_fig4"] if r["link"] == costmodel.LINKS[0].name]
     kinds = {m["kind"] for m in result["models"]}
     n_reduced = sum(m["kind"] == "reduced" for m in result["models"])
-    return plain_values({
-        "profile": result["profile"], "threads": result["threads"],
-        "cpus": result["environment"]["cpus"], "load_before": result["load_avg_before"],
-        "load_after": result["load_avg_after"], "batch_size": result["settings"]["batch_size"],
-        "seq_len": result["settings"]["seq_len"], "repeats": result["settings"]["repeats"],
-        "warmup_runs": result["settings"]["warmup_runs"],
-        "procs": ", ".join(map(str, result["settings"]["procs"])),
-        "max_procs": max(result["settings"]["procs"]),
-        "models_source": ("trained checkpoints" if kinds <= {"trained", "reduced"} else
-                          "randomly initialised models at the profile's shapes (no trained "
-                          "checkpoints were found)"),
-        "world": world, "top_experts": int(top["experts"]) if top is not None else 0,
-        "top_ratio": float(top["All2All / computation"]) if top is not None else float("nan"),
-        "dense_slowdown": float(dense["vs smallest P"].iloc[-1]) if len(dense) else float("nan"),
-        "fit_alpha_us": 1e6 * result["fit"]["alpha"],
-        "fit_bandwidth_mbs": result["fit"]["bandwidth"] / 1e6, "fit_r2": result["fit"]["r2"],
-        "a100_min_us": min(r["model_us"] for r in a100),
-        "a100_ratio_min": min(r["paper_over_model"] for r in a100),
-        "a100_ratio_max": max(r["paper_over_model"] for r in a100),
-        "gpu_alpha_us": 1e6 * costmodel.GPU_ALPHA,
-        "reduced_sentence": (f"{n_reduced} reduced model(s) were found and are compared below."
-                             if n_reduced else "No reduced models were found under "
-                             f"{result['runs']}/{result['profile']}/reduced/ when this copy was "
-                             "built, so this section has nothing to compare yet."),
-    })
+    return plain_values(
+        {
+            "profile": result["profile"],
+            "threads": result["threads"],
+            "cpus": result["environment"]["cpus"],
+            "load_before": result["load_avg_before"],
+            "load_after": result["load_avg_after"],
+            "batch_size": result["settings"]["batch_size"],
+            "seq_len": result["settings"]["seq_len"],
+            "repeats": result["settings"]["repeats"],
+            "warmup_runs": result["settings"]["warmup_runs"],
+            "procs": ", ".join(map(str, result["settings"]["procs"])),
+            "max_procs": max(result["settings"]["procs"]),
+            "models_source": (
+                "trained checkpoints"
+                if kinds <= {"trained", "reduced"}
+                else "randomly initialised models at the profile's shapes (no trained "
+                "checkpoints were found)"
+            ),
+            "world": world,
+            "top_experts": int(top["experts"]) if top is not None else 0,
+            "top_ratio": float(top["All2All / computation"]) if top is not None else float("nan"),
+            "dense_slowdown": float(dense["vs smallest P"].iloc[-1])
+            if len(dense)
+            else float("nan"),
+            "fit_alpha_us": 1e6 * result["fit"]["alpha"],
+            "fit_bandwidth_mbs": result["fit"]["bandwidth"] / 1e6,
+            "fit_r2": result["fit"]["r2"],
+            "a100_min_us": min(r["model_us"] for r in a100),
+            "a100_ratio_min": min(r["paper_over_model"] for r in a100),
+            "a100_ratio_max": max(r["paper_over_model"] for r in a100),
+            "gpu_alpha_us": 1e6 * costmodel.GPU_ALPHA,
+            "reduced_sentence": (
+                f"{n_reduced} reduced model(s) were found and are compared below."
+                if n_reduced
+                else "No reduced models were found under "
+                f"{result['runs']}/{result['profile']}/reduced/ when this copy was "
+                "built, so this section has nothing to compare yet."
+            ),
+        }
+    )

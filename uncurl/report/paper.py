@@ -1,4 +1,4 @@
-"""What Sarkar et al. (2024) report, kept for side-by-side comparison (STUDY.md section 6).
+"""What Sarkar et al. (2024) report, kept for side-by-side comparison.
 
 Source: Sarkar, Lausen, Cevher, Zha, Brox, Karypis, "Revisiting SMoE Language Models by Evaluating
 Inefficiencies with Task Specific Expert Pruning", NeurIPS 2024 ENLSP workshop, PMLR 262:165-181.
@@ -30,7 +30,13 @@ PRETRAINING_VAL_LOSS = {
 
 # Fig. 2b: performance-equivalent dense size of 354M+Xe by Clark et al.'s law (read off the plot).
 DENSE_EQUIVALENT = {
-    8: 1.0e9, 16: 1.3e9, 32: 1.75e9, 64: 2.35e9, 128: 3.25e9, 256: 4.85e9, 512: 7.8e9,
+    8: 1.0e9,
+    16: 1.3e9,
+    32: 1.75e9,
+    64: 2.35e9,
+    128: 3.25e9,
+    256: 4.85e9,
+    512: 7.8e9,
     1024: 13.5e9,
 }
 
@@ -38,9 +44,11 @@ DENSE_EQUIVALENT = {
 def pretraining_curves() -> pd.DataFrame:
     """Fig. 6 as a tidy table: one row per (n_expert, tokens)."""
     return pd.DataFrame(
-        [{"n_expert": n, "tokens": t, "val_loss": loss}
-         for n, losses in PRETRAINING_VAL_LOSS.items()
-         for t, loss in zip(PRETRAINING_TOKENS, losses, strict=True)]
+        [
+            {"n_expert": n, "tokens": t, "val_loss": loss}
+            for n, losses in PRETRAINING_VAL_LOSS.items()
+            for t, loss in zip(PRETRAINING_TOKENS, losses, strict=True)
+        ]
     )
 
 
@@ -75,7 +83,10 @@ SUPERGLUE = {
 def superglue(models=None) -> pd.DataFrame:
     """Table 1 as a tidy table (model, task, accuracy), optionally only `models`."""
     return pd.DataFrame(
-        [{"model": m, "task": t, "accuracy": a}
-         for m, accs in SUPERGLUE.items() if models is None or m in models
-         for t, a in zip(SUPERGLUE_TASKS, accs, strict=True)]
+        [
+            {"model": m, "task": t, "accuracy": a}
+            for m, accs in SUPERGLUE.items()
+            if models is None or m in models
+            for t, a in zip(SUPERGLUE_TASKS, accs, strict=True)
+        ]
     )

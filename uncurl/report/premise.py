@@ -14,8 +14,20 @@ from uncurl.report.style import (
     plain_values,
 )
 
-SWEEP_COLUMNS = ("variant", "n_expert", "seed", "n_embd", "vocab_size", "tokens", "val_loss",
-                 "wall_time_s", "total_params", "active_params", "git", "run")
+SWEEP_COLUMNS = (
+    "variant",
+    "n_expert",
+    "seed",
+    "n_embd",
+    "vocab_size",
+    "tokens",
+    "val_loss",
+    "wall_time_s",
+    "total_params",
+    "active_params",
+    "git",
+    "run",
+)
 
 
 def load_sweep(path) -> pd.DataFrame:
@@ -35,8 +47,14 @@ def plot_sweep(df: pd.DataFrame) -> Figure:
     left, right = fig.subplots(1, 2, sharey=True)
     y = {v: i for i, v in enumerate(variants)}
     for n, group in df.groupby("n_expert"):
-        left.scatter(group["val_loss"], [y[v] for v in group["variant"]], s=45,
-                     color=expert_color(n), label=expert_label(n), zorder=3)
+        left.scatter(
+            group["val_loss"],
+            [y[v] for v in group["variant"]],
+            s=45,
+            color=expert_color(n),
+            label=expert_label(n),
+            zorder=3,
+        )
     left.set_yticks(range(len(variants)), [_wrap(v) for v in variants])
     left.invert_yaxis()
     left.set_ylabel("sweep variant")
@@ -48,8 +66,13 @@ def plot_sweep(df: pd.DataFrame) -> Figure:
     width = 0.8 / gaps.groupby("variant")["n_expert"].transform("size")
     offset = -0.4 + width * (slot + 0.5)
     for n, group in gaps.groupby("n_expert"):
-        right.barh([y[v] for v in group["variant"]] + offset[group.index], group["gap"],
-                   height=width[group.index], color=expert_color(n), label=expert_label(n))
+        right.barh(
+            [y[v] for v in group["variant"]] + offset[group.index],
+            group["gap"],
+            height=width[group.index],
+            color=expert_color(n),
+            label=expert_label(n),
+        )
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel("MoE minus dense validation loss (nats per token)")
     right.set_title("(b) > 0: the MoE model is worse")
@@ -87,16 +110,30 @@ def sweep_gaps(df: pd.DataFrame) -> pd.DataFrame:
     for r in df[df["n_expert"] > 1].itertuples():
         ref = dense[(dense["variant"] == r.variant) & (dense["seed"] == r.seed)]
         if ref.empty:
-            ref = dense[(dense["n_embd"] == r.n_embd) & (dense["vocab_size"] == r.vocab_size)
-                        & (dense["tokens"] == r.tokens) & (dense["seed"] == r.seed)]
+            ref = dense[
+                (dense["n_embd"] == r.n_embd)
+                & (dense["vocab_size"] == r.vocab_size)
+                & (dense["tokens"] == r.tokens)
+                & (dense["seed"] == r.seed)
+            ]
         if ref.empty:
             continue
         d = ref.iloc[0]
-        rows.append({"variant": r.variant, "seed": r.seed, "n_expert": r.n_expert,
-                     "dense_variant": d["variant"], "dense_loss": d["val_loss"],
-                     "moe_loss": r.val_loss, "gap": r.val_loss - d["val_loss"]})
-    return pd.DataFrame(rows, columns=["variant", "seed", "n_expert", "dense_variant",
-                                       "dense_loss", "moe_loss", "gap"])
+        rows.append(
+            {
+                "variant": r.variant,
+                "seed": r.seed,
+                "n_expert": r.n_expert,
+                "dense_variant": d["variant"],
+                "dense_loss": d["val_loss"],
+                "moe_loss": r.val_loss,
+                "gap": r.val_loss - d["val_loss"],
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=["variant", "seed", "n_expert", "dense_variant", "dense_loss", "moe_loss", "gap"],
+    )
 
 
 def seed_spread(df: pd.DataFrame) -> pd.Series:
@@ -110,32 +147,44 @@ def seed_spread(df: pd.DataFrame) -> pd.Series:
 
 def sweep_table(df: pd.DataFrame):
     gaps = sweep_gaps(df)
-    show = pd.DataFrame({
-        "variant": gaps["variant"], "seed": gaps["seed"], "experts": gaps["n_expert"],
-        "MoE loss": gaps["moe_loss"], "dense loss": gaps["dense_loss"],
-        "dense run": gaps["dense_variant"].where(gaps["dense_variant"] != gaps["variant"],
-                                                 "same variant"),
-        "MoE minus dense": gaps["gap"],
-    })
-    return display_table(show, {"dense loss": "{:.3f}", "MoE loss": "{:.3f}",
-                                "MoE minus dense": "{:+.3f}"})
+    show = pd.DataFrame(
+        {
+            "variant": gaps["variant"],
+            "seed": gaps["seed"],
+            "experts": gaps["n_expert"],
+            "MoE loss": gaps["moe_loss"],
+            "dense loss": gaps["dense_loss"],
+            "dense run": gaps["dense_variant"].where(
+                gaps["dense_variant"] != gaps["variant"], "same variant"
+            ),
+            "MoE minus dense": gaps["gap"],
+        }
+    )
+    return display_table(
+        show, {"dense loss": "{:.3f}", "MoE loss": "{:.3f}", "MoE minus dense": "{:+.3f}"}
+    )
 
 
 def sweep_headline(df: pd.DataFrame) -> dict:
     gaps = sweep_gaps(df)
     spread = seed_spread(df)
-    return plain_values({
-        "n_variants": int(df["variant"].nunique()),
-        "n_runs": len(df),
-        "n_moe_worse": int((gaps["gap"] > 0).sum()),
-        "n_pairs": len(gaps),
-        "min_gap": float(gaps["gap"].min()),
-        "max_gap": float(gaps["gap"].max()),
-        "seed_spread": f"{spread.max():.3f}" if len(spread) else "not measured",
-        "seed_sentence": (f"Runs that differ only in their seed differ by up to "
-                          f"{spread.max():.3f} nats per token, the scale below which a "
-                          f"difference between two single runs means little." if len(spread)
-                          else "No setting ran with more than one seed, so the noise from the "
-                          "seed alone is not measured."),
-        "sweep_time": duration(df["wall_time_s"].sum()),
-    })
+    return plain_values(
+        {
+            "n_variants": int(df["variant"].nunique()),
+            "n_runs": len(df),
+            "n_moe_worse": int((gaps["gap"] > 0).sum()),
+            "n_pairs": len(gaps),
+            "min_gap": float(gaps["gap"].min()),
+            "max_gap": float(gaps["gap"].max()),
+            "seed_spread": f"{spread.max():.3f}" if len(spread) else "not measured",
+            "seed_sentence": (
+                f"Runs that differ only in their seed differ by up to "
+                f"{spread.max():.3f} nats per token, the scale below which a "
+                f"difference between two single runs means little."
+                if len(spread)
+                else "No setting ran with more than one seed, so the noise from the "
+                "seed alone is not measured."
+            ),
+            "sweep_time": duration(df["wall_time_s"].sum()),
+        }
+    )

@@ -11,8 +11,14 @@ from uncurl import layout
 from uncurl.provenance import git_revision, package_versions
 
 
-def write_results(out, parameters: dict, started: float, tables: dict | None = None,
-                  values: dict | None = None, outputs=()) -> Path:
+def write_results(
+    out,
+    parameters: dict,
+    started: float,
+    tables: dict | None = None,
+    values: dict | None = None,
+    outputs=(),
+) -> Path:
     """Record a step: tables as CSV and `results.json` with parameters, values and provenance.
 
     `started` is `time.time()` at the start of the notebook; `outputs` are files the step wrote
@@ -25,10 +31,15 @@ def write_results(out, parameters: dict, started: float, tables: dict | None = N
         files[name] = f"{name}.csv"
         table.to_csv(out / files[name], index=False)
     record = {
-        "parameters": parameters, "values": values or {}, "tables": files,
-        "outputs": [str(p) for p in outputs], "git": git_revision(),
-        "python": platform.python_version(), "packages": package_versions(),
-        "library": library_modules(), "wall_time_s": time.time() - started,
+        "parameters": parameters,
+        "values": values or {},
+        "tables": files,
+        "outputs": [str(p) for p in outputs],
+        "git": git_revision(),
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "library": library_modules(),
+        "wall_time_s": time.time() - started,
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return layout.write_json(out / layout.RESULTS, record)
@@ -38,6 +49,9 @@ def library_modules() -> list[str]:
     """Source files of the uncurl modules this process has imported, relative to the repository
     (the study runner reruns a step when one of them changes)."""
     root = Path(__file__).resolve().parents[2]
-    files = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
-             if (name == "uncurl" or name.startswith("uncurl.")) and getattr(m, "__file__", None)}
+    files = {
+        Path(m.__file__).resolve()
+        for name, m in list(sys.modules.items())
+        if (name == "uncurl" or name.startswith("uncurl.")) and getattr(m, "__file__", None)
+    }
     return sorted(str(f.relative_to(root)) for f in files)

@@ -10,7 +10,7 @@ below are their S-BASE fit.
 
 Two readings of "performance-equivalent dense size" N' of a routed model (N, E):
 - `dense_equivalent`: a log N' + d = log L(N, E), the dense law without the routing terms
-  (STUDY.md section 6, the reading that Sarkar et al.'s Fig. 2b describes);
+  (the reading that Sarkar et al.'s Fig. 2b describes);
 - `effective_params`: L(N', 1) = L(N, E), Clark et al.'s Effective Parameter Count, which gives
   a dense model (E = 1) exactly its own size.
 """
@@ -42,14 +42,15 @@ class RoutedLaw:
         return self.a * x + self.b * s + self.c * x * s + self.d
 
     def dense_equivalent(self, n_params, n_expert):
-        """N' with a log N' + d = log L(N, E) (STUDY.md's reading)."""
+        """N' with a log N' + d = log L(N, E) (the dense law without the routing terms)."""
         return 10 ** ((self.log_loss(n_params, n_expert) - self.d) / self.a)
 
     def effective_params(self, n_params, n_expert):
         """Clark et al.'s Effective Parameter Count: N' with L(N', 1) = L(N, E)."""
         s = np.log10(self.e_start)
-        return 10 ** ((self.log_loss(n_params, n_expert) - self.b * s - self.d)
-                      / (self.a + self.c * s))
+        return 10 ** (
+            (self.log_loss(n_params, n_expert) - self.b * s - self.d) / (self.a + self.c * s)
+        )
 
     @property
     def dense_exponent(self) -> float:
@@ -65,25 +66,39 @@ CLARK_S_BASE = RoutedLaw(a=-0.082, b=-0.108, c=0.009, d=1.104, e_start=1.847, e_
 
 def law_table(law: RoutedLaw = CLARK_S_BASE) -> pd.DataFrame:
     """The law's coefficients as a one-row table (for the book)."""
-    return pd.DataFrame([{"a": law.a, "b": law.b, "c": law.c, "d": law.d,
-                          "E_start": law.e_start, "E_max": law.e_max}])
+    return pd.DataFrame(
+        [
+            {
+                "a": law.a,
+                "b": law.b,
+                "c": law.c,
+                "d": law.d,
+                "E_start": law.e_start,
+                "E_max": law.e_max,
+            }
+        ]
+    )
 
 
-def paper_comparison(n_params: float, expert_counts, paper_values: dict,
-                     law: RoutedLaw = CLARK_S_BASE) -> pd.DataFrame:
+def paper_comparison(
+    n_params: float, expert_counts, paper_values: dict, law: RoutedLaw = CLARK_S_BASE
+) -> pd.DataFrame:
     """N' of N+Xe by both readings of the law next to the values a paper reports."""
     e = np.asarray(list(expert_counts), dtype=float)
-    return pd.DataFrame({
-        "n_expert": e.astype(int),
-        "paper": [paper_values.get(int(x), np.nan) for x in e],
-        "dense_equivalent": law.dense_equivalent(n_params, e),
-        "effective_params": law.effective_params(n_params, e),
-    })
+    return pd.DataFrame(
+        {
+            "n_expert": e.astype(int),
+            "paper": [paper_values.get(int(x), np.nan) for x in e],
+            "dense_equivalent": law.dense_equivalent(n_params, e),
+            "effective_params": law.effective_params(n_params, e),
+        }
+    )
 
 
 @dataclass(frozen=True)
 class LineFit:
     """Ordinary least squares y = intercept + slope * x, with what is needed for intervals."""
+
     intercept: float
     slope: float
     cov: np.ndarray  # (2, 2) covariance of (intercept, slope)
@@ -123,8 +138,9 @@ def fit_line(x, y) -> LineFit:
     sigma2 = resid @ resid / dof if dof else np.nan
     cov = sigma2 * np.linalg.inv(design.T @ design)
     r2 = 1 - resid @ resid / np.sum((y - y.mean()) ** 2) if np.ptp(y) > 0 else 1.0
-    return LineFit(float(coef[0]), float(coef[1]), cov, dof, float(r2), float(np.sqrt(sigma2)),
-                   x, y)
+    return LineFit(
+        float(coef[0]), float(coef[1]), cov, dof, float(r2), float(np.sqrt(sigma2)), x, y
+    )
 
 
 def fit_paper_exponent(n_params: float, paper_values: dict, law: RoutedLaw | None = None):
@@ -140,8 +156,11 @@ def fit_paper_exponent(n_params: float, paper_values: dict, law: RoutedLaw | Non
     k = float(s @ ratio / (s @ s))
     resid = ratio - k * s
     se = float(np.sqrt(resid @ resid / (len(e) - 1) / (s @ s)))
-    return k, se, dict(zip(e.astype(int).tolist(), (n_params * 10 ** (k * s)).tolist(),
-                          strict=True))
+    return (
+        k,
+        se,
+        dict(zip(e.astype(int).tolist(), (n_params * 10 ** (k * s)).tolist(), strict=True)),
+    )
 
 
 def fit_fixed_size(n_expert, val_loss, law: RoutedLaw = CLARK_S_BASE) -> LineFit:
@@ -153,8 +172,13 @@ def fit_fixed_size(n_expert, val_loss, law: RoutedLaw = CLARK_S_BASE) -> LineFit
     return fit_line(np.log10(law.saturate(n_expert)), np.log10(val_loss))
 
 
-def dense_equivalent_from_fit(fit: LineFit, n_expert, dense_exponent: float,
-                              law: RoutedLaw = CLARK_S_BASE, level: float = 0.95) -> pd.DataFrame:
+def dense_equivalent_from_fit(
+    fit: LineFit,
+    n_expert,
+    dense_exponent: float,
+    law: RoutedLaw = CLARK_S_BASE,
+    level: float = 0.95,
+) -> pd.DataFrame:
     """N'/N of each expert count implied by a fixed-size fit, with an interval.
 
     L(N', 1) = L(N, E) gives log10(N'/N) = beta (log10 Ê(E) - log10 Ê(1)) / dense_exponent.
@@ -165,9 +189,11 @@ def dense_equivalent_from_fit(fit: LineFit, n_expert, dense_exponent: float,
     gain = np.log10(law.saturate(e)) - np.log10(law.saturate(1.0))
     lo, hi = fit.slope_interval(level)
     bounds = np.sort(np.stack([lo * gain, hi * gain]) / dense_exponent, axis=0)
-    return pd.DataFrame({
-        "n_expert": e.astype(int),
-        "ratio": 10 ** (fit.slope * gain / dense_exponent),
-        "ratio_lo": 10 ** bounds[0],
-        "ratio_hi": 10 ** bounds[1],
-    })
+    return pd.DataFrame(
+        {
+            "n_expert": e.astype(int),
+            "ratio": 10 ** (fit.slope * gain / dense_exponent),
+            "ratio_lo": 10 ** bounds[0],
+            "ratio_hi": 10 ** bounds[1],
+        }
+    )

@@ -20,12 +20,19 @@ def task_table(results: list[dict], profile) -> pd.DataFrame:
         if row["task"] not in profile.all_tasks or not runs:
             continue
         sizes, metrics = runs[0]["sizes"], runs[0]["metrics"]
-        rows.append({**row, "train": sizes["train"], "heldout": sizes["heldout"],
-                     "val": sizes["val"], "max steps": runs[0]["params"]["finetune"]["max_steps"],
-                     "batch tokens": runs[0]["params"]["finetune"]["batch_tokens"],
-                     "chance": metrics.get("chance", np.nan),
-                     "majority": metrics.get("majority", np.nan),
-                     "appendix": row["task"] in profile.appendix_tasks})
+        rows.append(
+            {
+                **row,
+                "train": sizes["train"],
+                "heldout": sizes["heldout"],
+                "val": sizes["val"],
+                "max steps": runs[0]["params"]["finetune"]["max_steps"],
+                "batch tokens": runs[0]["params"]["finetune"]["batch_tokens"],
+                "chance": metrics.get("chance", np.nan),
+                "majority": metrics.get("majority", np.nan),
+                "appendix": row["task"] in profile.appendix_tasks,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -33,8 +40,9 @@ def from_scratch(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Labelled tasks: each from-scratch model's accuracy against the majority-class baseline. A
     task counts as learned when the interval's lower end is above the majority share."""
     labelled = table[table["kind"] == "choice"][["task", "chance", "majority", "appendix"]]
-    scratch = summary[summary["method"] == layout.SCRATCH][["model", "task", "mean", "ci_low",
-                                                       "ci_high"]]
+    scratch = summary[summary["method"] == layout.SCRATCH][
+        ["model", "task", "mean", "ci_low", "ci_high"]
+    ]
     out = labelled.merge(scratch, on="task")
     out["margin"] = out["ci_low"] - out["majority"]
     out["learned"] = out["margin"] > 0
@@ -50,17 +58,21 @@ def readable_tasks(table: pd.DataFrame, scratch: pd.DataFrame) -> list[str]:
     """Tasks whose comparisons say something about reduction: the domain tasks and the labelled
     tasks of the main list that the from-scratch models learned."""
     learned = learned_tasks(scratch)
-    return [t for t, kind, appendix in zip(table["task"], table["kind"], table["appendix"],
-                                           strict=True)
-            if not appendix and (kind == "lm" or t in learned)]
+    return [
+        t
+        for t, kind, appendix in zip(table["task"], table["kind"], table["appendix"], strict=True)
+        if not appendix and (kind == "lm" or t in learned)
+    ]
 
 
 def appendix_table(scratch: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
     """Labelled tasks left out of the verdicts: the paper-like appendix tasks and any main task
     the from-scratch models did not learn, with chance, majority and their accuracy."""
     rows = scratch[~scratch["task"].isin(readable)].copy()
-    rows["accuracy (95% CI)"] = [interval(m, lo, hi, 100.0) for m, lo, hi in
-                                 zip(rows["mean"], rows["ci_low"], rows["ci_high"], strict=True)]
+    rows["accuracy (95% CI)"] = [
+        interval(m, lo, hi, 100.0)
+        for m, lo, hi in zip(rows["mean"], rows["ci_low"], rows["ci_high"], strict=True)
+    ]
     rows["chance"], rows["majority"] = rows["chance"] * 100, rows["majority"] * 100
     return rows[["task", "model", "chance", "majority", "accuracy (95% CI)", "learned"]]
 
@@ -74,10 +86,16 @@ def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
     df = summary.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
     digits = np.where(df["metric"] == "accuracy", 1, 3)
-    df["value"] = [interval(m, lo, hi, s, d) for m, lo, hi, s, d in
-                   zip(df["mean"], df["ci_low"], df["ci_high"], scale, digits, strict=True)]
-    df["task"] = [f"{t} ({'acc. %' if m == 'accuracy' else 'loss'})"
-                  for t, m in zip(df["task"], df["metric"], strict=True)]
+    df["value"] = [
+        interval(m, lo, hi, s, d)
+        for m, lo, hi, s, d in zip(
+            df["mean"], df["ci_low"], df["ci_high"], scale, digits, strict=True
+        )
+    ]
+    df["task"] = [
+        f"{t} ({'acc. %' if m == 'accuracy' else 'loss'})"
+        for t, m in zip(df["task"], df["metric"], strict=True)
+    ]
     order = [label(m) for m in study_models(profile)]
     wide = df.pivot(index="model", columns="task", values="value")
     return wide.reindex([m for m in order if m in wide.index]).reset_index()
@@ -87,8 +105,10 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
     """Reduced minus from-scratch, per task: difference [95% interval] and the verdict."""
     df = comp.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
-    df["difference"] = [interval(m, lo, hi, s, 1 if s > 1 else 3) for m, lo, hi, s in
-                        zip(df["difference"], df["ci_low"], df["ci_high"], scale, strict=True)]
+    df["difference"] = [
+        interval(m, lo, hi, s, 1 if s > 1 else 3)
+        for m, lo, hi, s in zip(df["difference"], df["ci_low"], df["ci_high"], scale, strict=True)
+    ]
     df["unit"] = np.where(df["metric"] == "accuracy", "accuracy points", "loss")
     return df[["model", "reference", "task", "unit", "seeds", "difference", "verdict"]]
 
@@ -111,12 +131,25 @@ def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
     models = list(dict.fromkeys(summary["model"]))
     colors = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
     for ax, task in zip(axes[:n], task_order, strict=True):
-        rows = summary[summary["task"] == task].set_index("model").reindex(models).dropna(
-            subset=["mean"])
+        rows = (
+            summary[summary["task"] == task]
+            .set_index("model")
+            .reindex(models)
+            .dropna(subset=["mean"])
+        )
         scale = 100.0 if rows["metric"].iloc[0] == "accuracy" else 1.0
         y = np.arange(len(rows))
-        ax.errorbar(rows["mean"] * scale, y, fmt="none", ecolor="0.3", capsize=3, xerr=[
-            (rows["mean"] - rows["ci_low"]) * scale, (rows["ci_high"] - rows["mean"]) * scale])
+        ax.errorbar(
+            rows["mean"] * scale,
+            y,
+            fmt="none",
+            ecolor="0.3",
+            capsize=3,
+            xerr=[
+                (rows["mean"] - rows["ci_low"]) * scale,
+                (rows["ci_high"] - rows["mean"]) * scale,
+            ],
+        )
         ax.scatter(rows["mean"] * scale, y, c=[colors[m] for m in rows.index], zorder=3)
         ax.set_yticks(y, rows.index)
         ax.invert_yaxis()
@@ -130,8 +163,11 @@ def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
         ax.set_title(task + (" (appendix)" if info["appendix"] else ""), fontsize=10)
     for ax in axes[n:]:
         ax.set_visible(False)
-    handles, labels = axes[list(table["kind"]).index("choice")].get_legend_handles_labels() \
-        if "choice" in set(table["kind"]) else ([], [])
+    handles, labels = (
+        axes[list(table["kind"]).index("choice")].get_legend_handles_labels()
+        if "choice" in set(table["kind"])
+        else ([], [])
+    )
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
     return fig
@@ -163,22 +199,38 @@ def headline(results, table, scratch, comp, profile) -> dict:
     readable = comp[comp["task"].isin(readable_tasks(table, scratch))]
     counts = readable["verdict"].value_counts()
     return {
-        "n_tasks": len(table), "n_lm_tasks": int((table["kind"] == "lm").sum()),
+        "n_tasks": len(table),
+        "n_lm_tasks": int((table["kind"] == "lm").sum()),
         "n_labelled_tasks": int((table["kind"] == "choice").sum()),
-        "n_learned": len(learned), "learned": ", ".join(sorted(learned)) or "none",
-        "not_learned": ", ".join(sorted(set(table.loc[table["kind"] == "choice", "task"])
-                                        - learned)) or "none",
+        "n_learned": len(learned),
+        "learned": ", ".join(sorted(learned)) or "none",
+        "not_learned": ", ".join(
+            sorted(set(table.loc[table["kind"] == "choice", "task"]) - learned)
+        )
+        or "none",
         "main_not_learned": ", ".join(sorted(set(main) - learned)) or "none",
-        "n_runs": len(results), "seeds": cfg.seeds, "max_steps": cfg.max_steps, "lr": cfg.lr,
-        "batch_tokens": cfg.batch_tokens, "patience": cfg.patience,
-        "eval_interval": cfg.eval_interval, "router_warmup_steps": cfg.router_warmup_steps,
-        "median_run_s": float(walls.median()), "total_run_min": float(walls.sum() / 60),
-        "n_plus": int(counts.get("+", 0)), "n_equal": int(counts.get("=", 0)),
-        "n_minus": int(counts.get("-", 0)), "n_comparisons": len(readable),
-        "lr_warmup_steps": cfg.lr_warmup_steps, "threads": cfg.threads,
+        "n_runs": len(results),
+        "seeds": cfg.seeds,
+        "max_steps": cfg.max_steps,
+        "lr": cfg.lr,
+        "batch_tokens": cfg.batch_tokens,
+        "patience": cfg.patience,
+        "eval_interval": cfg.eval_interval,
+        "router_warmup_steps": cfg.router_warmup_steps,
+        "median_run_s": float(walls.median()),
+        "total_run_min": float(walls.sum() / 60),
+        "n_plus": int(counts.get("+", 0)),
+        "n_equal": int(counts.get("=", 0)),
+        "n_minus": int(counts.get("-", 0)),
+        "n_comparisons": len(readable),
+        "lr_warmup_steps": cfg.lr_warmup_steps,
+        "threads": cfg.threads,
         "task_adjustments": "; ".join(
             f"{t}: " + ", ".join(f"{k} = {v}" for k, v in o.items())
-            for t, o in profile.task_finetune.items() if t in profile.all_tasks) or "none",
+            for t, o in profile.task_finetune.items()
+            if t in profile.all_tasks
+        )
+        or "none",
     }
 
 
@@ -187,6 +239,7 @@ def load(runs, profile) -> list[dict]:
     folder = layout.Runs(runs, profile.name).finetune
     results = evaluate.load_results(folder)
     if not results:
-        raise FileNotFoundError(f"no fine-tuning results under {folder}: run the study's "
-                                "finetune step first")
+        raise FileNotFoundError(
+            f"no fine-tuning results under {folder}: run the study's finetune step first"
+        )
     return [r for r in results if r["task"] in profile.all_tasks]

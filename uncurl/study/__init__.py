@@ -22,5 +22,4 @@ from uncurl.study.book import build_book
 from uncurl.study.manifest import Run, Step, StudyError, load_steps, plan, select
 from uncurl.study.runner import run_study
 
-__all__ = ["StudyError", "Step", "Run", "load_steps", "plan", "run_study", "build_book",
-           "select"]
+__all__ = ["StudyError", "Step", "Run", "load_steps", "plan", "run_study", "build_book", "select"]

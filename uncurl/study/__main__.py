@@ -1,8 +1,8 @@
 """The study, end to end: each step's notebook through papermill, then the book.
 
-    python -m uncurl.study --profile small              # run what changed, then build the book
-    python -m uncurl.study --profile small --dry-run    # list what would run, and why
-    python -m uncurl.study --profile smoke --only pretrain --force
+python -m uncurl.study --profile small              # run what changed, then build the book
+python -m uncurl.study --profile small --dry-run    # list what would run, and why
+python -m uncurl.study --profile smoke --only pretrain --force
 """
 
 import argparse
@@ -26,20 +26,46 @@ def parse_sets(pairs: list[str]) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m uncurl.study", description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="small", help="profile in uncurl/profiles.toml")
-    p.add_argument("--runs", type=Path, default=Path("runs"),
-                   help="parent of the training run folders (runs/<profile>/<run>)")
-    p.add_argument("--build", type=Path, default=Path("build"),
-                   help="executed notebooks and results go to BUILD/<profile>/")
-    p.add_argument("--book-out", type=Path, default=Path("book"),
-                   help="the book's HTML goes to BOOK_OUT/_build/html")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only these steps or runs (step name, run label or glob; repeatable)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="parent of the training run folders (runs/<profile>/<run>)",
+    )
+    p.add_argument(
+        "--build",
+        type=Path,
+        default=Path("build"),
+        help="executed notebooks and results go to BUILD/<profile>/",
+    )
+    p.add_argument(
+        "--book-out",
+        type=Path,
+        default=Path("book"),
+        help="the book's HTML goes to BOOK_OUT/_build/html",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only these steps or runs (step name, run label or glob; repeatable)",
+    )
     p.add_argument("--force", action="store_true", help="execute even the runs that are cached")
-    p.add_argument("-n", "--dry-run", action="store_true",
-                   help="list the runs, whether each would execute and why; execute nothing")
+    p.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="list the runs, whether each would execute and why; execute nothing",
+    )
     p.add_argument("--jobs", type=int, default=2, help="notebooks executed at once")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter in every notebook that declares it")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter in every notebook that declares it",
+    )
     p.add_argument("--no-book", action="store_true", help="do not build the book")
     return p
 
@@ -50,8 +76,16 @@ def main(argv=None) -> int:
     try:
         profile = get_profile(args.profile)
         build = args.build / profile.name
-        outcome = run_study(profile, build, args.runs, args.only, args.force, args.dry_run,
-                            args.jobs, parse_sets(args.set))
+        outcome = run_study(
+            profile,
+            build,
+            args.runs,
+            args.only,
+            args.force,
+            args.dry_run,
+            args.jobs,
+            parse_sets(args.set),
+        )
         if not (args.dry_run or args.no_book):
             _book(profile, build, args)
     except (StudyError, ValueError) as exc:
@@ -59,8 +93,10 @@ def main(argv=None) -> int:
         return 1
     if not args.dry_run:
         ran = sum(v != "cached" for v in outcome.values())
-        print(f"study done in {time.perf_counter() - start:.0f} s ({ran} of {len(outcome)} runs "
-              f"executed, the rest cached)")
+        print(
+            f"study done in {time.perf_counter() - start:.0f} s ({ran} of {len(outcome)} runs "
+            f"executed, the rest cached)"
+        )
     return 0
 
 

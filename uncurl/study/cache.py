@@ -21,8 +21,11 @@ def sha(data: bytes | str) -> str:
 def notebook_digest(path: Path) -> str:
     """The notebook's cells (type, source, tags), whatever its format: outputs and metadata do
     not matter."""
-    return sha(json.dumps([(c.cell_type, c.source, c.metadata.get("tags", []))
-                           for c in read_notebook(path).cells]))
+    return sha(
+        json.dumps(
+            [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in read_notebook(path).cells]
+        )
+    )
 
 
 def library_files(run: Run) -> list[str]:
@@ -32,8 +35,11 @@ def library_files(run: Run) -> list[str]:
     used = json.loads(results.read_text()).get("library") if results.exists() else None
     if used:
         return sorted(used)
-    return sorted(str(p.relative_to(ROOT)) for p in LIBRARY.rglob("*.py")
-                  if "__pycache__" not in p.parts and not p.is_relative_to(RUNNER))
+    return sorted(
+        str(p.relative_to(ROOT))
+        for p in LIBRARY.rglob("*.py")
+        if "__pycache__" not in p.parts and not p.is_relative_to(RUNNER)
+    )
 
 
 def library_digest(files: list[str]) -> str:
@@ -73,9 +79,15 @@ class Cache:
 
     def put(self, run: Run, key: dict, produced: dict, seconds: float) -> dict:
         files = library_files(run)
-        record = {"label": run.label, "key": key, "library_files": files,
-                  "library": library_digest(files), "produced": produced, "seconds": seconds,
-                  "executed": str(run.executed)}
+        record = {
+            "label": run.label,
+            "key": key,
+            "library_files": files,
+            "library": library_digest(files),
+            "produced": produced,
+            "seconds": seconds,
+            "executed": str(run.executed),
+        }
         layout.write_json(self.path(run), record)
         return record
 
@@ -95,8 +107,11 @@ def run_key(run: Run, profile: Profile, records: dict[str, dict]) -> dict:
         "parameters": sha(json.dumps(run.parameters, sort_keys=True)),
         "profile": sha(json.dumps(dataclasses.asdict(profile), sort_keys=True)),
         "inputs": sha(json.dumps(file_digests(run.inputs))),
-        "after": sha(json.dumps({label: produced_digest(records[label]) for label in run.after},
-                                sort_keys=True)),
+        "after": sha(
+            json.dumps(
+                {label: produced_digest(records[label]) for label in run.after}, sort_keys=True
+            )
+        ),
     }
 
 

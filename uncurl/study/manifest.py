@@ -16,8 +16,14 @@ from uncurl.config import PROFILES_PATH, Profile, load_study
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
-TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
-         "dict": (dict,)}
+TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+}
 
 
 class StudyError(RuntimeError):
@@ -60,6 +66,7 @@ def absolute(path) -> Path:
 
 # ------------------------------------------------------------------------------- the manifest
 
+
 def load_steps(path: Path = PROFILES_PATH) -> list[Step]:
     """The `[[study]]` steps, checked, in dependency order."""
     steps = [_step(raw) for raw in load_study(path)]
@@ -73,8 +80,9 @@ def load_steps(path: Path = PROFILES_PATH) -> list[Step]:
     try:
         order = InOrder({s.name: s.after for s in steps})
     except graphlib.CycleError as exc:
-        raise StudyError("study steps depend on each other in a cycle: "
-                         + " -> ".join(exc.args[1])) from None
+        raise StudyError(
+            "study steps depend on each other in a cycle: " + " -> ".join(exc.args[1])
+        ) from None
     by_name = {s.name: s for s in steps}
     return [by_name[name] for name in order.drain()]
 
@@ -88,8 +96,9 @@ def _step(raw: dict) -> Step:
         raise StudyError(f"step {name!r}: unknown key {unknown[0]!r} ({hint})")
     if "name" not in raw or "notebook" not in raw:
         raise StudyError(f"study step {name!r}: needs name and notebook")
-    return Step(**{**raw, "after": tuple(raw.get("after", ())),
-                   "inputs": tuple(raw.get("inputs", ()))})
+    return Step(
+        **{**raw, "after": tuple(raw.get("after", ())), "inputs": tuple(raw.get("inputs", ()))}
+    )
 
 
 class InOrder:
@@ -121,8 +130,15 @@ class InOrder:
 
 # -------------------------------------------------------------------------------------- runs
 
-def plan(profile: Profile, steps: list[Step], build: Path, runs: Path,
-         overrides: dict | None = None, notebooks: Path = NOTEBOOKS) -> list[Run]:
+
+def plan(
+    profile: Profile,
+    steps: list[Step],
+    build: Path,
+    runs: Path,
+    overrides: dict | None = None,
+    notebooks: Path = NOTEBOOKS,
+) -> list[Run]:
     """Every run of the study for `profile`, in dependency order, parameters resolved."""
     overrides = dict(overrides or {})
     used, result, labels = set(), [], {}
@@ -132,8 +148,9 @@ def plan(profile: Profile, steps: list[Step], build: Path, runs: Path,
         declared = declared_parameters(notebook, ipynb)
         for values in _expand(step, profile):
             stem = layout.step_stem(step.notebook, values)
-            label = step.name + (f"[{','.join(f'{k}={v}' for k, v in values.items())}]"
-                                 if values else "")
+            label = step.name + (
+                f"[{','.join(f'{k}={v}' for k, v in values.items())}]" if values else ""
+            )
             params = {"profile": profile.name, "out": str(build / stem), **values}
             context = {"runs": str(runs), "profile": profile.name, **params}
             for key, value in step.parameters.items():
@@ -146,13 +163,26 @@ def plan(profile: Profile, steps: list[Step], build: Path, runs: Path,
             check_parameters(label, notebook, params, declared)
             inputs = tuple(Path(_fill(i, context, label)) for i in step.inputs)
             after = tuple(lab for dep in step.after for lab in labels.get(dep, []))
-            result.append(Run(step, label, params, notebook, ipynb, build / f"{stem}.ipynb",
-                              build / stem, inputs, after))
+            result.append(
+                Run(
+                    step,
+                    label,
+                    params,
+                    notebook,
+                    ipynb,
+                    build / f"{stem}.ipynb",
+                    build / stem,
+                    inputs,
+                    after,
+                )
+            )
             labels.setdefault(step.name, []).append(label)
     unused = sorted(set(overrides) - used)
     if unused:
-        raise StudyError(f"--set {', '.join(unused)}: no notebook of the study declares "
-                         f"{'it' if len(unused) == 1 else 'them'}")
+        raise StudyError(
+            f"--set {', '.join(unused)}: no notebook of the study declares "
+            f"{'it' if len(unused) == 1 else 'them'}"
+        )
     return result
 
 
@@ -162,8 +192,10 @@ def _expand(step: Step, profile: Profile) -> list[dict]:
     for param, field in step.foreach.items():
         values = getattr(profile, field, None)
         if not isinstance(values, (list, tuple)):
-            raise StudyError(f"step {step.name!r}: foreach {param} = {field!r} must name a list "
-                             f"field of the profile (such as 'expert_counts')")
+            raise StudyError(
+                f"step {step.name!r}: foreach {param} = {field!r} must name a list "
+                f"field of the profile (such as 'expert_counts')"
+            )
         combos = [{**c, param: v} for c in combos for v in values]
     return combos
 
@@ -174,24 +206,34 @@ def _fill(value, context: dict, label: str):
     try:
         return value.format_map(context)
     except KeyError as exc:
-        raise StudyError(f"{label}: {value!r} refers to {exc.args[0]!r}, which is neither "
-                         f"'runs', 'profile' nor one of its parameters") from None
+        raise StudyError(
+            f"{label}: {value!r} refers to {exc.args[0]!r}, which is neither "
+            f"'runs', 'profile' nor one of its parameters"
+        ) from None
 
 
 def select(runs: list[Run], only: list[str]) -> list[Run]:
     """The runs named by --only (step names, run labels or notebook stems; globs allowed)."""
     if not only:
         return runs
-    chosen = [r for r in runs if any(name == pattern or fnmatch.fnmatchcase(name, pattern)
-                                     for pattern in only
-                                     for name in (r.step.name, r.label, r.executed.stem))]
+    chosen = [
+        r
+        for r in runs
+        if any(
+            name == pattern or fnmatch.fnmatchcase(name, pattern)
+            for pattern in only
+            for name in (r.step.name, r.label, r.executed.stem)
+        )
+    ]
     if not chosen:
-        raise StudyError(f"--only {' '.join(only)} matches no run; runs: "
-                         f"{', '.join(r.label for r in runs)}")
+        raise StudyError(
+            f"--only {' '.join(only)} matches no run; runs: {', '.join(r.label for r in runs)}"
+        )
     return chosen
 
 
 # --------------------------------------------------------------------------------- notebooks
+
 
 def source_notebook(notebooks: Path, name: str) -> Path:
     """notebooks/<name>.py (jupytext py:percent text) if it exists, else <name>.ipynb."""
@@ -237,11 +279,16 @@ def check_parameters(label: str, notebook: Path, params: dict, declared: dict) -
     """Refuse what papermill would only warn about: undeclared or mistyped parameters."""
     unknown = sorted(set(params) - set(declared))
     if unknown:
-        raise StudyError(f"{label}: {notebook.name} does not declare parameter(s) "
-                         f"{', '.join(unknown)}; it declares {', '.join(sorted(declared))}")
+        raise StudyError(
+            f"{label}: {notebook.name} does not declare parameter(s) "
+            f"{', '.join(unknown)}; it declares {', '.join(sorted(declared))}"
+        )
     for name, value in params.items():
         types = TYPES.get(declared[name]["inferred_type_name"])
-        if types and (not isinstance(value, types) or (bool not in types
-                                                         and isinstance(value, bool))):
-            raise StudyError(f"{label}: parameter {name} of {notebook.name} is "
-                             f"{declared[name]['inferred_type_name']}, got {value!r}")
+        if types and (
+            not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+        ):
+            raise StudyError(
+                f"{label}: parameter {name} of {notebook.name} is "
+                f"{declared[name]['inferred_type_name']}, got {value!r}"
+            )

@@ -36,16 +36,30 @@ def execute(notebook: str, executed: str, parameters: dict, cwd: str) -> dict:
     os.environ.setdefault("MPLBACKEND", "Agg")
     Path(executed).parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(notebook, executed, parameters=parameters, cwd=cwd,
-                                   kernel_name=KERNEL["name"], progress_bar=False,
-                                   log_output=False,
-                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        papermill.execute_notebook(
+            notebook,
+            executed,
+            parameters=parameters,
+            cwd=cwd,
+            kernel_name=KERNEL["name"],
+            progress_bar=False,
+            log_output=False,
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+        )
     except PapermillExecutionError as exc:
-        return {"ok": False, "seconds": time.perf_counter() - start,
-                "error": f"{exc.ename}: {exc.evalue}", "traceback": str(exc)}
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - start,
+            "error": f"{exc.ename}: {exc.evalue}",
+            "traceback": str(exc),
+        }
     except Exception as exc:  # the kernel died, timed out, or the notebook is broken
-        return {"ok": False, "seconds": time.perf_counter() - start,
-                "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - start,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
     return {"ok": True, "seconds": time.perf_counter() - start}
 
 
@@ -56,20 +70,32 @@ class Progress:
     def __call__(self, label: str, message: str, new: bool = True) -> None:
         self.count += new
         elapsed = int(time.perf_counter() - self.start)
-        print(f"[{self.count}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] {label}: {message}",
-              flush=True)
+        print(
+            f"[{self.count}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] {label}: {message}",
+            flush=True,
+        )
 
 
-def run_study(profile: Profile, build: Path, runs_dir: Path, only=(), force: bool = False,
-              dry_run: bool = False, jobs: int = 2, overrides: dict | None = None,
-              steps: list[Step] | None = None, notebooks: Path = NOTEBOOKS) -> dict[str, str]:
+def run_study(
+    profile: Profile,
+    build: Path,
+    runs_dir: Path,
+    only=(),
+    force: bool = False,
+    dry_run: bool = False,
+    jobs: int = 2,
+    overrides: dict | None = None,
+    steps: list[Step] | None = None,
+    notebooks: Path = NOTEBOOKS,
+) -> dict[str, str]:
     """Execute what is not up to date, in dependency order, `jobs` notebooks at a time.
 
     Returns what happened to each selected run: "cached" or "ran (why)"; with `dry_run`,
     "cached" or "would run (why)".
     """
-    all_runs = plan(profile, load_steps() if steps is None else steps, build, runs_dir,
-                    overrides, notebooks)
+    all_runs = plan(
+        profile, load_steps() if steps is None else steps, build, runs_dir, overrides, notebooks
+    )
     todo = select(all_runs, list(only))
     cache = Cache(build)
     records = {r.label: cache.get(r) for r in all_runs}
@@ -77,8 +103,10 @@ def run_study(profile: Profile, build: Path, runs_dir: Path, only=(), force: boo
     for run in todo:
         for dep in run.after:
             if dep not in selected and records[dep] is None:
-                raise StudyError(f"{run.label} reads what {dep} writes, which has not run; "
-                                 f"run without --only first")
+                raise StudyError(
+                    f"{run.label} reads what {dep} writes, which has not run; "
+                    f"run without --only first"
+                )
     if dry_run:
         return _print_plan(todo, records, profile, force)
     execution = Execution(todo, records, cache, profile, force)
@@ -94,11 +122,9 @@ class Execution:
     """One pass over the selected runs: cached ones are passed over, the others execute once
     the runs they read from have finished; the first failure stops it."""
 
-    def __init__(self, todo: list[Run], records: dict, cache: Cache, profile: Profile,
-                 force: bool):
+    def __init__(self, todo: list[Run], records: dict, cache: Cache, profile: Profile, force: bool):
         self.runs = {r.label: r for r in todo}
-        self.order = InOrder({r.label: tuple(d for d in r.after if d in self.runs)
-                              for r in todo})
+        self.order = InOrder({r.label: tuple(d for d in r.after if d in self.runs) for r in todo})
         self.records, self.cache, self.profile, self.force = records, cache, profile, force
         self.progress = Progress(len(todo))
         self.outcome: dict[str, str] = {}
@@ -121,11 +147,13 @@ class Execution:
                     running[pool.submit(execute, *_arguments(started[0]))] = started
                 if not running:
                     break
-                done, _ = concurrent.futures.wait(running, timeout=HEARTBEAT_S,
-                                                  return_when="FIRST_COMPLETED")
+                done, _ = concurrent.futures.wait(
+                    running, timeout=HEARTBEAT_S, return_when="FIRST_COMPLETED"
+                )
                 if not done:
-                    self.progress(", ".join(r.label for r, _ in running.values()),
-                                  "still running", new=False)
+                    self.progress(
+                        ", ".join(r.label for r, _ in running.values()), "still running", new=False
+                    )
                 for future in done:
                     self._finish(*running.pop(future), future.result())
 
@@ -163,8 +191,7 @@ class Execution:
             self.progress(run.label, f"FAILED after {result['seconds']:.0f} s", new=False)
             self.failed = self.failed or (run, result)
             return
-        self.records[run.label] = self.cache.put(run, key, produced_files(run),
-                                                 result["seconds"])
+        self.records[run.label] = self.cache.put(run, key, produced_files(run), result["seconds"])
         self.order.done(run.label)
         self.progress(run.label, f"done in {result['seconds']:.0f} s", new=False)
 
@@ -172,8 +199,10 @@ class Execution:
         """The first failed run's error and its executed notebook, as a StudyError."""
         if self.failed:
             run, result = self.failed
-            raise StudyError(f"{run.label} failed: {result['error']}\n{result['traceback']}\n"
-                             f"executed notebook: {absolute(run.executed)}")
+            raise StudyError(
+                f"{run.label} failed: {result['error']}\n{result['traceback']}\n"
+                f"executed notebook: {absolute(run.executed)}"
+            )
 
 
 def _arguments(run: Run) -> tuple:

@@ -22,6 +22,7 @@ class Batch(NamedTuple):
 
 # ----------------------------------------------------------------------------- choice tasks
 
+
 @dataclass(frozen=True)
 class Encoded:
     prompt: np.ndarray  # token ids of text (cut to fit) + query
@@ -29,10 +30,12 @@ class Encoded:
     label: int
 
 
-def encode(tok, exs: list[Example], block_size: int = 10**9,
-           max_text_tokens: int | None = None) -> list[Encoded]:
+def encode(
+    tok, exs: list[Example], block_size: int = 10**9, max_text_tokens: int | None = None
+) -> list[Encoded]:
     """Token ids of each example, the text cut (to `max_text_tokens`, and so that prompt +
     longest answer fits one block of inputs)."""
+
     def ids(strings):
         enc = tok.backend_tokenizer.encode_batch(list(strings), add_special_tokens=False)
         return [np.array(e.ids, dtype=np.int64) for e in enc]
@@ -48,8 +51,10 @@ def encode(tok, exs: list[Example], block_size: int = 10**9,
         query, choices = queries[ex.query], tuple(answers[c] for c in ex.choices)
         room = block_size + 1 - len(query) - max(len(c) for c in choices)
         if room < 1:
-            raise ValueError(f"block_size {block_size} leaves no room for a prompt after the "
-                             f"query {ex.query!r} and answers {ex.choices}")
+            raise ValueError(
+                f"block_size {block_size} leaves no room for a prompt after the "
+                f"query {ex.query!r} and answers {ex.choices}"
+            )
         text = text[: min(room, max_text_tokens or room)]
         out.append(Encoded(np.concatenate([text, query]), choices, ex.label))
     return out
@@ -74,8 +79,9 @@ def answer_batch(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
     return Batch(torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(mask))
 
 
-def train_batches(encoded: list[Encoded], batch_size: int, seed: int, epoch: int = 0,
-                  pool: int = 32):
+def train_batches(
+    encoded: list[Encoded], batch_size: int, seed: int, epoch: int = 0, pool: int = 32
+):
     """One epoch of training batches (prompt + right answer), shuffled by (seed, epoch). Within
     each pool of `pool` batches' worth of examples, examples of similar length share a batch (less
     padding); the batches are then shuffled."""
@@ -86,17 +92,25 @@ def train_batches(encoded: list[Encoded], batch_size: int, seed: int, epoch: int
     for start in range(0, len(order) - batch_size + 1, batch_size * pool):
         chunk = order[start : start + batch_size * pool]
         chunk = chunk[np.argsort([size[j] for j in chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1,
-                                                              batch_size)]
+        batches += [
+            chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)
+        ]
     for i in rng.permutation(len(batches)):
-        yield answer_batch([(encoded[j].prompt, encoded[j].choices[encoded[j].label])
-                            for j in batches[i]])
+        yield answer_batch(
+            [(encoded[j].prompt, encoded[j].choices[encoded[j].label]) for j in batches[i]]
+        )
 
 
 # -------------------------------------------------------------------------------- documents
 
-def make_batches(docs: list[np.ndarray], block_size: int, batch_size: int,
-                 max_tokens: int | None = None, seed: int = 0) -> list[Batch]:
+
+def make_batches(
+    docs: list[np.ndarray],
+    block_size: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> list[Batch]:
     """Windows of block_size + 1 tokens (stride block_size), shuffled by `seed`, then batched.
 
     A document's last window is padded; `max_tokens` caps the real tokens taken, so that a reader
@@ -111,8 +125,7 @@ def make_batches(docs: list[np.ndarray], block_size: int, batch_size: int,
             break
         chosen.append(windows[i])
         total += len(windows[i]) - 1
-    return [_pad(chosen[i : i + batch_size], block_size)
-            for i in range(0, len(chosen), batch_size)]
+    return [_pad(chosen[i : i + batch_size], block_size) for i in range(0, len(chosen), batch_size)]
 
 
 def _pad(windows: list[np.ndarray], block_size: int) -> Batch:

@@ -27,26 +27,38 @@ class TaskData:
     chance: float = float("nan")  # choice: expected accuracy of a uniform guess
 
 
-def load_task(name: str, tok, block_size: int, cfg: FinetuneConfig, data_dir=None,
-              task_source: str = "") -> TaskData:
+def load_task(
+    name: str, tok, block_size: int, cfg: FinetuneConfig, data_dir=None, task_source: str = ""
+) -> TaskData:
     """The task's splits, tokenized for a model; validation and held-out are stable subsets."""
     task = get_task(name)
     if task.kind == "lm":
         if data_dir is None:
-            raise ValueError(f"lm task {name!r} needs the prepared corpus: give --data-dir or "
-                             "--profile")
+            raise ValueError(
+                f"lm task {name!r} needs the prepared corpus: give --data-dir or --profile"
+            )
         docs = domain_docs(task, data_dir, cfg.heldout_frac)
         size = max(1, cfg.batch_tokens // block_size)
-        return TaskData(task, docs["train"], *[
-            make_batches(docs[s], block_size, size, n * block_size)
-            for s, n in (("heldout", cfg.max_heldout), ("val", cfg.max_val_windows))], size)
+        return TaskData(
+            task,
+            docs["train"],
+            *[
+                make_batches(docs[s], block_size, size, n * block_size)
+                for s, n in (("heldout", cfg.max_heldout), ("val", cfg.max_val_windows))
+            ],
+            size,
+        )
     if tok is None:
-        raise ValueError(f"labelled task {name!r} needs the model's tokenizer, but the checkpoint "
-                         "has none (tokenizer.json); save the checkpoint with its tokenizer")
+        raise ValueError(
+            f"labelled task {name!r} needs the model's tokenizer, but the checkpoint "
+            "has none (tokenizer.json); save the checkpoint with its tokenizer"
+        )
     exs = examples(task, task_source or None, cfg.val_frac, cfg.heldout_frac)
     val = _subset(exs["val"], cfg.max_val)
-    encoded = [encode(tok, split, block_size, task.max_text_tokens)
-               for split in (exs["train"], _subset(exs["heldout"], cfg.max_heldout), val)]
+    encoded = [
+        encode(tok, split, block_size, task.max_text_tokens)
+        for split in (exs["train"], _subset(exs["heldout"], cfg.max_heldout), val)
+    ]
     length = np.mean([len(e.prompt) + len(e.choices[e.label]) for e in encoded[0]])
     size = min(len(encoded[0]), max(1, int(cfg.batch_tokens // length)))
     return TaskData(task, *encoded, size, majority(val)[1], chance(val))
@@ -63,16 +75,26 @@ def training_batches(data: TaskData, cfg: FinetuneConfig, seed: int, block_size:
     for epoch in range(10**9):
         if data.task.kind == "lm":
             # an epoch is capped at what max_steps can use, so a large domain is not cut in full
-            yield from make_batches(data.train, block_size, data.batch_size,
-                                    cfg.max_steps * data.batch_size * block_size,
-                                    seed=seed * 1000 + epoch)
+            yield from make_batches(
+                data.train,
+                block_size,
+                data.batch_size,
+                cfg.max_steps * data.batch_size * block_size,
+                seed=seed * 1000 + epoch,
+            )
         else:
             yield from train_batches(data.train, data.batch_size, seed, epoch)
 
 
-def training_documents(task: Task, tok, block_size: int = 10**9, data_dir=None,
-                       task_source: str = "", val_frac: float = 0.2,
-                       heldout_frac: float = 0.1) -> list[np.ndarray]:
+def training_documents(
+    task: Task,
+    tok,
+    block_size: int = 10**9,
+    data_dir=None,
+    task_source: str = "",
+    val_frac: float = 0.2,
+    heldout_frac: float = 0.1,
+) -> list[np.ndarray]:
     """Token arrays of the task's training split (labelled: prompt + right answer): the text a
     reduction's statistics and router warm-up read."""
     if task.kind == "lm":

@@ -53,6 +53,15 @@ def get_task(name: str) -> Task:
 
 def registry_table() -> list[dict]:
     """One row per registered task: what the book's task table shows."""
-    return [{"task": t.name, "kind": t.kind, "source": t.source, "licence": t.licence,
-             "prompt": t.prompt, "metric": t.metric, "paper relative": t.relative or "-"}
-            for t in TASKS.values()]
+    return [
+        {
+            "task": t.name,
+            "kind": t.kind,
+            "source": t.source,
+            "licence": t.licence,
+            "prompt": t.prompt,
+            "metric": t.metric,
+            "paper relative": t.relative or "-",
+        }
+        for t in TASKS.values()
+    ]

