@@ -30,6 +30,15 @@ FAST = dict(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _output(logits: torch.Tensor, targets) -> Output:
+    """What GPT.forward returns: with targets, the logits and nll at the target positions."""
+    if targets is None:
+        return Output(logits, None, None, None, None)
+    at = targets >= 0
+    nll = -logits[at].log_softmax(-1).gather(1, targets[at][:, None]).squeeze(1)
+    return Output(logits[at], None, None, None, None, nll)
+
+
 class Unigram(nn.Module):
     """Every position predicts the same known distribution: log p(token) = logp[token]."""
 
@@ -37,8 +46,8 @@ class Unigram(nn.Module):
         super().__init__()
         self.logp = logp
 
-    def forward(self, idx, dropless=False):
-        return Output(self.logp.expand(*idx.shape, -1), None, None, None, None)
+    def forward(self, idx, targets=None, dropless=False, positions=None, attn_mask=None):
+        return _output(self.logp.expand(*idx.shape, -1), targets)
 
 
 def test_choice_scorer_ranks_answers_by_their_known_likelihood():
@@ -62,8 +71,8 @@ class Bigram(nn.Module):
         super().__init__()
         self.logp = logp
 
-    def forward(self, idx, dropless=False):
-        return Output(self.logp[idx], None, None, None, None)
+    def forward(self, idx, targets=None, dropless=False, positions=None, attn_mask=None):
+        return _output(self.logp[idx], targets)
 
 
 def test_scores_use_each_answer_token_after_its_own_context_in_any_batch():

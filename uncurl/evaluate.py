@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from uncurl import layout
 from uncurl.config import FinetuneConfig, get_profile
 from uncurl.model import eval_mode, load_model
 from uncurl.model.checkpoint import load_tokenizer, read_info
-from uncurl.tasks import Encoded, TaskData, answer_batch, load_task
+from uncurl.tasks import Encoded, TaskData, load_task, packed_batch
 
 RESULT = layout.RESULT
 TASK_LEVELS = ("chance", "majority")  # recorded with each labelled result, for the report
@@ -47,75 +46,118 @@ COLUMNS = [
 
 
 @torch.no_grad()
+def candidate_logliks(
+    model, packs: list[tuple[np.ndarray, tuple[np.ndarray, ...]]], batch_size: int = 64
+) -> np.ndarray:
+    """Summed log-probability of every candidate's tokens after its prompt, for (prompt,
+    candidates) packs: the candidates in pack order, (candidates,), or (members, candidates)
+    for a population. Each pack is one row (`tasks.packed_batch`): its prompt runs once."""
+    order = np.argsort([len(p) + sum(len(c) for c in cs) for p, cs in packs], kind="stable")
+    first = np.cumsum([0] + [len(cs) for _, cs in packs])  # each pack's first candidate
+    out = torch.zeros(model_members(model), first[-1], dtype=torch.float64)
+    with eval_mode(model):
+        for i in range(0, len(packs), batch_size):
+            rows = order[i : i + batch_size]
+            b = packed_batch([packs[j] for j in rows])
+            nll = _nll(
+                model,
+                model(
+                    b.idx, b.targets, dropless=True, positions=b.positions, attn_mask=b.attn_mask
+                ),
+            )
+            candidates = torch.from_numpy(
+                np.concatenate([np.arange(first[j], first[j + 1]) for j in rows])
+            )
+            out.index_add_(1, candidates[b.owner], -nll.double())
+    return _as_model(model, out.numpy())
+
+
 def answer_logliks(
     model, pairs: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 64
 ) -> np.ndarray:
     """Summed log-probability of each answer's tokens after its prompt."""
-    order = np.argsort([len(p) + len(a) for p, a in pairs], kind="stable")  # little padding
-    out = np.zeros(len(pairs))
-    with eval_mode(model):
-        for i in range(0, len(pairs), batch_size):
-            rows = order[i : i + batch_size]
-            b = answer_batch([pairs[j] for j in rows])
-            answer = b.targets >= 0
-            logits = model(b.idx, dropless=True).logits
-            logp = F.log_softmax(logits[answer].float(), dim=-1)  # answers only
-            picked = logp.gather(1, b.targets[answer].unsqueeze(1)).squeeze(1)
-            row_of = answer.nonzero()[:, 0]
-            out[rows] = torch.zeros(len(rows)).index_add_(0, row_of, picked).numpy()
-    return out
+    return candidate_logliks(model, [(p, (a,)) for p, a in pairs], batch_size)
 
 
 def choice_scores(model, encoded: list[Encoded], batch_size: int = 64) -> np.ndarray:
     """Per example: the log-likelihood of every candidate, shape (examples, max choices), -inf
-    where an example has fewer candidates."""
-    pairs = [(e.prompt, c) for e in encoded for c in e.choices]
-    flat = iter(answer_logliks(model, pairs, batch_size))
+    where an example has fewer candidates; (members, examples, max choices) for a population."""
+    flat = candidate_logliks(model, [(e.prompt, e.choices) for e in encoded], batch_size)
+    flat = flat.reshape(-1, flat.shape[-1])
     width = max(len(e.choices) for e in encoded)
-    scores = np.full((len(encoded), width), -np.inf)
+    scores = np.full((len(flat), len(encoded), width), -np.inf)
+    start = 0
     for row, e in enumerate(encoded):
-        scores[row, : len(e.choices)] = [next(flat) for _ in e.choices]
-    return scores
+        scores[:, row, : len(e.choices)] = flat[:, start : start + len(e.choices)]
+        start += len(e.choices)
+    return _as_model(model, scores)
 
 
 def correct(model, encoded: list[Encoded], batch_size: int = 64) -> np.ndarray:
     """1.0 where the highest-likelihood candidate is the right answer, else 0.0."""
-    picks = choice_scores(model, encoded, batch_size).argmax(1)
+    picks = choice_scores(model, encoded, batch_size).argmax(-1)
     return (picks == np.array([e.label for e in encoded])).astype(float)
 
 
-def answer_loss(model, encoded: list[Encoded], batch_size: int = 64) -> float:
+def answer_loss(model, encoded: list[Encoded], batch_size: int = 64):
     """Mean negative log-likelihood of the right answers (per example): the smooth held-out
-    signal for early stopping, the quantity fine-tuning minimises."""
+    signal for early stopping, the quantity fine-tuning minimises; one per member of a
+    population."""
     ll = answer_logliks(model, [(e.prompt, e.choices[e.label]) for e in encoded], batch_size)
-    return float(-ll.mean())
+    return -ll.mean(-1) if ll.ndim > 1 else float(-ll.mean())
 
 
 @torch.no_grad()
 def window_losses(model, batches) -> np.ndarray:
-    """Mean next-token loss of every window (row) of taskdata batches."""
+    """Mean next-token loss of every window (row) of taskdata batches; (members, windows) for a
+    population."""
     out = []
     with eval_mode(model):
         for b in batches:
-            logits = model(b.idx, dropless=True).logits.float()
-            loss = F.cross_entropy(
-                logits.transpose(1, 2), b.targets, ignore_index=-1, reduction="none"
-            )
-            out.append((loss.sum(1) / b.mask.sum(1)).numpy())
-    return np.concatenate(out)
+            nll = _nll(model, model(b.idx, b.targets, dropless=True))
+            loss = torch.zeros(len(nll), *b.idx.shape, dtype=nll.dtype)
+            loss[:, b.targets >= 0] = nll
+            out.append((loss.sum(-1) / b.mask.sum(1)).numpy())
+    return _as_model(model, np.concatenate(out, axis=-1))
+
+
+def member_scores(model, data: TaskData) -> list[tuple[dict, list[float]]]:
+    """Validation metrics and the per-example scores the bootstrap resamples, per member (one
+    for a model)."""
+    if data.task.kind == "lm":
+        per = window_losses(model, data.val).reshape(model_members(model), -1)
+        return [
+            ({"loss": float(p.mean()), "perplexity": float(np.exp(p.mean()))}, p.tolist())
+            for p in per
+        ]
+    per = correct(model, data.val).reshape(model_members(model), -1)
+    return [
+        (
+            {"accuracy": float(p.mean()), "majority": data.majority, "chance": data.chance},
+            p.tolist(),
+        )
+        for p in per
+    ]
 
 
 def score(model, data: TaskData) -> tuple[dict, list[float]]:
     """Validation metrics and the per-example scores the bootstrap resamples."""
-    if data.task.kind == "lm":
-        per = window_losses(model, data.val)
-        return {"loss": float(per.mean()), "perplexity": float(np.exp(per.mean()))}, per.tolist()
-    per = correct(model, data.val)
-    return {
-        "accuracy": float(per.mean()),
-        "majority": data.majority,
-        "chance": data.chance,
-    }, per.tolist()
+    return member_scores(model, data)[0]
+
+
+def model_members(model) -> int:
+    """Members of a population (`uncurl.model.population`), 1 for a model."""
+    return getattr(model, "members", None) or 1
+
+
+def _nll(model, out) -> torch.Tensor:
+    """The targets' negative log-likelihoods, (members, n)."""
+    return torch.stack(out.nll) if getattr(model, "members", None) else out.nll[None]
+
+
+def _as_model(model, per_member: np.ndarray) -> np.ndarray:
+    """Results with a member axis as a model's (its one member's) or a population's."""
+    return per_member if getattr(model, "members", None) else per_member[0]
 
 
 def describe(checkpoint) -> dict:

@@ -13,16 +13,11 @@ atomically; a finished run with the same parameters is not redone.
 """
 
 import argparse
-import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from uncurl import cpu, evaluate, layout, tasks
+from uncurl import cpu, evaluate, layout, population, tasks
 from uncurl.config import FinetuneConfig, get_profile, parse_overrides
 from uncurl.layout import write_json
 from uncurl.model.checkpoint import (
@@ -35,66 +30,22 @@ from uncurl.model.checkpoint import (
 from uncurl.provenance import environment
 from uncurl.reduce import router_warmup
 from uncurl.tasks import TaskData, load_task, training_batches
-from uncurl.train import lr_at, make_optimizer
 
 
 def heldout_loss(model, data: TaskData) -> float:
-    if data.task.kind == "lm":
-        return float(np.mean(evaluate.window_losses(model, data.heldout)))
-    return evaluate.answer_loss(model, data.heldout)
+    return float(population.heldout_losses(model, data)[0])
 
 
 def task_loss(model, b, kind: str):
     """lm: mean loss per token. choice: the answer's negative log-likelihood per example (its
     tokens summed), so that a many-token answer does not dilute the token that decides it."""
-    out = model(b.idx, b.targets, loss_mask=b.mask)
-    if kind == "lm":
-        return out.loss
-    per_example = (b.targets >= 0).sum() / len(b.idx)
-    return out.lm_loss * per_example + model.cfg.aux_loss_weight * out.aux_loss
+    return population.task_losses(model, [b], kind)[0]
 
 
 def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int, progress: bool = False) -> dict:
     """Train `model` in place, ending with the weights of its best held-out evaluation after
-    training began (the untrained weights are measured, never chosen: early in fine-tuning the
-    held-out loss can rise before it falls)."""
-    torch.manual_seed(seed)
-    opt = make_optimizer(model, cfg)
-    batches = training_batches(data, cfg, seed, model.cfg.block_size)
-    best = {"loss": float("inf")}
-    curve, waited = [{"step": 0, "heldout_loss": heldout_loss(model, data)}], 0
-    model.train()
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"finetune {data.task.name}", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, cfg)
-        b = next(batches)
-        loss = task_loss(model, b, data.task.kind)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if step % cfg.eval_interval and step != cfg.max_steps:
-            continue
-        held = heldout_loss(model, data)
-        curve.append({"step": step, "train_loss": loss.item(), "heldout_loss": held})
-        bar.set_postfix(heldout=f"{held:.3f}")
-        if held < best["loss"]:
-            best, waited = _best(model, step, held), 0
-        elif (waited := waited + 1) >= cfg.patience:
-            break
-    model.load_state_dict(best["state"])
-    model.eval()
-    return {
-        "steps": step,
-        "best_step": best["step"],
-        "best_heldout_loss": best["loss"],
-        "curve": curve,
-    }
-
-
-def _best(model, step: int, loss: float) -> dict:
-    return {"step": step, "loss": loss, "state": copy.deepcopy(model.state_dict())}
+    training began: a population of one (`uncurl.population.train`)."""
+    return population.train([model], data, cfg, [seed], progress)[1][0]
 
 
 def run(

@@ -55,10 +55,12 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
 
 
 def make_optimizer(model: GPT, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and stacked experts), none on biases and norms."""
+    """AdamW with weight decay on matrices (and stacked experts), none on biases and norms; a
+    population's parameters are told apart by their members' shapes."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    member_axis = int(getattr(model, "members", None) is not None)
+    decay = [p for p in params if p.dim() - member_axis >= 2]
+    no_decay = [p for p in params if p.dim() - member_axis < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from uncurl import cpu
 from uncurl.model.gpt import GPT
+from uncurl.model.members import Rows
 from uncurl.model.moe import GroupedMLP, MoE, dispatch
 from uncurl.timing import stopwatch
 
@@ -73,7 +74,9 @@ class ExpertParallelMoE(nn.Module):
         self.train(moe.training)  # the capacity factor depends on the mode
 
     @torch.no_grad()
-    def forward(self, x, dropless: bool = False):
+    def forward(self, x, dropless: bool = False, rows: Rows | None = None):
+        if rows is not None and rows.stacked:
+            raise ValueError("an expert-parallel layer serves one model, not a population")
         shape, ph, clock = x.shape, self.phases, vars(self.phases)
         x = x.reshape(-1, shape[-1])  # (N, d): this rank's tokens; equal N on every rank
         with stopwatch(clock, "route"):

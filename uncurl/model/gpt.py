@@ -11,15 +11,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uncurl.config import ModelConfig
+from uncurl.model import members
+from uncurl.model.members import Rows
 from uncurl.model.moe import MLP, MoE, Routing, load_balancing_loss
 
 
 class Output(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
+    """A forward pass. With targets, the head runs only at the n positions that have one
+    (targets >= 0, in row-major order). For a population every field has a leading member
+    axis: losses are (M,) tensors, the others tuples of one entry per member."""
+
+    logits: torch.Tensor  # (B, T, V); with targets (n, V)
     loss: torch.Tensor | None  # lm_loss + aux_loss_weight * aux_loss
-    lm_loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None  # mean of nll
     aux_loss: torch.Tensor  # summed over MoE layers, unweighted
     routing: tuple[Routing, ...] | None
+    nll: torch.Tensor | None = None  # (n,) negative log-likelihood of each target
 
 
 class CausalSelfAttention(nn.Module):
@@ -30,13 +37,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    def forward(self, x, rows: Rows, attn_mask=None):
+        qkv = members.linear(x, rows, self.c_attn.weight, self.c_attn.bias)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = members.attention(qkv, rows, self.n_head, attn_mask, p)
+        return members.linear(y, rows, self.c_proj.weight, self.c_proj.bias)
 
 
 class Block(nn.Module):
@@ -48,12 +53,13 @@ class Block(nn.Module):
         n_expert = cfg.experts_at(layer)
         self.mlp = MoE(cfg, n_expert, init=False) if n_expert else MLP(cfg)
 
-    def forward(self, x, dropless: bool = False):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rows: Rows, dropless: bool = False, attn_mask=None):
+        x = x + self.attn(members.layer_norm(x, rows, self.ln_1), rows, attn_mask)
+        h = members.layer_norm(x, rows, self.ln_2)
         if isinstance(self.mlp, MLP):
-            return x + self.mlp(self.ln_2(x)), None
+            return x + self.mlp(h, rows), None
         # an MoE layer, or a stand-in for one (uncurl.model.expert_parallel): returns (y, routing)
-        y, routing = self.mlp(self.ln_2(x), dropless)
+        y, routing = self.mlp(h, dropless, rows)
         return x + y, routing
 
 
@@ -61,6 +67,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.members: int | None = None  # M for a population (uncurl.model.population.stack)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -90,32 +97,102 @@ class GPT(nn.Module):
         return [b.mlp for b in self.h if isinstance(b.mlp, MoE)]
 
     def forward(
-        self, idx, targets=None, return_routing=False, loss_mask=None, dropless: bool = False
+        self,
+        idx,
+        targets=None,
+        return_routing=False,
+        loss_mask=None,
+        dropless: bool = False,
+        positions=None,
+        attn_mask=None,
     ):
         """Logits, losses and (on request) every MoE layer's routing; `dropless` lifts the
-        experts' capacity, so that a token's result does not depend on its batch."""
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))  # (B, T, C)
-        routing = []
-        for block in self.h:
-            x, r = block(x, dropless)
-            if r is not None:
-                routing.append(r)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        token_mask = None if loss_mask is None else loss_mask.reshape(-1).bool()
-        aux = sum(
-            (load_balancing_loss(r.logits, r.experts, token_mask) for r in routing),
-            start=logits.new_zeros(()),
+        experts' capacity, so that a token's result does not depend on its batch. `positions`
+        (B, T) replace 0..T-1 and `attn_mask` (B, T, T), True where a position may attend,
+        replaces the causal mask (several sequences packed in one row).
+
+        A list of tensors, one per member, gives each member of a population its own batch (a
+        model takes a list of one); a tensor is read by every member. Outputs then have a
+        leading member axis (`Output`)."""
+        per_member = isinstance(idx, (list, tuple))
+        n = self.members or 1
+        idx, targets, loss_mask, positions, attn_mask = (
+            _each_member(a, n) for a in (idx, targets, loss_mask, positions, attn_mask)
         )
-        lm_loss = loss = None
-        if targets is not None:
-            lm_loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1
+        rows = Rows(tuple(tuple(i.shape) for i in idx), self.members is not None)
+        x = self._embed(idx, positions, rows)  # (N, C)
+        layers = []  # each MoE layer's routing of every member
+        for block in self.h:
+            x, r = block(x, rows, dropless, None if attn_mask[0] is None else attn_mask)
+            if r is not None:
+                layers.append(r if rows.stacked else (r,))
+        out = self._head(x, rows, targets)
+        aux = self._aux_losses(layers, loss_mask, x)
+        loss = None if out.lm_loss is None else out.lm_loss + self.cfg.aux_loss_weight * aux
+        routing = tuple(zip(*layers, strict=True)) if layers else ((),) * n  # member, layer
+        out = out._replace(loss=loss, aux_loss=aux, routing=routing if return_routing else None)
+        if per_member or self.members is not None:
+            return out
+        return Output(*(None if f is None else f[0] for f in out))  # the one member's
+
+    def _embed(self, idx, positions, rows: Rows) -> torch.Tensor:
+        """Token plus position embeddings of every row."""
+        if positions[0] is None:
+            longest = max(t for _, t in rows.shapes)
+            if longest > self.cfg.block_size:
+                raise ValueError(
+                    f"sequence of {longest} tokens exceeds block_size {self.cfg.block_size}"
+                )
+            positions = [
+                torch.arange(t, device=i.device).expand(b, t)
+                for i, (b, t) in zip(idx, rows.shapes, strict=True)
+            ]
+        x = members.embedding(_flat(idx), rows, self.wte.weight)
+        return self.drop(x + members.embedding(_flat(positions), rows, self.wpe.weight))
+
+    def _head(self, x, rows: Rows, targets) -> Output:
+        """Logits everywhere without targets, else at the target positions, with the nll."""
+        if targets[0] is None:
+            logits = members.linear(
+                members.layer_norm(x, rows, self.ln_f), rows, self.lm_head.weight
             )
-            loss = lm_loss + self.cfg.aux_loss_weight * aux
-        return Output(logits, loss, lm_loss, aux, tuple(routing) if return_routing else None)
+            parts = [
+                z.view(b, t, -1) for z, (b, t) in zip(rows.split(logits), rows.shapes, strict=True)
+            ]
+            return Output(tuple(parts), None, None, None, None)
+        flat = _flat(targets)
+        where = (flat >= 0).nonzero().squeeze(1)
+        counts = [int((t >= 0).sum()) for t in targets]
+        at = Rows.of(counts, rows.stacked)
+        h = members.layer_norm(x.index_select(0, where), at, self.ln_f)
+        logits = members.linear(h, at, self.lm_head.weight)
+        nll = F.cross_entropy(logits.float(), flat[where], reduction="none")
+        lm_loss = torch.stack([part.mean() for part in at.split(nll)])
+        return Output(at.split(logits), None, lm_loss, None, None, at.split(nll))
+
+    def _aux_losses(self, layers, loss_mask, x) -> torch.Tensor:
+        """Each member's load-balancing losses (its padding left out), summed over its MoE
+        layers: (M,)."""
+        per_member = []
+        for m, mask in enumerate(loss_mask):
+            mask = None if mask is None else mask.reshape(-1).bool()
+            losses = (load_balancing_loss(r[m].logits, r[m].experts, mask) for r in layers)
+            per_member.append(sum(losses, start=x.new_zeros(())))
+        return torch.stack(per_member)
+
+
+def _each_member(arg, n: int) -> list:
+    """One entry per member: a list as given, a tensor (or None) for every member."""
+    if isinstance(arg, (list, tuple)):
+        if len(arg) != n:
+            raise ValueError(f"{len(arg)} batches for a population of {n}")
+        return list(arg)
+    return [arg] * n
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    flat = [t.reshape(-1) for t in tensors]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
 
 
 @contextmanager

@@ -14,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from uncurl.config import ModelConfig
+from uncurl.model import members
 from uncurl.model.kernels import SoftmaxTopK, expert_mm, expert_outer, sort_slots
+from uncurl.model.members import Rows
 
 
 class Routing(NamedTuple):
@@ -49,17 +51,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        one = lambda t: None if t is None else t[None]  # noqa: E731  as a stack of one expert
-        y = GroupedMLP.apply(
-            rows,
-            [len(rows)],
-            one(self.c_fc.weight.t()),
-            one(self.c_fc.bias),
-            one(self.c_proj.weight.t()),
-            one(self.c_proj.bias),
-        )
+    def forward(self, x, rows: Rows | None = None):
+        flat = x.reshape(-1, x.shape[-1])
+        rows = rows or Rows.of([len(flat)], False)
+        w_fc, w_proj = (rows.stack(lin.weight).transpose(1, 2) for lin in (self.c_fc, self.c_proj))
+        b_fc, b_proj = rows.stack(self.c_fc.bias), rows.stack(self.c_proj.bias)
+        y = GroupedMLP.apply(flat, rows.sizes, w_fc, b_fc, w_proj, b_proj)
         return y.view(*x.shape[:-1], -1)
 
 
@@ -91,24 +88,43 @@ class MoE(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, x, dropless: bool = False):
+    def forward(self, x, dropless: bool = False, rows: Rows | None = None):
+        """The layer's output and routing; for a population's rows, each member routed on its
+        own rows at its own capacity and every member's experts in one grouped product."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C)
-        d = self.route(x, dropless)
+        rows = rows or Rows.of([len(x)], False)
+        logits = members.linear(x, rows, self.router.weight)
+        parts = [
+            dispatch(part, self.cfg.top_k, self._capacity(len(part), dropless))
+            for part in rows.split(logits)
+        ]
+        d = parts[0] if len(parts) == 1 else _merge(parts, rows.sizes)
         y = self.experts(x, d)
-        return y.view(shape), d.routing._replace(inputs=x, outputs=y)
+        routing = tuple(
+            p.routing._replace(inputs=x_m, outputs=y_m)
+            for p, x_m, y_m in zip(parts, rows.split(x), rows.split(y), strict=True)
+        )
+        return y.view(shape), routing if rows.stacked else routing[0]
 
     def route(self, x: torch.Tensor, dropless: bool = False) -> "Dispatch":
         """Where each of the N tokens (rows of x) goes, at the capacity of the current mode (none
         when `dropless`)."""
-        capacity = None if dropless else self.cfg.capacity(len(x), self.n_expert, self.training)
-        return dispatch(self.router(x), self.cfg.top_k, capacity)
+        return dispatch(self.router(x), self.cfg.top_k, self._capacity(len(x), dropless))
+
+    def _capacity(self, n_tokens: int, dropless: bool) -> int | None:
+        return None if dropless else self.cfg.capacity(n_tokens, self.n_expert, self.training)
 
     def experts(self, x: torch.Tensor, d: "Dispatch") -> torch.Tensor:
-        """The gate-weighted sum of each token's experts' outputs (zero for dropped tokens)."""
+        """The gate-weighted sum of each token's experts' outputs (zero for dropped tokens); a
+        population's experts are the groups m * E + e of its stacked weights."""
         # index_select, not x[d.token]: its backward is an index_add, not an index_put
         xs = x.index_select(0, d.token)  # (M, C), rows sorted by expert
-        y = GroupedMLP.apply(xs, d.sizes.tolist(), self.w_fc, self.b_fc, self.w_proj, self.b_proj)
+        w_fc, w_proj = (w.reshape(-1, *w.shape[-2:]) for w in (self.w_fc, self.w_proj))
+        b_fc, b_proj = (
+            None if b is None else b.reshape(-1, b.shape[-1]) for b in (self.b_fc, self.b_proj)
+        )
+        y = GroupedMLP.apply(xs, d.sizes.tolist(), w_fc, b_fc, w_proj, b_proj)
         return torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +139,7 @@ class Dispatch(NamedTuple):
     token: torch.Tensor  # (M,) token of each kept slot
     sizes: torch.Tensor  # (E,) kept slots per expert
     weight: torch.Tensor  # (M, 1) gate of each kept slot
-    routing: Routing
+    routing: Routing | None  # None for the merged dispatch of a population
 
 
 def dispatch(logits: torch.Tensor, k: int, capacity: int | None) -> Dispatch:
@@ -138,6 +154,17 @@ def dispatch(logits: torch.Tensor, k: int, capacity: int | None) -> Dispatch:
     weight = gates.t().reshape(-1)[kept].unsqueeze(1)
     routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
     return Dispatch(kept % n, sizes, weight, routing)
+
+
+def _merge(parts: list[Dispatch], sizes: list[int]) -> Dispatch:
+    """Members' dispatches as one over the groups m * E + e; tokens index all members' rows."""
+    offsets = [sum(sizes[:m]) for m in range(len(sizes))]
+    return Dispatch(
+        torch.cat([p.token + o for p, o in zip(parts, offsets, strict=True)]),
+        torch.cat([p.sizes for p in parts]),
+        torch.cat([p.weight for p in parts]),
+        None,
+    )
 
 
 class GroupedMLP(torch.autograd.Function):

@@ -13,10 +13,12 @@ from uncurl.tasks.catalogue import fetch_packages
 from uncurl.tasks.encoding import (
     Batch,
     Encoded,
+    Packed,
     answer_batch,
     answered,
     encode,
     make_batches,
+    packed_batch,
     train_batches,
 )
 from uncurl.tasks.loading import TaskData, load_task, training_batches, training_documents
@@ -29,6 +31,7 @@ __all__ = [
     "Batch",
     "Encoded",
     "Example",
+    "Packed",
     "Task",
     "TaskData",
     "answer_batch",
@@ -43,6 +46,7 @@ __all__ = [
     "majority",
     "make_batches",
     "normal",
+    "packed_batch",
     "register",
     "registry_table",
     "train_batches",

@@ -79,6 +79,49 @@ def answer_batch(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
     return Batch(torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(mask))
 
 
+class Packed(NamedTuple):
+    """Prompts with their candidate answers, one prompt per row (`packed_batch`)."""
+
+    idx: torch.Tensor  # (B, T) token ids, 0 where padded
+    targets: torch.Tensor  # (B, T) the candidates' tokens, -1 elsewhere
+    positions: torch.Tensor | None  # (B, T) each token's position; None: 0..T-1
+    attn_mask: torch.Tensor | None  # (B, T, T) True where a token may attend; None: causal
+    owner: torch.Tensor  # (n,) each target's candidate, targets in row-major order and the
+    # candidates counted over the rows in order
+
+
+def packed_batch(packs: list[tuple[np.ndarray, tuple[np.ndarray, ...]]]) -> Packed:
+    """(prompt, candidates) pairs, each prompt with all its candidates in one row: the prompt
+    but its last token, then for each candidate that token again and the candidate but its
+    last, at the positions they would have right after the prompt, seeing the prompt and their
+    own earlier tokens only. Each candidate token is predicted from the context it has alone,
+    and the prompt is computed once. Rows of one candidate are `answer_batch`'s rows."""
+    width = max(len(p) - 1 + sum(len(c) for c in cs) for p, cs in packs)
+    idx = np.zeros((len(packs), width), dtype=np.int64)
+    targets = np.full((len(packs), width), -1, dtype=np.int64)
+    positions = np.tile(np.arange(width), (len(packs), 1))
+    segment = np.full((len(packs), width), -2)  # -1 the prompt, j the j-th candidate
+    owner, counted = [], 0
+    for row, (prompt, choices) in enumerate(packs):
+        col = len(prompt) - 1
+        idx[row, :col], segment[row, :col] = prompt[:-1], -1
+        for j, c in enumerate(choices):
+            cols = slice(col, col + len(c))
+            idx[row, cols] = np.concatenate([prompt[-1:], c[:-1]])
+            targets[row, cols], segment[row, cols] = c, j
+            positions[row, cols] = np.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+            owner += [counted + j] * len(c)
+            col += len(c)
+        counted += len(choices)
+    packed = torch.from_numpy
+    if all(len(cs) == 1 for _, cs in packs):
+        return Packed(packed(idx), packed(targets), None, None, torch.tensor(owner))
+    seg = packed(segment)
+    earlier = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = earlier & ((seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None]))
+    return Packed(packed(idx), packed(targets), packed(positions), mask, torch.tensor(owner))
+
+
 def train_batches(
     encoded: list[Encoded], batch_size: int, seed: int, epoch: int = 0, pool: int = 32
 ):
