@@ -289,7 +289,8 @@ def test_the_real_manifest_is_in_dependency_order():
     for step in steps:
         assert all(names.index(dep) < names.index(step.name) for dep in step.after)
     assert names == [raw["name"] for raw in study.manifest.load_study()]  # it was in order
-    assert [s.name for s in steps if s.alone] == ["inference_cost"]
+    # the grid's jobs take every core; the inference benchmark measures time
+    assert [s.name for s in steps if s.alone] == ["finetune", "inference_cost"]
     runs = plan(get_profile("small"), steps, Path("build/small"), Path("runs"))
     labels = [r.label for r in runs]
     assert labels[:3] == ["data", "pretrain[n_expert=1]", "pretrain[n_expert=4]"]
@@ -352,8 +353,8 @@ def test_python_m_uncurl_study_runs_the_cli(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == f"[1/11] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
-    assert lines[-1].startswith("[11/11] premise_sweep: would run")
+    assert lines[0] == f"[1/10] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
+    assert lines[-1].startswith("[10/10] premise_sweep: would run")
 
 
 # ----------------------------------------------------------------------------- the scheduler

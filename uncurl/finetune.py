@@ -61,7 +61,31 @@ def run(
 ) -> dict:
     """Fine-tune and score one (checkpoint, task, seed); write out/result.json; return it."""
     out = Path(out)
-    params = {
+    params = run_params(checkpoint, task, seed, cfg, data_dir, task_source)
+    if (done := finished(out, params)) is not None:
+        return done
+    started = time.time()
+    cpu.configure(cfg.threads)
+    model = load_model(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
+    model_info = evaluate.describe(checkpoint)
+    warmup = warm_up_router(model, model_info, data, cfg, seed)
+    trained = finetune(model, data, cfg, seed, progress)
+    metrics, per_example = evaluate.score(model, data)
+    result = record(
+        model_info, data, seed, (metrics, per_example), warmup, trained, params, started
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if save_model:
+        save_checkpoint(out / "model", model, tok, {"finetune": params})
+    write_json(out / evaluate.RESULT, result)
+    return result
+
+
+def run_params(checkpoint, task: str, seed: int, cfg: FinetuneConfig, data_dir, task_source):
+    """What a run's result depends on: a result with other parameters is redone."""
+    return {
         "checkpoint": str(checkpoint),
         "digest": digest(checkpoint),
         "task": task,
@@ -70,22 +94,24 @@ def run(
         "task_source": task_source,
         "data_dir": str(data_dir) if data_dir else None,
     }
-    if (out / evaluate.RESULT).exists():
+
+
+def finished(out, params: dict) -> dict | None:
+    """The run's result if it is there with these parameters."""
+    if (Path(out) / evaluate.RESULT).exists():
         done = evaluate.load_results(out)[0]
         if done["params"] == params:
             return done
-    started = time.time()
-    cpu.configure(cfg.threads)
-    model = load_model(checkpoint)
-    tok = load_tokenizer(checkpoint)
-    data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
-    model_info = evaluate.describe(checkpoint)
-    warmup = _router_warmup(model, model_info, data, cfg, seed)
-    trained = finetune(model, data, cfg, seed, progress)
-    metrics, per_example = evaluate.score(model, data)
-    result = {
+    return None
+
+
+def record(model_info, data: TaskData, seed, scores, warmup, trained, params, started) -> dict:
+    """A run's result.json: the scores (metrics, per-example) of a model trained since
+    `started`."""
+    metrics, per_example = scores
+    return {
         "model": model_info,
-        "task": task,
+        "task": data.task.name,
         "kind": data.task.kind,
         "seed": seed,
         "metric": data.task.metric,
@@ -103,14 +129,9 @@ def run(
         "wall_s": time.time() - started,
         "environment": environment(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    if save_model:
-        save_checkpoint(out / "model", model, tok, {"finetune": params})
-    write_json(out / evaluate.RESULT, result)
-    return result
 
 
-def _router_warmup(
+def warm_up_router(
     model, model_info: dict, data: TaskData, cfg: FinetuneConfig, seed: int
 ) -> list[float]:
     """Reduced models only: router-only steps on the task's training batches."""

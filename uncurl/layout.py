@@ -9,6 +9,7 @@ The one owner of the on-disk layout; nothing else builds these paths or labels:
             checkpoint/  metrics.jsonl  summary.json
         reduced/e32-uncurl-d8-<task>/               reductions on a task (`Runs.reduced`)
         finetune/<task>/<label>/s<seed>/result.json  fine-tuning runs (`Runs.finetuned`)
+        finetune/.logs/<task>-d<D>.log              a grid job's log (`Runs.job_log`)
     runs/sweep/<variant>-<label>/                   premise-sweep runs (`Runs.sweep`)
     build/<profile>/<step>[__name=value...]/results.json   a study step's record
 
@@ -109,6 +110,10 @@ class Runs:
 
     def finetuned(self, task: str, label: str, seed: int) -> Path:
         return self.finetune / task / label / f"s{seed}"
+
+    def job_log(self, job: str) -> Path:
+        """The log of one job of the fine-tuning grid (`uncurl.protocol.grid_jobs`)."""
+        return self.finetune / ".logs" / f"{job}.log"
 
 
 def step_stem(notebook: str, values: dict) -> str:

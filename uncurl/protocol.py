@@ -5,17 +5,23 @@
 2. each reduced model is made once from the pretrained Z-expert model, on the task's training
    split (`uncurl.reduce`);
 3. every model is fine-tuned with every seed (a reduced one after its router warm-up) and scored
-   on the task's validation split (`uncurl.finetune.run`).
+   on the task's validation split: all models of one target size D and all seeds as one
+   population (`uncurl.population`), each member exactly as `uncurl.finetune.run` alone.
 
-Finished reductions and fine-tuning runs are found and reused, never redone.
+The grid of a profile is one job per (task, D) (`grid_jobs`), which `run_grid` hands to an
+executor (`uncurl.executor`: the machine's cores or a Ray cluster). Finished reductions and
+fine-tuning runs are found and reused, never redone.
 """
 
-from tqdm import tqdm
+import copy
+import time
 
-from uncurl import layout, tasks
+from uncurl import cpu, evaluate, layout, population, tasks
 from uncurl.config import ReduceConfig
-from uncurl.finetune import run
-from uncurl.model.checkpoint import digest, load_tokenizer, read_info
+from uncurl.executor import Job, run_jobs
+from uncurl.finetune import finished, record, run_params, warm_up_router
+from uncurl.model.checkpoint import digest, load_model, load_tokenizer, read_info
+from uncurl.model.population import shape_key
 from uncurl.reduce.save import RECORD, reduce_checkpoint
 
 
@@ -34,17 +40,93 @@ def label(model: dict) -> str:
     return layout.model_label(model["target_n_expert"], model["method"], model["source_n_expert"])
 
 
+def targets(profile) -> list[int]:
+    """The target sizes D of the profile's reductions, each once, in order."""
+    return list(dict.fromkeys(m["target_n_expert"] for m in study_models(profile)))
+
+
 def run_task(profile, task: str, runs, progress: bool = True) -> list[dict]:
     """Reduce, warm up, fine-tune and score every model of the profile with every seed on
     `task`; the results, one per (model, seed)."""
+    return [r for d in targets(profile) for r in run_job(profile, task, d, runs, progress)]
+
+
+def run_job(profile, task: str, target_n_expert: int, runs, progress: bool = False) -> list[dict]:
+    """One job of the grid: every model of `target_n_expert` experts (from scratch, and each
+    reduction to it) with every seed, fine-tuned on `task` as one population."""
     folders, cfg = layout.Runs(runs, profile.name), profile.finetune_config(task)
-    jobs = [(model, seed) for model in study_models(profile) for seed in range(cfg.seeds)]
-    results = []
-    for model, seed in tqdm(jobs, desc=f"{task}: models x seeds", disable=not progress):
-        checkpoint = starting_point(profile, task, model, folders)
-        out = folders.finetuned(task, label(model), seed)
-        results.append(run(checkpoint, task, seed, out, cfg, profile.data_dir, profile.task_source))
+    members = [
+        (
+            starting_point(profile, task, model, folders),
+            seed,
+            folders.finetuned(task, label(model), seed),
+        )
+        for model in study_models(profile)
+        if model["target_n_expert"] == target_n_expert
+        for seed in range(cfg.seeds)
+    ]
+    return run_members(members, task, cfg, profile.data_dir, profile.task_source, progress)
+
+
+def run_members(members, task: str, cfg, data_dir=None, task_source="", progress=False):
+    """Fine-tune and score (checkpoint, seed, out) members on `task`, those of the same shape as
+    one population, and write each one's out/result.json as `uncurl.finetune.run` writes it;
+    finished members are read back. The task is loaded once for all; each member's time is
+    its share of the whole."""
+    params = [run_params(c, task, seed, cfg, data_dir, task_source) for c, seed, _ in members]
+    results = [finished(out, p) for (_, _, out), p in zip(members, params, strict=True)]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if not todo:
+        return results
+    started = time.time()
+    cpu.configure(cfg.threads)
+    loaded = {members[i][0]: load_model(members[i][0]) for i in todo}
+    block_size = next(iter(loaded.values())).cfg.block_size
+    tok = _shared_tokenizer(loaded)
+    data = tasks.load_task(task, tok, block_size, cfg, data_dir, task_source)
+    groups = {}
+    for i in todo:
+        groups.setdefault(shape_key(loaded[members[i][0]]), []).append(i)
+    for group in groups.values():
+        trained = _population([members[i] for i in group], loaded, data, cfg, progress)
+        for i, result in zip(group, trained, strict=True):
+            results[i] = result | {"params": params[i]}  # the same as run() records
+    share = (time.time() - started) / len(todo)
+    for i in todo:
+        results[i] |= {
+            "wall_s": share,
+            "population": {"members": len(todo), "wall_s": share * len(todo)},
+        }
+        layout.write_json(members[i][2] / evaluate.RESULT, results[i])
     return results
+
+
+def _population(members, loaded: dict, data, cfg, progress: bool) -> list[dict]:
+    """Same-shape (checkpoint, seed, out) members warmed up, trained as one and scored."""
+    started = time.time()
+    models = [copy.deepcopy(loaded[checkpoint]) for checkpoint, _, _ in members]
+    infos = [evaluate.describe(checkpoint) for checkpoint, _, _ in members]
+    seeds = [seed for _, seed, _ in members]
+    warmups = [
+        warm_up_router(m, info, data, cfg, seed)
+        for m, info, seed in zip(models, infos, seeds, strict=True)
+    ]
+    best, trained = population.train(models, data, cfg, seeds, progress)
+    scores = evaluate.member_scores(best, data)
+    return [
+        record(info, data, seed, score, warmup, training, None, started)
+        for info, seed, score, warmup, training in zip(
+            infos, seeds, scores, warmups, trained, strict=True
+        )
+    ]
+
+
+def _shared_tokenizer(loaded: dict):
+    """The tokenizer every member's checkpoint carries (a population reads one task encoding)."""
+    toks = [load_tokenizer(c) for c in loaded]
+    if len({t.backend_tokenizer.to_str() for t in toks}) > 1:
+        raise ValueError("the members of a population must share a tokenizer")
+    return toks[0]
 
 
 def starting_point(profile, task: str, model: dict, folders: layout.Runs):
@@ -58,17 +140,10 @@ def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
     """The pretrained source model reduced on the task's training split, made once: an earlier
     reduction is reused only if it came from the same weights, task data and statistics
     budget."""
+    if (done := current_reduction(profile, task, model, folders)) is not None:
+        return done
     cfg = profile.finetune_config(task)
     source = folders.pretrained(model["source_n_expert"])
-    out = folders.reduced(model["source_n_expert"], model["method"], model["target_n_expert"], task)
-    task_data = (
-        f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
-        f"source={profile.task_source or 'packages'}, weights {digest(source)})"
-    )
-    if (out / RECORD).exists():
-        done = layout.read_json(out / RECORD)
-        if (done["task_data"], done["max_tokens"]) == (task_data, cfg.reduce_tokens):
-            return out
     docs = tasks.training_documents(
         tasks.get_task(task),
         load_tokenizer(source),
@@ -80,10 +155,92 @@ def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
     )
     return reduce_checkpoint(
         source,
-        out,
+        _reduced(model, task, folders),
         model["method"],
         model["target_n_expert"],
         docs,
-        task_data,
+        _task_data(profile, task, source),
         ReduceConfig(max_tokens=cfg.reduce_tokens),
     )
+
+
+def current_reduction(profile, task: str, model: dict, folders: layout.Runs):
+    """The model's reduction on the task if it is there from the current source weights, task
+    data and statistics budget, else None."""
+    out = _reduced(model, task, folders)
+    source = folders.pretrained(model["source_n_expert"])
+    if not (out / RECORD).exists() or not source.exists():
+        return None
+    done = layout.read_json(out / RECORD)
+    current = (_task_data(profile, task, source), profile.finetune_config(task).reduce_tokens)
+    return out if (done["task_data"], done["max_tokens"]) == current else None
+
+
+def _reduced(model: dict, task: str, folders: layout.Runs):
+    return folders.reduced(
+        model["source_n_expert"], model["method"], model["target_n_expert"], task
+    )
+
+
+def _task_data(profile, task: str, source) -> str:
+    """What a reduction's statistics read: it decides, with the budget, whether one is current."""
+    cfg = profile.finetune_config(task)
+    return (
+        f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
+        f"source={profile.task_source or 'packages'}, weights {digest(source)})"
+    )
+
+
+# ---------------------------------------------------------------------------------- the grid
+
+
+def grid_jobs(profile, runs) -> list[Job]:
+    """The profile's fine-tuning grid: one job per (task, target size D), each a population of
+    every model of D experts with every seed (`run_job`); a job whose results are all there
+    with their current parameters is done."""
+    folders = layout.Runs(runs, profile.name)
+    return [
+        Job(
+            f"{task} d{d}",
+            run_job,
+            (profile, task, d, str(runs)),
+            folders.job_log(f"{task}-d{d}"),
+            _job_done(profile, task, d, folders),
+        )
+        for task in profile.all_tasks
+        for d in targets(profile)
+    ]
+
+
+def run_grid(profile, runs, executor: str = "local", address: str | None = None) -> list[dict]:
+    """Every job of the grid through `executor` ("local": a process per core; "ray": a Ray
+    cluster, at `address` or started here), then every result, task by task."""
+    run_jobs(grid_jobs(profile, runs), executor, address)
+    return [r for task in profile.all_tasks for r in run_task(profile, task, runs, False)]
+
+
+def _job_done(profile, task: str, d: int, folders: layout.Runs) -> bool:
+    """Whether every member of the job has its result, from its current starting point."""
+    cfg = profile.finetune_config(task)
+    for model in study_models(profile):
+        if model["target_n_expert"] != d:
+            continue
+        start = _current_start(profile, task, model, folders)
+        for seed in range(cfg.seeds):
+            out = folders.finetuned(task, label(model), seed)
+            if start is None or finished(out, _params(profile, task, start, seed)) is None:
+                return False
+    return True
+
+
+def _params(profile, task: str, checkpoint, seed: int) -> dict:
+    cfg = profile.finetune_config(task)
+    return run_params(checkpoint, task, seed, cfg, profile.data_dir, profile.task_source)
+
+
+def _current_start(profile, task: str, model: dict, folders: layout.Runs):
+    """The starting point if it is there and up to date, else None (it is yet to be made)."""
+    if model["method"] == layout.SCRATCH:
+        path = folders.pretrained(model["target_n_expert"])
+        return path if path.exists() else None
+    return current_reduction(profile, task, model, folders)

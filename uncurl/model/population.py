@@ -8,6 +8,7 @@ them all (the layer maths in `uncurl.model.members` keep each member exactly as 
 """
 
 import copy
+import json
 
 import torch
 import torch.nn as nn
@@ -77,15 +78,15 @@ def clip_grad_norms(model: GPT, max_norm: float) -> torch.Tensor:
     return torch.stack(totals)
 
 
-def _check_same_shape(a: GPT, b: GPT) -> None:
-    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (a, b)]
-    settings = [_routing_settings(m) for m in (a, b)]
-    if shapes[0] != shapes[1] or settings[0] != settings[1]:
-        raise ValueError("members of a population need the same shapes and routing settings")
-
-
-def _routing_settings(model: GPT) -> dict:
-    """The config without how it spells the expert counts (8, or [8, 8] after a reduction)."""
+def shape_key(model: GPT) -> str:
+    """What members of one population must share: every parameter's shape and the routing
+    settings, however the config spells the expert counts (8, or [8, 8] after a reduction)."""
     cfg = model.cfg.to_dict()
     cfg["n_expert"] = [model.cfg.experts_at(layer) for layer in model.cfg.moe_layers]
-    return cfg
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return json.dumps([cfg, shapes], sort_keys=True)
+
+
+def _check_same_shape(a: GPT, b: GPT) -> None:
+    if shape_key(a) != shape_key(b):
+        raise ValueError("members of a population need the same shapes and routing settings")

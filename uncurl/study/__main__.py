@@ -3,14 +3,17 @@
 python -m uncurl.study --profile small              # run what changed, then build the book
 python -m uncurl.study --profile small --dry-run    # list what would run, and why
 python -m uncurl.study --profile smoke --only pretrain --force
+python -m uncurl.study --profile small --executor ray --address HEAD:6379  # the grid on Ray
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from uncurl.config import get_profile, parse_overrides
+from uncurl.executor import ADDRESS_ENV, EXECUTOR_ENV, EXECUTORS
 from uncurl.study import StudyError, build_book, load_steps, plan, run_study
 from uncurl.study.manifest import absolute
 
@@ -67,12 +70,22 @@ def parser() -> argparse.ArgumentParser:
         help="override a parameter in every notebook that declares it",
     )
     p.add_argument("--no-book", action="store_true", help="do not build the book")
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where the fine-tuning grid's jobs run: this machine's cores, or a Ray cluster",
+    )
+    p.add_argument("--address", help="with --executor ray: the cluster's HOST:PORT")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     start = time.perf_counter()
+    # the notebooks' grid jobs read these (uncurl.executor.configured)
+    os.environ[EXECUTOR_ENV] = args.executor
+    os.environ[ADDRESS_ENV] = args.address or ""
     try:
         profile = get_profile(args.profile)
         build = args.build / profile.name

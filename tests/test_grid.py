@@ -1,0 +1,111 @@
+"""The fine-tuning grid: jobs of populations give every member the result of its run alone, on
+this machine's cores or on Ray; done jobs are reused; a failed job names its log."""
+
+import dataclasses
+import json
+import time
+
+import pytest
+
+from uncurl import data, executor, finetune, layout, protocol
+from uncurl.config import get_profile
+from uncurl.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def grid(smoke_data, tmp_path_factory):
+    """The smoke profile on the test's prepared data, its models pretrained once."""
+    profile = get_profile("smoke")
+    # an absolute data name: the profile reads its corpus from the tests' prepared copy
+    profile = dataclasses.replace(profile, data={**profile.data, "name": str(smoke_data)})
+    runs = tmp_path_factory.mktemp("runs")
+    vocab_size = data.load_meta(smoke_data)["vocab_size"]
+    for n in {2, 4}:
+        cfg = profile.model_config(n_expert=n, vocab_size=vocab_size)
+        train(layout.Runs(runs, "smoke").pretrained(n), cfg, profile.train_config(), smoke_data)
+    return profile, runs
+
+
+def _copy_pretrained(grid, tmp_path):
+    profile, runs = grid
+    fresh = tmp_path / "runs"
+    for n in (2, 4):
+        src, dst = (layout.Runs(r, "smoke").pretrained(n) for r in (runs, fresh))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src)
+    return profile, fresh
+
+
+def _comparable(result: dict) -> dict:
+    """What a run computed (not when, where or how long)."""
+    keep = ("model", "task", "seed", "metrics", "per_example", "router_warmup", "training")
+    return {k: result[k] for k in keep}
+
+
+def test_a_job_gives_every_member_its_solo_result(grid, tmp_path):
+    profile, runs = _copy_pretrained(grid, tmp_path)
+    results = protocol.run_task(profile, "rotten_tomatoes", runs, progress=False)
+    cfg = profile.finetune_config("rotten_tomatoes")
+    assert len(results) == len(protocol.study_models(profile)) * cfg.seeds
+    assert {r["population"]["members"] for r in results} == {len(results)}
+    folders = layout.Runs(runs, "smoke")
+    for r in results:
+        model = layout.parse_label(r["model"]["model"])
+        start = protocol.starting_point(profile, "rotten_tomatoes", model, folders)
+        alone = finetune.run(
+            start,
+            "rotten_tomatoes",
+            r["seed"],
+            tmp_path / "alone" / r["model"]["model"] / str(r["seed"]),
+            cfg,
+            profile.data_dir,
+            profile.task_source,
+        )
+        assert _comparable(alone) == _comparable(r)
+        assert alone["params"] == r["params"]  # so a solo run finds the member's result done
+
+
+def test_the_grid_reuses_done_jobs_and_names_a_failed_one(grid, tmp_path, capsys):
+    profile, runs = _copy_pretrained(grid, tmp_path)
+    jobs = protocol.grid_jobs(profile, runs)
+    assert [j.name for j in jobs] == ["drama d2", "rotten_tomatoes d2"]
+    assert not any(j.done for j in jobs)
+    protocol.run_grid(profile, runs)
+    assert all(j.done for j in protocol.grid_jobs(profile, runs))
+    out = capsys.readouterr().out
+    assert "2/2 done" in out and "left" in out
+    protocol.run_grid(profile, runs)
+    assert "2 job(s) done earlier, reused" in capsys.readouterr().out
+    broken = executor.Job("broken", _fail, (), tmp_path / "logs" / "broken.log")
+    with pytest.raises(executor.JobError, match=r"broken failed: ValueError: no such thing") as e:
+        executor.run_jobs([broken], workers=1)
+    assert str(broken.log) in str(e.value)
+    assert "Traceback" in broken.log.read_text()
+
+
+def _fail():
+    raise ValueError("no such thing")
+
+
+def test_ray_runs_the_grid_as_the_local_executor_does(grid, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is an optional extra: pip install -e '.[ray]'")
+    local = _copy_pretrained(grid, tmp_path / "local")
+    on_ray = _copy_pretrained(grid, tmp_path / "ray")
+    protocol.run_grid(*local)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        started = time.perf_counter()
+        protocol.run_grid(*on_ray, executor="ray")
+        print(f"smoke grid on ray: {time.perf_counter() - started:.1f} s")
+    finally:
+        ray.shutdown()
+    for task in local[0].all_tasks:
+        a, b = (
+            sorted(p.rglob(layout.RESULT))
+            for p in (r / "smoke/finetune" / task for _, r in (local, on_ray))
+        )
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert _comparable(json.loads(x.read_text())) == _comparable(json.loads(y.read_text()))
