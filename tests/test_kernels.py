@@ -173,3 +173,35 @@ def test_grouped_product_leaves_several_threads_to_torch():
     assert kernels._gemm_for(a)
     torch.set_num_threads(2)  # one_thread restores the count
     assert not kernels._gemm_for(a)
+
+
+def _attention_reference(qkv, b, t, h):
+    """torch's causal attention of the rows, in float64."""
+    c = qkv.shape[1] // 3
+    q, k, v = (
+        x.view(b, t, h, c // h).transpose(1, 2) for x in qkv.double().view(b, t, 3 * c).split(c, 2)
+    )
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(b * t, c)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,t,h,d", [(2, 5, 2, 8), (3, 103, 4, 16), (1, 1, 1, 8), (2, 37, 1, 64)])
+def test_causal_attention_matches_torch_and_its_gradient(b, t, h, d):
+    torch.manual_seed(0)
+    qkv = torch.randn(b * t, 3 * h * d, requires_grad=True)
+    assert kernels.has_attention(qkv, h)
+    grad = torch.randn(b * t, h * d)
+    y = kernels.CausalAttention.apply(qkv, b, t, h)
+    (g,) = torch.autograd.grad(y, qkv, grad)
+    ref = _attention_reference(qkv, b, t, h)
+    (g_ref,) = torch.autograd.grad(ref, qkv, grad.double())
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5)  # g_ref: float64 math, cast back
+    again = kernels.CausalAttention.apply(qkv[: t * (b - 1) or t], max(b - 1, 1), t, h)
+    assert torch.equal(again, y[: len(again)])  # a sequence's result does not depend on the others
+
+
+def test_attention_of_other_heads_is_left_to_torch():
+    assert not kernels.has_attention(torch.randn(4, 3 * 12), 2)  # heads of 6 floats
+    assert not kernels.has_attention(torch.randn(4, 3 * 16, dtype=torch.float64), 2)

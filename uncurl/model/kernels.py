@@ -1,4 +1,5 @@
-"""CPU kernels for MoE layers: every expert's product in one call, softmax top-k, the dispatch sort.
+"""CPU kernels for MoE layers: every expert's product in one call, softmax top-k, the dispatch sort;
+and causal attention of small heads (`CausalAttention`).
 
 Tokens arrive sorted by expert, `sizes[e]` rows each. On x86-64 CPUs with AVX2 and FMA, float32
 products on one torch thread (uncurl's training default) run through the C kernels in kernels.c,
@@ -173,6 +174,63 @@ def sort_slots(experts: torch.Tensor, n_expert: int, capacity: int | None):
     return kept, counts, sizes, dropped
 
 
+class CausalAttention(torch.autograd.Function):
+    """Causal self-attention of B sequences of T tokens on token rows: qkv (B * T, 3C) holds each
+    token's queries, keys and values (H heads of D = C / H columns each), the output is
+    (B * T, C), heads side by side. `CausalAttention.apply(qkv, B, T, H)`, where `has_attention`
+    says the kernel serves it; one pass per head and sequence, deterministic."""
+
+    @staticmethod
+    def forward(ctx, qkv, b, t, h):
+        qkv = qkv.contiguous()
+        c = qkv.shape[1] // 3
+        out = qkv.new_empty(b * t, c)
+        stats = qkv.new_empty(2, b, h, t)
+        _status(
+            _library().uncurl_attention_forward(
+                b, t, h, c // h, (c // h) ** -0.5, qkv.data_ptr(), out.data_ptr(), stats.data_ptr()
+            )
+        )
+        ctx.save_for_backward(qkv, out, stats)
+        ctx.shape = b, t, h
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, stats = ctx.saved_tensors
+        b, t, h = ctx.shape
+        c = out.shape[1]
+        grad_out = grad_out.contiguous()
+        grad = torch.empty_like(qkv)
+        _status(
+            _library().uncurl_attention_backward(
+                b,
+                t,
+                h,
+                c // h,
+                (c // h) ** -0.5,
+                qkv.data_ptr(),
+                out.data_ptr(),
+                grad_out.data_ptr(),
+                stats.data_ptr(),
+                grad.data_ptr(),
+            )
+        )
+        return grad, None, None, None
+
+
+def has_attention(qkv: torch.Tensor, n_head: int) -> bool:
+    """Whether `CausalAttention` serves these rows: float32 on this CPU's kernels, one thread,
+    heads a multiple of 8 floats wide."""
+    head = qkv.shape[1] // 3 // n_head
+    return _gemm_for(qkv) and head % 8 == 0
+
+
+def _status(code: int) -> None:
+    if code:
+        raise MemoryError("uncurl.model.kernels: no memory for attention's scratch buffer")
+
+
 def backend() -> str:
     """Which path float32 CPU products take here: 'avx2 kernel' or 'torch'."""
     return "avx2 kernel" if _has_gemm() else "torch"
@@ -270,6 +328,9 @@ def _library():
         i64,
         ptr,
     ]
+    attention = [i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
+    lib.uncurl_attention_forward.argtypes = [*attention, ptr]
+    lib.uncurl_attention_backward.argtypes = [*attention, ptr, ptr, ptr]
     lib.uncurl_topk.argtypes = [i64, i64, i64, ptr, ptr, ptr]
     lib.uncurl_dispatch.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
     lib.uncurl_dispatch.restype = i64

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from uncurl.model import kernels
+
 
 class Rows(NamedTuple):
     """How the rows of an activation divide among the members of a model or population."""
@@ -116,6 +118,9 @@ def attention(
     outs = []
     masks = attn_mask if attn_mask is not None else [None] * rows.members
     for part, (b, t), mask in zip(rows.split(qkv), rows.shapes, masks, strict=True):
+        if mask is None and not dropout and kernels.has_attention(part, n_head):
+            outs.append(kernels.CausalAttention.apply(part, b, t, n_head))
+            continue
         c = part.shape[1] // 3
         q, k, v = (
             h.view(b, t, n_head, c // n_head).transpose(1, 2)
