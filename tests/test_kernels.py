@@ -8,8 +8,9 @@ from uncurl.config import get_profile
 from uncurl.model import MoE, kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the grouped product's condition
+KERNEL = kernels.backend()
 needs_kernels = pytest.mark.skipif(
-    kernels.backend() != "avx2 kernel", reason="needs x86-64 with AVX2/FMA and a C compiler"
+    KERNEL == "torch", reason="needs x86-64 with AVX2/FMA and a C compiler"
 )
 # rows per expert: empty experts, fewer rows than a register tile (6), and ragged remainders
 SIZES = [5, 0, 13, 7, 1, 40, 300, 0]
@@ -71,8 +72,8 @@ def test_expert_outer_matches_and_sums_rows(k, n):
 
     out, ref = _both(outer, a, b)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sums["avx2 kernel"], sums["torch"], rtol=1e-5, atol=1e-4)
-    assert out[1].abs().sum() == 0 and sums["avx2 kernel"][1].abs().sum() == 0  # no rows
+    torch.testing.assert_close(sums[KERNEL], sums["torch"], rtol=1e-5, atol=1e-4)
+    assert out[1].abs().sum() == 0 and sums[KERNEL][1].abs().sum() == 0  # no rows
 
 
 @needs_kernels
@@ -205,3 +206,18 @@ def test_causal_attention_matches_torch_and_its_gradient(b, t, h, d):
 def test_attention_of_other_heads_is_left_to_torch():
     assert not kernels.has_attention(torch.randn(4, 3 * 12), 2)  # heads of 6 floats
     assert not kernels.has_attention(torch.randn(4, 3 * 16, dtype=torch.float64), 2)
+
+
+@needs_kernels
+@pytest.mark.skipif(KERNEL != "avx512 kernel", reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_avx512_tiles_give_the_avx2_tiles_bits(k, n):
+    torch.manual_seed(0)
+    a, b, g = torch.randn(sum(SIZES), k), torch.randn(len(SIZES), k, n), torch.randn(sum(SIZES), n)
+    lib = kernels._library()
+    out = {}
+    for wide in (1, 0):
+        lib.uncurl_avx512(wide)
+        out[wide] = (kernels.expert_mm(a, b, SIZES), kernels.expert_outer(a, g, SIZES))
+    lib.uncurl_avx512(1)
+    assert all(torch.equal(x, y) for x, y in zip(out[0], out[1], strict=True))

@@ -1,5 +1,5 @@
 /* CPU kernels for mixture-of-experts layers: grouped single-precision matrix products (x86-64,
- * AVX2 + FMA), causal attention of small heads, top-k selection of router probabilities, and
+ * AVX2 + FMA, AVX-512 tiles where the CPU has them), causal attention of small heads, top-k selection of router probabilities, and
  * the dispatch's sort by expert.
  *
  * One call runs every expert's product on its own block of rows, so 64 small experts cost one
@@ -60,6 +60,44 @@ KERNEL static inline void tile(int64_t K, const float *A, int64_t sai, int64_t s
         for (int r = 0; r < mr; r++) memcpy(C + r * ldc, t[r], nr * sizeof(float));
 }
 
+#define MR512 12  /* rows of C per AVX-512 tile: one 16-float register per row */
+#define KERNEL512 __attribute__((target("avx2,fma,avx512f")))
+
+/* The same tile on CPUs with AVX-512: MR512 rows (row r of A at rows[r]) of one 16-float register
+ * each. Every element is the same sum in the same order as in `tile` (bias or C, then one FMA
+ * per k), so both give the same bits; this one twice the floats per instruction. */
+KERNEL512 static inline void tile512(int64_t K, const float *const *a, int64_t sak,
+                                     const float *P, int64_t ldp, const float *bias,
+                                     int accumulate, float *C, int64_t ldc, int mr, int nr) {
+    __mmask16 cols = (__mmask16)((1u << nr) - 1);
+    __m512 init = bias ? _mm512_maskz_loadu_ps(cols, bias) : _mm512_setzero_ps();
+    __m512 c[MR512];
+    for (int r = 0; r < MR512; r++)
+        c[r] = accumulate && r < mr ? _mm512_maskz_loadu_ps(cols, C + r * ldc) : init;
+    for (int64_t k = 0, o = 0; k < K; k++, o += sak, P += ldp) {
+        __m512 p = _mm512_loadu_ps(P);
+        for (int r = 0; r < MR512; r++)
+            c[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r][o]), p, c[r]);
+    }
+    for (int r = 0; r < mr; r++) _mm512_mask_storeu_ps(C + r * ldc, cols, c[r]);
+}
+
+static int avx512 = -1;  /* whether gemm uses tile512: the CPU's answer, unless set */
+
+static int use_avx512(void) {
+    if (avx512 < 0) {
+        __builtin_cpu_init();
+        avx512 = __builtin_cpu_supports("avx512f");
+    }
+    return avx512;
+}
+
+/* Whether products use the AVX-512 tiles; `on` 0 or 1 sets it (tests compare both), -1 asks. */
+int uncurl_avx512(int on) {
+    if (on >= 0) avx512 = on && __builtin_cpu_supports("avx512f");
+    return use_avx512();
+}
+
 /* Copies an operand into the layouts the tiles read: B (K x N) into panels of NR columns, each K
  * rows of NR floats, zero-padded; A (M x K), when its rows are not contiguous, into blocks of MR
  * rows, each K columns of MR floats. Both are read in memory order: a panel or block read in
@@ -110,9 +148,16 @@ KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t
     float padded_bias[NR];
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += KC) {
         int64_t kc = K - k0 < KC ? K - k0 : KC;
-        for (int64_t i = 0; i < M; i += MR) {
+        int wide = use_avx512();
+        for (int64_t i = 0; i < M; i += wide ? MR512 : MR) {
             int mr = M - i < MR ? (int)(M - i) : MR;
             const float *a = packed_a ? Ap + (i / MR * K + k0) * MR : A + i * sai + k0 * sak;
+            const float *rows[MR512];
+            int mr512 = M - i < MR512 ? (int)(M - i) : MR512;
+            for (int r = 0; wide && r < MR512; r++) {  /* rows past M re-read row i */
+                int64_t at = i + (r < mr512 ? r : 0);
+                rows[r] = packed_a ? Ap + (at / MR * K + k0) * MR + at % MR : A + at * sai + k0 * sak;
+            }
             for (int64_t p = 0; p < panels; p++) {
                 int nr = N - p * NR < NR ? (int)(N - p * NR) : NR;
                 const float *b = bias ? bias + p * NR : NULL;
@@ -121,8 +166,13 @@ KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                     memcpy(padded_bias, b, nr * sizeof(float));
                     b = padded_bias;
                 }
-                tile(kc, a, packed_a ? 1 : sai, packed_a ? MR : sak, scratch + (p * K + k0) * NR,
-                     NR, k0 ? NULL : b, k0 > 0, C + i * ldc + p * NR, ldc, mr, nr);
+                if (wide)
+                    tile512(kc, rows, packed_a ? MR : sak, scratch + (p * K + k0) * NR, NR,
+                            k0 ? NULL : b, k0 > 0, C + i * ldc + p * NR, ldc, mr512, nr);
+                else
+                    tile(kc, a, packed_a ? 1 : sai, packed_a ? MR : sak,
+                         scratch + (p * K + k0) * NR, NR, k0 ? NULL : b, k0 > 0,
+                         C + i * ldc + p * NR, ldc, mr, nr);
             }
         }
     }

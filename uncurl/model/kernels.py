@@ -232,8 +232,11 @@ def _status(code: int) -> None:
 
 
 def backend() -> str:
-    """Which path float32 CPU products take here: 'avx2 kernel' or 'torch'."""
-    return "avx2 kernel" if _has_gemm() else "torch"
+    """Which path float32 CPU products take here: 'avx512 kernel', 'avx2 kernel' or 'torch'
+    (the two kernels give the same bits; AVX-512 twice the floats per instruction)."""
+    if not _has_gemm():
+        return "torch"
+    return "avx512 kernel" if _library().uncurl_avx512(-1) else "avx2 kernel"
 
 
 def _check(sizes, rows, experts, inner):
@@ -331,6 +334,7 @@ def _library():
     attention = [i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
     lib.uncurl_attention_forward.argtypes = [*attention, ptr]
     lib.uncurl_attention_backward.argtypes = [*attention, ptr, ptr, ptr]
+    lib.uncurl_avx512.argtypes = [ctypes.c_int]
     lib.uncurl_topk.argtypes = [i64, i64, i64, ptr, ptr, ptr]
     lib.uncurl_dispatch.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
     lib.uncurl_dispatch.restype = i64
