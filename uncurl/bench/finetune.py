@@ -5,7 +5,7 @@
    experts at their top-k share; the LM head at the positions the loss reads), at the
    single-thread sgemm rate of a torch.mm of the population's size (tokens of all members x
    n_embd by n_embd x d_ff), measured in every round of the step timing (the median).
-2. Steps: one member-step's time on each path, each in its own worker process, timed in turns
+2. Steps: one member-step's CPU time on each path, each in its own worker process, timed in turns
    (round-robin): a model alone and a population of M members on this revision, and with
    `--baseline REV` a model alone on that revision of the repository (today's path before the
    populations, say). Models are randomly initialised at the profile's shapes (a step's time
@@ -15,8 +15,11 @@
    job, the from-scratch model of `--n-expert` experts and a random `--source-n-expert` model
    reduced to it by UNCURL and by greedy pruning, with `--seeds` seeds each, run as one
    population; and `--solo-runs` of them alone (`python -m uncurl.finetune`), on this revision
-   and on the baseline. A run's time is what its result records (wall_s: a population member's
-   share of the population's); runs per core-minute = 60 / seconds per run, one thread each.
+   and on the baseline. A run's cost is its CPU time (a population member's share of the
+   population's); runs per core-minute = 60 / CPU seconds per run, one thread each.
+
+Times are CPU time (`time.process_time`) throughout: on a machine others share, wall time also
+counts the waits for a core, which differ from one path's turn to the next.
 """
 
 import dataclasses
@@ -25,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from statistics import median
 
@@ -36,7 +40,6 @@ from uncurl.config import get_profile
 from uncurl.model import GPT, save_checkpoint
 from uncurl.provenance import environment
 from uncurl.reduce.save import reduce_checkpoint
-from uncurl.timing import time_it
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("finetune_steps.py")
@@ -121,11 +124,16 @@ def floor(profile, args) -> dict:
     }
 
 
-def sgemm_rate(shape: tuple[int, int, int]) -> float:
-    """FLOP/s of torch.mm at `shape` (rows, inner, columns), median of a few."""
+def sgemm_rate(shape: tuple[int, int, int], repeats: int = 10) -> float:
+    """FLOP/s of torch.mm at `shape` (rows, inner, columns), the median of a few, in CPU time."""
     a, w = torch.randn(shape[0], shape[1]), torch.randn(shape[1], shape[2])
-    seconds = time_it(lambda: torch.mm(a, w), repeats=10)["median_ms"] / 1e3
-    return 2 * shape[0] * shape[1] * shape[2] / seconds
+    torch.mm(a, w)
+    seconds = []
+    for _ in range(repeats):
+        start = time.process_time()
+        torch.mm(a, w)
+        seconds.append(time.process_time() - start)
+    return 2 * shape[0] * shape[1] * shape[2] / median(seconds)
 
 
 # ------------------------------------------------------------------------------- the steps
@@ -190,7 +198,9 @@ def time_steps(args, tree: Path | None, shape) -> tuple[dict, list[float]]:
 
 
 def end_to_end(profile, args, tree: Path | None, tmp: Path) -> dict:
-    """Seconds per run and runs per core-minute of one job's members, alone and as one."""
+    """CPU seconds per run (what a run costs a core: on a shared machine its wall time also
+    counts the waits for one) and runs per core-minute of one job's members, alone and as one;
+    the wall seconds each result records beside."""
     cfg = profile.finetune_config(args.task, **_overrides(args))
     starts = _starting_points(profile, args, tmp / "models")
     members = [
@@ -200,18 +210,24 @@ def end_to_end(profile, args, tree: Path | None, tmp: Path) -> dict:
     ]
     solo = members[:: args.seeds][: args.solo_runs]  # each model once, seed 0
     paths = {"solo": ROOT} | ({"today's (baseline)": tree} if tree else {})
-    seconds = {name: [] for name in paths}
+    runs = {name: [] for name in paths}  # (CPU seconds, wall seconds) of each run
     for i, (start, seed, _) in enumerate(solo):
         for name, root in paths.items():
-            out = tmp / name / str(i)
-            seconds[name].append(_solo_run(root, start, seed, out, args)["wall_s"])
+            runs[name].append(_solo_run(root, start, seed, tmp / name / str(i), args))
+    started = time.process_time()
     population = protocol.run_members(
         members, args.task, cfg, profile.data_dir, profile.task_source
     )
-    seconds[f"population of {len(members)}"] = [r["wall_s"] for r in population]
+    cpu_s = (time.process_time() - started) / len(members)
+    runs[f"population of {len(members)}"] = [(cpu_s, r["wall_s"]) for r in population]
     return {
-        name: {"runs": len(s), "s_per_run": float(np.mean(s)), "runs_per_core_min": 60 / np.mean(s)}
-        for name, s in seconds.items()
+        name: {
+            "runs": len(r),
+            "cpu_s_per_run": float(np.mean([c for c, _ in r])),
+            "wall_s_per_run": float(np.mean([w for _, w in r])),
+            "runs_per_core_min": 60 / float(np.mean([c for c, _ in r])),
+        }
+        for name, r in runs.items()
     } | {"steps": [r["training"]["steps"] for r in population]}
 
 
@@ -248,19 +264,27 @@ def _starting_points(profile, args, folder: Path) -> list[Path]:
     return [starts[args.n_expert], *reduced]
 
 
-def _solo_run(root: Path, checkpoint, seed: int, out: Path, args) -> dict:
-    """`python -m uncurl.finetune` on the tree at `root`; its result."""
+def _solo_run(root: Path, checkpoint, seed: int, out: Path, args) -> tuple[float, float]:
+    """`python -m uncurl.finetune` on the tree at `root`: its CPU seconds (from the run's start,
+    imports done) and the wall seconds its result records."""
     code = (
-        "import sys; sys.path.insert(0, sys.argv.pop(1)); from uncurl.finetune import main; main()"
+        "import sys, time; sys.path.insert(0, sys.argv.pop(1)); from uncurl.finetune import main;"
+        " t = time.process_time(); main(); print('cpu', time.process_time() - t)"
     )
     command = [sys.executable, "-c", code, str(root), "--checkpoint", str(checkpoint)]
     command += ["--task", args.task, "--seed", str(seed), "--out", str(out)]
     command += ["--profile", args.profile, *(["--set", *args.set] if args.set else [])]
     command += ["--data-dir", str(Path(args.data_dir).absolute())] if args.data_dir else []
-    subprocess.run(
-        command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
     )
-    return layout.read_json(out / layout.RESULT)
+    cpu_s = float(done.stdout.split()[-1])
+    return cpu_s, layout.read_json(out / layout.RESULT)["wall_s"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -327,9 +351,12 @@ def print_tables(r: dict) -> None:
         "steps):"
     )
     ref = e.get("today's (baseline)", e["solo"])["runs_per_core_min"]
-    print(f"  {'path':26s} {'runs':>5s} {'s per run':>10s} {'runs per core-minute':>21s} {'x':>6s}")
+    print(
+        f"  {'path':26s} {'runs':>5s} {'CPU s per run':>14s} {'(wall)':>7s} "
+        f"{'runs per core-minute':>21s} {'x':>6s}"
+    )
     for name, t in e.items():
         print(
-            f"  {name:26s} {t['runs']:5d} {t['s_per_run']:10.1f} {t['runs_per_core_min']:21.2f} "
-            f"{t['runs_per_core_min'] / ref:6.2f}"
+            f"  {name:26s} {t['runs']:5d} {t['cpu_s_per_run']:14.1f} {t['wall_s_per_run']:7.1f} "
+            f"{t['runs_per_core_min']:21.2f} {t['runs_per_core_min'] / ref:6.2f}"
         )

@@ -8,7 +8,10 @@ compiled on first use into a cache folder ($UNCURL_CACHE, else ~/.cache/uncurl);
 expert, and top-k and the dispatch sort as torch ops. With 64 experts of about 60 rows
 each, torch.mm per expert costs 1.3-1.6x one torch.mm over all rows (MKL packs each expert's
 operands and pays its set-up each call); the grouped kernel costs 1.0-1.2x
-(`python -m uncurl.bench moe`). `UNCURL_KERNELS=torch` forces the torch paths.
+(`python -m uncurl.bench moe`). Where the CPU has AVX-512, the same products run on tiles of
+16-float registers, with the same bits. Attention of heads of 8k floats runs on its own kernel
+(torch's flash kernel pays its block set-up per 16-float head). `UNCURL_KERNELS=torch` forces
+the torch paths.
 """
 
 import ctypes
