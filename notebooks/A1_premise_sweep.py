@@ -85,13 +85,12 @@ glue("sweep_table", premise.sweep_table(sweep), display=False)
 # one for the chosen expert. The {glue:text}`sweep_profile:s` profile uses it, with
 # {glue:text}`profile_steps:d` steps.
 #
-# At that setting, the sweep's last ({glue:text}`last_setting:s`), the MoE model ends below the
-# dense model, on the mean over seeds, with {glue:text}`below:s` and above it with
-# {glue:text}`above:s`, and among the SMoE models the loss falls, though not strictly, as experts
-# are added, the shape of the paper's Fig. 6. Against dense the sign flips between the seeds with
-# {glue:text}`flips:s`, so that comparison is within seed noise. An advantage over dense larger
-# than the spread between seeds at this setting ({glue:text}`last_spread:s`) shows only with
-# {glue:text}`beyond_spread:s`. This scale supports the premise qualitatively with
-# {glue:text}`below:s` and not with {glue:text}`above:s`, where capacity overflow costs more than
-# the added parameters gain.
+# At that setting, the sweep's last variant, the MoE model ends below the dense model, on the mean
+# over seeds, with {glue:text}`below:s` and above it with {glue:text}`above:s`, and among the SMoE
+# models the loss falls, though not strictly, as experts are added, the shape of the paper's Fig. 6.
+# Against dense the sign flips between the seeds with {glue:text}`flips:s`, so that comparison is
+# within seed noise. An advantage over dense larger than the spread between seeds at this setting
+# ({glue:text}`last_spread:s`) shows only with {glue:text}`beyond_spread:s`. This scale supports the
+# premise qualitatively with {glue:text}`below:s` and not with {glue:text}`above:s`, where capacity
+# overflow costs more than the added parameters gain.
 #

@@ -226,7 +226,6 @@ def last_setting(df: pd.DataFrame) -> dict:
         if -mean[n] > noise
     ]
     return {
-        "last_setting": last,
         "below": _experts(mean.index[mean < 0]),
         "above": _experts(mean.index[mean > 0]),
         "flips": _experts(flips.index[flips]),
