@@ -191,13 +191,13 @@ def sweep_headline(df: pd.DataFrame) -> dict:
                 "seed alone is not measured."
             ),
             "sweep_time": duration(df["wall_time_s"].sum()),
-            **settings(),
+            **router_settings(),
             **last_setting(df),
         }
     )
 
 
-def settings() -> dict:
+def router_settings() -> dict:
     """The router initialisations the appendix contrasts: GPT-2's, and the one the profile
     adopted, with its training steps."""
     profile = get_profile(SWEEP_PROFILE)

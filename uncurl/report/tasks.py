@@ -73,13 +73,13 @@ def readable_tasks(table: pd.DataFrame, scratch: pd.DataFrame) -> list[str]:
 def appendix_table(scratch: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
     """Labelled tasks left out of the verdicts: the paper-like appendix tasks and any main task
     the from-scratch models did not learn, with chance, majority and their accuracy."""
-    rows = scratch[~scratch["task"].isin(readable)].copy()
-    rows[f"accuracy ({LEVEL:.0%} CI)"] = [
+    rows, accuracy = scratch[~scratch["task"].isin(readable)].copy(), f"accuracy ({LEVEL:.0%} CI)"
+    rows[accuracy] = [
         interval(m, lo, hi, 100.0)
         for m, lo, hi in zip(rows["mean"], rows["ci_low"], rows["ci_high"], strict=True)
     ]
     rows["chance"], rows["majority"] = rows["chance"] * 100, rows["majority"] * 100
-    return rows[["task", "model", "chance", "majority", f"accuracy ({LEVEL:.0%} CI)", "learned"]]
+    return rows[["task", "model", "chance", "majority", accuracy, "learned"]]
 
 
 def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int = 1) -> str:
