@@ -2,9 +2,9 @@
 # # Performance-equivalent dense size
 #
 # Sarkar et al. (2024, Fig. 2b) motivate pretraining with many experts by the *unified scaling law
-# for routed language models* of Clark et al. (2022): a 354M backbone with X experts per MoE layer
-# should be worth a much larger dense model. The law models the validation loss L of a routed model
-# with a dense backbone of N parameters and E experts per routed layer as
+# for routed language models* of Clark et al. (2022): a {glue:text}`paper_backbone:s` backbone with
+# X experts per MoE layer should be worth a much larger dense model. The law models the validation
+# loss L of a routed model with a dense backbone of N parameters and E experts per routed layer as
 #
 # $$
 # \log_{10} L(N, E) = a \log_{10} N + b \log_{10} \hat E + c \log_{10} N \log_{10} \hat E + d,
@@ -102,15 +102,16 @@ glue("fig_paper", style.save_figure(fig_paper, out / "paper_dense_equivalent.png
 glue("fig_ours", style.save_figure(fig_ours, out / "our_dense_equivalent.png"), display=False)
 
 # %% [markdown]
-# ## The paper's 354M+Xe
+# ## The paper's backbone with X experts
 #
 # ```{glue:figure} fig_paper
 # :name: fig-paper-dense-equivalent
-# :alt: Dense-equivalent size of 354M+Xe against the expert count, by the paper and by the law
+# :alt: Dense-equivalent size of the paper's models by expert count, by the paper and by the law
 #
-# Performance-equivalent dense size of the paper's 354M backbone with X experts per MoE layer:
-# the values read off Sarkar et al.'s Fig. 2b, Clark et al.'s S-BASE law in both readings, the
-# law's form fitted to the paper's values, and the routed model's total parameter count.
+# Performance-equivalent dense size of the paper's {glue:text}`paper_backbone:s` backbone with X
+# experts per MoE layer: the values read off Sarkar et al.'s Fig. 2b, Clark et al.'s S-BASE law in
+# both readings, the law's form fitted to the paper's values, and the routed model's total parameter
+# count.
 # ```
 #
 # ```{glue} paper_table

@@ -7,11 +7,11 @@
 # is worth having if it beats the SMoE with D experts trained from scratch, which costs the same at
 # inference; both get the same fine-tuning.
 #
-# The paper fine-tunes on six SuperGLUE tasks, one run each, and reads differences of a few
-# tenths of a point as wins. We cannot download SuperGLUE here, and our models are tiny, so we
-# use tasks that ship in package registries, fine-tune every model with several seeds, and give
-# every number a 95% interval: a bootstrap over validation examples and seeds. A reduced model is
-# marked (+) or (-) against its from-scratch equivalent only when the paired interval of the
+# The paper fine-tunes on six SuperGLUE tasks, one run each, and reads differences of a few tenths
+# of a point as wins. We cannot download SuperGLUE here, and our models are tiny, so we use tasks
+# that ship in package registries, fine-tune every model with several seeds, and give every number a
+# {glue:text}`level_pct:s` interval: a bootstrap over validation examples and seeds. A reduced model
+# is marked (+) or (-) against its from-scratch equivalent only when the paired interval of the
 # difference excludes zero, (=) otherwise.
 
 # %% tags=["hide-input", "parameters"]
@@ -146,28 +146,29 @@ glue(
 #
 # ```{glue:figure} fig_tasks
 # :name: fig-tasks
-# :alt: Accuracy or validation loss with 95% intervals, per task and model
+# :alt: Accuracy or validation loss with bootstrap intervals, per task and model
 #
-# Mean over seeds and 95% bootstrap interval (validation examples and seeds resampled) of every
-# model on every task. Dashed: majority-class share; dotted: chance.
+# Mean over seeds and {glue:text}`level_pct:s` bootstrap interval (validation examples and seeds
+# resampled) of every model on every task. Dashed: majority-class share; dotted: chance.
 # ```
 #
 # ```{glue} results_table
 # ```
 #
-# Each cell is the mean over {glue:text}`seeds:d` fine-tuning seeds with its 95% interval;
-# accuracy in per cent, loss in nats per token. Model names: `eX` is an SMoE with X experts per
-# MoE layer trained from scratch; `eZ-method-dD` was trained with Z and reduced to D by `method`
-# on the task.
+# Each cell is the mean over {glue:text}`seeds:d` fine-tuning seeds with its
+# {glue:text}`level_pct:s` interval; accuracy in per cent, loss in nats per token. Model names: `eX`
+# is an SMoE with X experts per MoE layer trained from scratch; `eZ-method-dD` was trained with Z
+# and reduced to D by `method` on the task.
 
 # %% [markdown]
 # ## Reduced against from scratch
 #
 # Paired comparison of every reduced model with the from-scratch model of its size, on the same
-# validation examples and seeds, for the domain tasks and the learned labelled tasks. Differences are reduced minus from scratch (accuracy points, or
-# loss, where lower is better); the verdict is (+) or (-) only when the 95% interval excludes
-# zero. Of {glue:text}`n_comparisons:d` comparisons, {glue:text}`n_plus:d` are (+),
-# {glue:text}`n_equal:d` (=) and {glue:text}`n_minus:d` (-).
+# validation examples and seeds, for the domain tasks and the learned labelled tasks. Differences
+# are reduced minus from scratch (accuracy points, or loss, where lower is better); the verdict is
+# (+) or (-) only when the {glue:text}`level_pct:s` interval excludes zero. Of
+# {glue:text}`n_comparisons:d` comparisons, {glue:text}`n_plus:d` are (+), {glue:text}`n_equal:d`
+# (=) and {glue:text}`n_minus:d` (-).
 #
 # ```{glue} comparison_table
 # ```
@@ -176,7 +177,8 @@ glue(
 # ```
 #
 # For scale, the paper's single-run SuperGLUE accuracies (%) of the same kinds of models
-# (Sarkar et al. 2024, Table 1), pretrained on 50B tokens at 354M parameters per backbone:
+# (Sarkar et al. 2024, Table 1), pretrained on {glue:text}`paper_tokens:s` tokens at
+# {glue:text}`paper_backbone:s` parameters per backbone:
 #
 # ```{glue} paper_table
 # ```
@@ -198,8 +200,9 @@ glue(
 # What the intervals cover: dropout is off and each reduction is computed once, so the seeds vary
 # only the order of the training data; the intervals say nothing about variation from
 # pretraining or from the reduction itself. For the domain tasks the resampled units are windows
-# of 128 tokens from a handful of validation documents (drama has two); windows of one document
-# are correlated, so those intervals are narrower than they should be.
+# of {glue:text}`window_tokens:d` tokens from few validation documents per domain
+# ({glue:text}`val_documents:s`); windows of one document are correlated, so those intervals are
+# narrower than they should be.
 
 # %% [markdown]
 # ## Appendix: tasks the models do not learn

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # step notebooks: .ipynb, or jupytext py:percent text
 NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "notebooks").glob("*.py")])
 PARAMETER = re.compile(r"^(\w+): (int|float|str|bool) = (.+?)  # \S.*$")
-GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
-GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\} (\S+)")
+# a glue role or directive: its key, and the executed notebook it names (none: the page's own)
+GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`(?:([^`\s]+?)::)?(\w+)[^`]*`")
+GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\} (\S+)\n(?:(?::[\w-]+:.*\n)*?:doc: (\S+))?")
 
 # what each step promises to write in its results folder (besides results.json)
 PROMISED = {
@@ -157,24 +158,44 @@ def glued(nb: dict) -> set[str]:
     }
 
 
-def referenced(markdown: str) -> set[str]:
-    """Glue keys that MyST markdown pastes: `{glue:text}`[doc::]key[:format]`` and directives."""
-    roles = {re.match(r"^(?:.*::)?(\w+)", ref).group(1) for ref in GLUE_ROLE.findall(markdown)}
-    return roles | set(GLUE_DIRECTIVE.findall(markdown))
+def referenced(markdown: str) -> set[tuple[str, str]]:
+    """(document, key) of every glue key that MyST markdown pastes, by `{glue:text}`[doc::]key``
+    roles and glue directives (with `:doc:`); document is "" for the page's own notebook."""
+    roles = set(GLUE_ROLE.findall(markdown))
+    return roles | {(doc, key) for key, doc in GLUE_DIRECTIVE.findall(markdown)}
 
 
-def test_every_number_in_the_prose_is_glued(smoke):
-    for run in smoke["runs"]:
-        if run.step.chapter:
-            nb = json.loads(run.executed.read_text())
-            prose = "\n".join(
-                "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
-            )
-            missing = referenced(prose) - glued(nb)
-            assert not missing, f"{run.step.chapter} pastes keys it never glues: {missing}"
-    intro = (ROOT / "book/intro.md").read_text()
-    chapter = next(r for r in smoke["runs"] if r.step.chapter == "pretraining")
-    assert referenced(intro) <= glued(json.loads(chapter.executed.read_text()))
+def test_referenced_reads_roles_and_directives():
+    markdown = (
+        "{glue:text}`n:d` and {glue:text}`pretraining.ipynb::profile:s`\n\n"
+        "```{glue} table\n```\n\n```{glue:figure} other\n:name: x\n:doc: tasks.ipynb\n```"
+    )
+    assert referenced(markdown) == {
+        ("", "n"),
+        ("pretraining.ipynb", "profile"),
+        ("", "table"),
+        ("tasks.ipynb", "other"),
+    }
+
+
+def test_every_glue_key_the_prose_pastes_is_glued(smoke):
+    chapters = {
+        f"{run.step.chapter}.ipynb": json.loads(run.executed.read_text())
+        for run in smoke["runs"]
+        if run.step.chapter
+    }
+    keys = {doc: glued(nb) for doc, nb in chapters.items()}
+    prose = {
+        doc: "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+        for doc, nb in chapters.items()
+    } | {page.name: page.read_text() for page in (ROOT / "book").glob("*.md")}
+    missing = [
+        f"{page} pastes {doc or page}::{key}"
+        for page, markdown in prose.items()
+        for doc, key in referenced(markdown)
+        if key not in keys.get(doc or page, set())
+    ]
+    assert not missing, "keys pasted but never glued:\n" + "\n".join(missing)
 
 
 def test_the_book_builds_without_warnings(smoke):

@@ -9,7 +9,7 @@ import pytest
 from conftest import standin_sweep
 from matplotlib.figure import Figure
 
-from uncurl.config import Profile
+from uncurl.config import Profile, get_profile
 from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
 from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
@@ -107,11 +107,13 @@ def test_pretraining_headline(tmp_path):
     assert values["moe_vs_dense"].startswith("every one of the 2 MoE models ends with a higher")
     assert values["total_train_time"] == "2.2 minutes"
     assert values["hardware"].startswith("2 CPU cores, 1 thread(s) per run (Linux")
+    assert values["reductions"] == "none" and values["paper_backbone"] == "354M"
     assert all(not isinstance(v, np.generic) for v in values.values())
 
 
 def test_helpers():
     assert style.human(2_460_000) == "2.46M" and style.human(512) == "512"
+    assert style.expert_range((1, 8, 32, 128)) == "8 to 128"
     assert style.listing(["a"]) == "a" and style.listing(["a", "b", "c"]) == "a, b and c"
     assert style.duration(42) == "42 s" and style.duration(750) == "12.5 minutes"
     assert style.expert_color(1) != style.expert_color(8)
@@ -157,6 +159,25 @@ def test_the_committed_sweep_loads_and_summarizes():
     values = premise.sweep_headline(df)
     assert values["n_pairs"] >= 1
     assert len(premise.sweep_gaps(df)) == values["n_pairs"]
+    # what the appendix's prose says of the sweep's last setting
+    assert values["below"] == "16, 32 and 64 experts" and values["above"] == "4 and 8 experts"
+    assert values["flips"] == "16 experts" and values["beyond_spread"] == "64 experts (1 seed)"
+
+
+def test_the_last_setting_without_an_advantage():
+    values = premise.last_setting(standin_sweep())
+    assert (values["below"], values["above"]) == ("no expert count", "16 experts")
+    assert values["flips"] == values["beyond_spread"] == "no expert count"
+    assert values["last_spread"] == "0.120 nats per token"
+
+
+def test_the_paper_setup_the_prose_states():
+    assert paper.headline() == {
+        "paper_backbone": "354M",
+        "paper_experts": "8 to 128",
+        "paper_tokens": "50B",
+    }
+    assert pretraining.reductions(get_profile("small")) == "32 to 8 experts by uncurl and greedy"
 
 
 def test_profiles_table_lists_every_profile():

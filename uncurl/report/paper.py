@@ -7,6 +7,8 @@ Values marked "read off the plot" carry the reading error of a figure (a few per
 
 import pandas as pd
 
+from uncurl.report.style import expert_range, human
+
 CITATION = (
     "Sarkar, Lausen, Cevher, Zha, Brox, Karypis. Revisiting SMoE Language Models by Evaluating "
     "Inefficiencies with Task Specific Expert Pruning. NeurIPS 2024 ENLSP workshop, "
@@ -27,6 +29,7 @@ PRETRAINING_VAL_LOSS = {
     64: (3.64, 3.28, 3.10, 2.95, 2.80, 2.59),
     128: (3.63, 3.25, 3.08, 2.91, 2.75, 2.56),
 }
+TOKENS = PRETRAINING_TOKENS[-1]  # section 4: each model is pretrained for 50B tokens, Fig. 6's end
 
 # Fig. 2b: performance-equivalent dense size of 354M+Xe by Clark et al.'s law (read off the plot).
 DENSE_EQUIVALENT = {
@@ -39,6 +42,15 @@ DENSE_EQUIVALENT = {
     512: 7.8e9,
     1024: 13.5e9,
 }
+
+
+def headline() -> dict:
+    """The paper's pretraining setup as the chapters' prose states it."""
+    return {
+        "paper_backbone": human(BACKBONE_PARAMS),
+        "paper_experts": expert_range(PRETRAINING_VAL_LOSS),
+        "paper_tokens": human(TOKENS),
+    }
 
 
 def pretraining_curves() -> pd.DataFrame:

@@ -5,14 +5,19 @@ import re
 import pandas as pd
 from matplotlib.figure import Figure
 
+from uncurl.config import get_profile
 from uncurl.report.style import (
     LOSS_LABEL,
     display_table,
     duration,
     expert_color,
     expert_label,
+    listing,
     plain_values,
 )
+from uncurl.sweep import OLD_INIT
+
+SWEEP_PROFILE = "small"  # the profile `uncurl.sweep` varies; its last variant is the profile itself
 
 SWEEP_COLUMNS = (
     "variant",
@@ -186,5 +191,48 @@ def sweep_headline(df: pd.DataFrame) -> dict:
                 "seed alone is not measured."
             ),
             "sweep_time": duration(df["wall_time_s"].sum()),
+            **router_settings(),
+            **last_setting(df),
         }
     )
+
+
+def router_settings() -> dict:
+    """The router initialisations the appendix contrasts: GPT-2's, and the one the profile
+    adopted, with its training steps."""
+    profile = get_profile(SWEEP_PROFILE)
+    return {
+        "old_router_std": OLD_INIT["router_init_std"],
+        "sweep_profile": profile.name,
+        "router_std": profile.model_config().router_init_std,
+        "profile_steps": profile.train_config().max_steps,
+    }
+
+
+def last_setting(df: pd.DataFrame) -> dict:
+    """The sweep's last setting (the profile's own) against dense, per expert count: where it
+    ends below or above dense (mean over seeds), where the sign flips between seeds, and which
+    advantages exceed the spread between seeds at that setting."""
+    last = sweep_base(df["variant"].iloc[-1])
+    gaps = sweep_gaps(df)
+    by_count = gaps[gaps["variant"].map(sweep_base) == last].groupby("n_expert")["gap"]
+    mean, seeds = by_count.mean(), by_count.size()
+    flips = by_count.agg(lambda g: g.min() < 0 < g.max())
+    spread = seed_spread(df)
+    noise = spread[spread.index.get_level_values(0) == last].max()
+    beyond = [
+        f"{n} experts ({seeds[n]} seed{'' if seeds[n] == 1 else 's'})"
+        for n in mean.index
+        if -mean[n] > noise
+    ]
+    return {
+        "below": _experts(mean.index[mean < 0]),
+        "above": _experts(mean.index[mean > 0]),
+        "flips": _experts(flips.index[flips]),
+        "last_spread": "not measured" if pd.isna(noise) else f"{noise:.3f} nats per token",
+        "beyond_spread": listing(beyond) if beyond else "no expert count",
+    }
+
+
+def _experts(counts) -> str:
+    return f"{listing(counts)} experts" if len(counts) else "no expert count"

@@ -2,6 +2,7 @@
 provenance, which the study runner reads to decide whether the step is up to date."""
 
 import datetime
+import inspect
 import platform
 import sys
 import time
@@ -55,3 +56,9 @@ def library_modules() -> list[str]:
         if (name == "uncurl" or name.startswith("uncurl.")) and getattr(m, "__file__", None)
     }
     return sorted(str(f.relative_to(root)) for f in files)
+
+
+def setting(fn, parameter: str):
+    """The default of `fn`'s `parameter`: a fixed setting of the library that the prose states
+    (glued from the code, so that the book follows the code)."""
+    return inspect.signature(fn).parameters[parameter].default

@@ -55,6 +55,12 @@ def listing(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def expert_range(counts) -> str:
+    """The range of the MoE expert counts among `counts`: (1, 8, 32, 128) -> '8 to 128'."""
+    moe = sorted(n for n in counts if n > 1)
+    return f"{moe[0]} to {moe[-1]}"
+
+
 def display_table(df: pd.DataFrame, formats: dict | str | None = None):
     """A table for the book: no index; `formats` as for pandas' `Styler.format`."""
     return df.style.hide(axis="index").format(formats or {})

@@ -1,14 +1,19 @@
 """Tables and figures of the tasks chapter: which tasks the models learn, and how reduced models
-compare with their from-scratch equivalents, every number with its 95% interval."""
+compare with their from-scratch equivalents, every number with its bootstrap interval at
+`LEVEL`."""
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from uncurl import evaluate, layout, tasks
+from uncurl import data, evaluate, layout, tasks
 from uncurl.protocol import label, study_models
 from uncurl.report import paper
+from uncurl.report.records import setting
+
+# the level of every interval: the bootstrap's own, which evaluate's summary and comparisons use
+LEVEL = setting(evaluate.bootstrap_ci, "level")
 
 
 def task_table(results: list[dict], profile) -> pd.DataFrame:
@@ -68,13 +73,13 @@ def readable_tasks(table: pd.DataFrame, scratch: pd.DataFrame) -> list[str]:
 def appendix_table(scratch: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
     """Labelled tasks left out of the verdicts: the paper-like appendix tasks and any main task
     the from-scratch models did not learn, with chance, majority and their accuracy."""
-    rows = scratch[~scratch["task"].isin(readable)].copy()
-    rows["accuracy (95% CI)"] = [
+    rows, accuracy = scratch[~scratch["task"].isin(readable)].copy(), f"accuracy ({LEVEL:.0%} CI)"
+    rows[accuracy] = [
         interval(m, lo, hi, 100.0)
         for m, lo, hi in zip(rows["mean"], rows["ci_low"], rows["ci_high"], strict=True)
     ]
     rows["chance"], rows["majority"] = rows["chance"] * 100, rows["majority"] * 100
-    return rows[["task", "model", "chance", "majority", "accuracy (95% CI)", "learned"]]
+    return rows[["task", "model", "chance", "majority", accuracy, "learned"]]
 
 
 def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int = 1) -> str:
@@ -82,7 +87,7 @@ def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int 
 
 
 def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
-    """Model x task: accuracy (%) or validation loss, mean [95% interval] (seeds and examples)."""
+    """Model x task: accuracy (%) or validation loss, mean [interval] (seeds and examples)."""
     df = summary.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
     digits = np.where(df["metric"] == "accuracy", 1, 3)
@@ -102,7 +107,7 @@ def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
 
 
 def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
-    """Reduced minus from-scratch, per task: difference [95% interval] and the verdict."""
+    """Reduced minus from-scratch, per task: difference [interval] and the verdict."""
     df = comp.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
     df["difference"] = [
@@ -122,7 +127,7 @@ def verdict_counts(comp: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
 
 
 def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
-    """One panel per task: every model's mean and 95% interval; chance and majority marked."""
+    """One panel per task: every model's mean and interval; chance and majority marked."""
     task_order = list(table["task"])
     n = len(task_order)
     cols = min(3, n)
@@ -231,7 +236,18 @@ def headline(results, table, scratch, comp, profile) -> dict:
             if t in profile.all_tasks
         )
         or "none",
+        "level_pct": f"{LEVEL:.0%}",
+        "window_tokens": profile.model_config().block_size,
+        "val_documents": val_documents(table, profile),
+        **paper.headline(),
     }
+
+
+def val_documents(table: pd.DataFrame, profile) -> str:
+    """Validation documents of each lm task's domain: 'drama 2, scripture 6'."""
+    domains = data.load_meta(profile.data_dir)["splits"]["val"]["domains"]
+    lm = [tasks.get_task(t).domain for t in table.loc[table["kind"] == "lm", "task"]]
+    return ", ".join(f"{d} {domains[d]['documents']}" for d in lm) or "none"
 
 
 def load(runs, profile) -> list[dict]:
