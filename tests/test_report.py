@@ -150,15 +150,92 @@ def test_load_sweep_checks_columns(tmp_path):
         premise.load_sweep(tmp_path / "s.csv")
 
 
+def crafted_sweep() -> pd.DataFrame:
+    """A sweep whose pairs are known: MoE better and worse than dense, a second seed, a router
+    variant without a dense run of its own, another token budget, and a width with no dense run."""
+    runs = [  # variant, n_expert, seed, n_embd, tokens, val_loss
+        ("base: d 64", 1, 0, 64, 1000, 5.00),
+        ("base: d 64", 4, 0, 64, 1000, 5.10),  # +0.10
+        ("base: d 64", 16, 0, 64, 1000, 4.90),  # -0.10
+        ("base, seed 1", 1, 1, 64, 1000, 5.04),
+        ("base, seed 1", 16, 1, 64, 1000, 4.98),  # -0.06 against the seed-1 dense run
+        ("router std 1.0", 16, 0, 64, 1000, 5.20),  # +0.20 against base's dense run (same shape)
+        ("long: 2000 tokens", 1, 0, 64, 2000, 4.80),
+        ("long: 2000 tokens", 16, 0, 64, 2000, 4.85),  # +0.05
+        ("wide: d 128", 16, 0, 128, 1000, 5.30),  # no dense run of width 128: no pair
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "variant": v,
+                "n_expert": n,
+                "seed": seed,
+                "n_embd": width,
+                "vocab_size": 2048,
+                "tokens": tokens,
+                "val_loss": loss,
+                "wall_time_s": 60.0,
+                "total_params": 10 * n,
+                "active_params": 10,
+                "git": "x",
+                "run": f"runs/{i}",
+            }
+            for i, (v, n, seed, width, tokens, loss) in enumerate(runs)
+        ]
+    )
+
+
+def test_sweep_pairs_each_moe_run_with_its_dense_reference():
+    gaps = premise.sweep_gaps(crafted_sweep())
+    got = {
+        (r.variant, r.seed, r.n_expert): (r.dense_variant, round(r.gap, 6))
+        for r in gaps.itertuples()
+    }
+    assert got == {
+        ("base: d 64", 0, 4): ("base: d 64", 0.1),
+        ("base: d 64", 0, 16): ("base: d 64", -0.1),
+        ("base, seed 1", 1, 16): ("base, seed 1", -0.06),
+        ("router std 1.0", 0, 16): ("base: d 64", 0.2),
+        ("long: 2000 tokens", 0, 16): ("long: 2000 tokens", 0.05),
+    }
+    assert (gaps["gap"] == gaps["moe_loss"] - gaps["dense_loss"]).all()
+
+
+def test_sweep_headline_counts_worse_pairs_and_the_seed_spread():
+    df = crafted_sweep()
+    values = premise.sweep_headline(df)
+    assert values["n_variants"] == 5 and values["n_runs"] == 9
+    # five pairs (the width-128 run has no dense reference), three with the MoE model worse
+    assert (values["n_pairs"], values["n_moe_worse"]) == (5, 3)
+    assert values["min_gap"] == pytest.approx(-0.1) and values["max_gap"] == pytest.approx(0.2)
+    # seeds 0 and 1 of "base": 0.04 apart dense, 0.08 apart with 16 experts; 4 experts ran once
+    assert values["seed_spread"] == "0.080"
+    assert "up to 0.080 nats" in values["seed_sentence"]
+    assert values["sweep_time"] == "9.0 minutes"
+    one_seed = premise.sweep_headline(df[df["seed"] == 0])
+    assert one_seed["seed_spread"] == "not measured"
+    assert one_seed["seed_sentence"].startswith("No setting ran with more than one seed")
+
+
 @pytest.mark.skipif(
     not (ROOT / "data/results/premise_sweep.csv").exists(),
     reason="the premise sweep's results are not committed yet",
 )
-def test_the_committed_sweep_loads_and_summarizes():
+def test_every_moe_run_of_the_committed_sweep_has_a_dense_reference():
     df = premise.load_sweep(ROOT / "data/results/premise_sweep.csv")
+    gaps = premise.sweep_gaps(df)
+    moe = df[df["n_expert"] > 1]
+    assert sorted(zip(gaps["variant"], gaps["seed"], gaps["n_expert"], strict=True)) == sorted(
+        zip(moe["variant"], moe["seed"], moe["n_expert"], strict=True)
+    )
+    shape = ["n_embd", "vocab_size", "tokens", "seed"]
+    dense = df[df["n_expert"] == 1].set_index("variant")
+    for r in gaps.itertuples():
+        ref = dense.loc[r.dense_variant]
+        run = moe[(moe["variant"] == r.variant) & (moe["n_expert"] == r.n_expert)].iloc[0]
+        assert list(ref[shape]) == list(run[shape]), r.variant
+        assert r.dense_loss == ref["val_loss"]
     values = premise.sweep_headline(df)
-    assert values["n_pairs"] >= 1
-    assert len(premise.sweep_gaps(df)) == values["n_pairs"]
     # what the appendix's prose says of the sweep's last setting
     assert values["below"] == "16, 32 and 64 experts" and values["above"] == "4 and 8 experts"
     assert values["flips"] == "16 experts" and values["beyond_spread"] == "64 experts (1 seed)"

@@ -339,7 +339,10 @@ def _is_tuple(tp) -> bool:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """`int`, `int | None`, `tuple[int, ...]` (a generic's __name__ would drop its items)."""
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 # ------------------------------------------------------------------------------ the manifest

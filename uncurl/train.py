@@ -270,6 +270,8 @@ def _jobs(args) -> list[dict]:
     model_over, train_over = split_overrides(parse_overrides(args.set))
     if args.seed is not None:
         train_over["seed"] = args.seed
+    for n in args.n_expert:  # a bad setting is named even where the data is not prepared yet
+        profile.model_config(n_expert=n, **model_over), profile.train_config(**train_over)
     data_dir = args.data or profile.data_dir
     vocab = data.load_meta(data_dir)["vocab_size"]
     return [
