@@ -95,6 +95,13 @@ def test_routing_carries_each_layers_input_and_gated_expert_output():
             torch.testing.assert_close(r.outputs, expected)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_statistics_leave_the_model_in_the_mode_they_found(training):
+    model = tiny().train(training)
+    collect_stats(model, task())
+    assert all(m.training == training for m in model.modules())
+
+
 def test_streamed_statistics_equal_direct_ones_over_real_tokens_only():
     model, batches = tiny(top_k=2), task()
     stats = collect_stats(model, batches)
