@@ -163,30 +163,6 @@ def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_da
     assert len(result["router_warmup"]) == FAST["router_warmup_steps"]
 
 
-def test_paired_bootstrap_verdicts():
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 2, (3, 400)).astype(float)
-    diff, lo, hi = evaluate.paired_bootstrap(a, a.copy())
-    assert diff == lo == hi == 0 and evaluate.verdict(lo, hi) == "="
-    shifted = np.clip(a + (rng.random(a.shape) < 0.3), 0, 1)  # right on 30% more examples
-    _, lo, hi = evaluate.paired_bootstrap(shifted, a)
-    assert lo > 0 and evaluate.verdict(lo, hi) == "+"
-    assert evaluate.verdict(lo, hi, higher_is_better=False) == "-"  # e.g. a loss that rose
-    noise = rng.integers(0, 2, a.shape).astype(float)
-    assert evaluate.verdict(*evaluate.paired_bootstrap(noise, a)[1:]) == "="
-    with pytest.raises(ValueError, match="same"):
-        evaluate.paired_bootstrap(a, a[:, :10])
-
-
-def test_bootstrap_interval_covers_the_mean_and_narrows_with_examples():
-    rng = np.random.default_rng(1)
-    small, large = rng.random((3, 50)), rng.random((3, 5000))
-    m, lo, hi = evaluate.bootstrap_ci(small)
-    assert lo < m < hi
-    _, lo2, hi2 = evaluate.bootstrap_ci(large)
-    assert hi2 - lo2 < (hi - lo) / 5
-
-
 def _result(model, source, target, method, seed, per):
     return {
         "model": {

@@ -9,9 +9,10 @@ each validation window. Scoring is dropless (no expert capacity), so an example'
 depend on which other examples share its batch (`GPT.forward(dropless=True)`).
 
 Comparison: every (model, task) has a score per validation example per fine-tuning seed. Means get
-a 95% bootstrap interval over examples and seeds; a reduced model is compared with its from-scratch
-equivalent by a paired bootstrap (the same resampled examples and seeds for both), labelled (+) or
-(-) only when the interval of the difference excludes zero, (=) otherwise.
+a hierarchical bootstrap interval, seeds then examples (`uncurl.intervals`); a reduced model is
+compared with its from-scratch equivalent by the paired bootstrap (the same resampled seeds and
+examples for both), labelled (+) or (-) when the interval of the difference excludes zero, (=)
+otherwise, and again after Holm's adjustment over the reported family of comparisons.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from uncurl import layout
+from uncurl import intervals, layout
 from uncurl.config import FinetuneConfig, get_profile
 from uncurl.model import eval_mode, load_model
 from uncurl.model.checkpoint import load_tokenizer, read_info
@@ -145,48 +146,6 @@ def score_checkpoint(
     return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
 
 
-# --------------------------------------------------------------------------------- statistics
-
-
-def _resample(rng, n_seeds: int, n_examples: int):
-    return rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_examples, n_examples)
-
-
-def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of a (seeds, examples) score matrix and its percentile interval, resampling both."""
-    values = np.atleast_2d(values)
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        s, e = _resample(rng, *values.shape)
-        boots[i] = values[np.ix_(s, e)].mean()
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(lo), float(hi)
-
-
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of a - b and its interval, resampling examples and seeds jointly for both (a and b
-    score the same validation examples; seed i of each saw the same data order)."""
-    a, b = np.atleast_2d(a), np.atleast_2d(b)
-    if a.shape != b.shape:
-        raise ValueError(
-            f"paired scores must have the same (seeds, examples) shape: {a.shape} vs {b.shape}"
-        )
-    return bootstrap_ci(a - b, n_boot, level, seed)
-
-
-def verdict(lo: float, hi: float, higher_is_better: bool = True) -> str:
-    """(+) when the interval of (reduced - reference) shows the reduced model better, (-) worse,
-    (=) when it includes zero."""
-    if lo <= 0 <= hi:
-        return "="
-    return "+" if (lo > 0) == higher_is_better else "-"
-
-
 # ------------------------------------------------------------------------------ result tables
 
 
@@ -226,11 +185,11 @@ def _seeds(results: list[dict], model: str, task: str) -> set[int]:
     return {r["seed"] for r in results if r["model"]["model"] == model and r["task"] == task}
 
 
-def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
-    """Mean and 95% interval of the main metric of every (model, task)."""
+def summary(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataFrame:
+    """Mean and interval (`intervals.bootstrap`) of the main metric of every (model, task)."""
     rows = []
     for (model, task), r in _groups(results).items():
-        mean, lo, hi = bootstrap_ci(score_matrix(results, model, task), n_boot)
+        mean, lo, hi, _ = intervals.bootstrap(score_matrix(results, model, task), n_boot=n_boot)
         rows.append(
             {
                 **r["model"],
@@ -245,9 +204,10 @@ def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
+def comparisons(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataFrame:
     """Each reduced model against the from-scratch model of its target size, per task, on the
-    seeds both have (seed i of each saw the same data order)."""
+    seeds both have (seed i of each saw the same data order): the paired bootstrap's difference,
+    interval, p-value and raw verdict."""
     groups = _groups(results)
     rows = []
     for (model, task), r in groups.items():
@@ -265,8 +225,10 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
         if m["method"] == layout.SCRATCH or ref is None:
             continue
         seeds = sorted(_seeds(results, model, task) & _seeds(results, *ref))
-        diff, lo, hi = paired_bootstrap(
-            score_matrix(results, model, task, seeds), score_matrix(results, *ref, seeds), n_boot
+        diff, lo, hi, p = intervals.paired(
+            score_matrix(results, model, task, seeds),
+            score_matrix(results, *ref, seeds),
+            n_boot=n_boot,
         )
         rows.append(
             {
@@ -278,7 +240,8 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
                 "difference": diff,
                 "ci_low": lo,
                 "ci_high": hi,
-                "verdict": verdict(lo, hi, r["metric"] == "accuracy"),
+                "p": p,
+                "verdict": intervals.verdict(lo, hi, r["metric"] == "accuracy"),
             }
         )
     return pd.DataFrame(
@@ -292,9 +255,22 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
             "difference",
             "ci_low",
             "ci_high",
+            "p",
             "verdict",
         ],
     )
+
+
+def adjust(comp: pd.DataFrame, family) -> pd.DataFrame:
+    """Holm's adjustment over the comparisons whose task is in `family` (the tasks whose
+    verdicts the study reports, fixed before seeing them): `p_holm` and `verdict_holm`, which is
+    the raw verdict where the adjusted p-value stays below 1 - LEVEL and (=) elsewhere."""
+    out = comp.assign(p_holm=np.nan, verdict_holm="")
+    rows = out["task"].isin(list(family))
+    out.loc[rows, "p_holm"] = intervals.holm(out.loc[rows, "p"])
+    significant = out["p_holm"] < 1 - intervals.LEVEL
+    out.loc[rows, "verdict_holm"] = np.where(significant[rows], out.loc[rows, "verdict"], "=")
+    return out
 
 
 def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:

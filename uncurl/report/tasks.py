@@ -8,12 +8,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from uncurl import data, evaluate, layout, tasks
+from uncurl.intervals import LEVEL
 from uncurl.protocol import label, study_models
 from uncurl.report import paper
-from uncurl.report.records import setting
-
-# the level of every interval: the bootstrap's own, which evaluate's summary and comparisons use
-LEVEL = setting(evaluate.bootstrap_ci, "level")
 
 
 def task_table(results: list[dict], profile) -> pd.DataFrame:
@@ -107,7 +104,8 @@ def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
 
 
 def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
-    """Reduced minus from-scratch, per task: difference [interval] and the verdict."""
+    """Reduced minus from-scratch, per task: difference [interval], the raw verdict and the
+    verdict after Holm's adjustment."""
     df = comp.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
     df["difference"] = [
@@ -115,14 +113,28 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
         for m, lo, hi, s in zip(df["difference"], df["ci_low"], df["ci_high"], scale, strict=True)
     ]
     df["unit"] = np.where(df["metric"] == "accuracy", "accuracy points", "loss")
-    return df[["model", "reference", "task", "unit", "seeds", "difference", "verdict"]]
+    df["p"] = [f"{p:.3f}" for p in df["p"]]
+    df = df.rename(columns={"verdict": "verdict (raw)", "verdict_holm": "verdict (Holm)"})
+    return df[
+        [
+            "model",
+            "reference",
+            "task",
+            "unit",
+            "seeds",
+            "difference",
+            "p",
+            "verdict (raw)",
+            "verdict (Holm)",
+        ]
+    ]
 
 
 def verdict_counts(comp: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
     """How often each reduced model wins (+), ties (=) or loses (-) against from scratch, on the
-    readable tasks."""
+    readable tasks, after Holm's adjustment."""
     rows = comp[comp["task"].isin(readable)]
-    counts = rows.groupby(["model", "verdict"]).size().unstack(fill_value=0)
+    counts = rows.groupby(["model", "verdict_holm"]).size().unstack(fill_value=0)
     return counts.reindex(columns=["+", "=", "-"], fill_value=0).reset_index()
 
 
@@ -203,6 +215,7 @@ def headline(results, table, scratch, comp, profile) -> dict:
     walls = wall_times(results)
     readable = comp[comp["task"].isin(readable_tasks(table, scratch))]
     counts = readable["verdict"].value_counts()
+    adjusted = readable["verdict_holm"].value_counts()
     return {
         "n_tasks": len(table),
         "n_lm_tasks": int((table["kind"] == "lm").sum()),
@@ -228,6 +241,9 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "n_equal": int(counts.get("=", 0)),
         "n_minus": int(counts.get("-", 0)),
         "n_comparisons": len(readable),
+        "n_plus_holm": int(adjusted.get("+", 0)),
+        "n_equal_holm": int(adjusted.get("=", 0)),
+        "n_minus_holm": int(adjusted.get("-", 0)),
         "lr_warmup_steps": cfg.lr_warmup_steps,
         "threads": cfg.threads,
         "task_adjustments": "; ".join(
