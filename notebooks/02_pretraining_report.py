@@ -12,12 +12,12 @@
 # Fig. 6 shows every added expert lowering the validation loss throughout training. This chapter
 # puts our curves beside theirs.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose pretraining runs to report
 runs: str = "runs"  # parent of the run folders ({runs}/{profile}/dense, e4, ...)
 out: str = "build/smoke/02_pretraining_report"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -32,22 +32,22 @@ cfg = get_profile(profile)
 out = Path(out)
 style.use_style()
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 models, curves = pretraining.load_pretraining(runs, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_curves = pretraining.plot_loss_curves(curves, paper.pretraining_curves(), profile)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_params = pretraining.plot_loss_vs_params(models)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 corpus = pretraining.corpus_table(data.load_meta(cfg.data_dir))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = pretraining.pretraining_headline(models, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "runs": runs},

@@ -26,13 +26,13 @@
 # Clark et al.'s own *Effective Parameter Count*, N' solving $L(N', 1) = L(N, E)$, which gives a
 # dense model exactly its own size.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose trained models to fit
 runs: str = "runs"  # parent of the run folders ({runs}/{profile}/dense, e4, ...)
 level: float = 0.95  # confidence level of every interval
 out: str = "build/smoke/03_dense_equivalent"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -47,43 +47,43 @@ out = Path(out)
 law = scaling.CLARK_S_BASE
 style.use_style()
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 comparison = scaling.paper_comparison(
     paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT, paper.DENSE_EQUIVALENT, law
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 k, k_se, fitted = scaling.fit_paper_exponent(paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 sizes = dense_equivalent.paper_model_sizes(comparison["n_expert"])
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_paper = dense_equivalent.plot_dense_equivalent(comparison, fitted, sizes)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 models, _ = pretraining.load_pretraining(runs, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fit = scaling.fit_fixed_size(models["n_expert"], models["val_loss"], law)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 ratios = scaling.dense_equivalent_from_fit(fit, models["n_expert"], law.dense_exponent, law, level)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 clark = dense_equivalent.clark_ratios(
     law, dense_equivalent.backbone_params(models), models["n_expert"]
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_ours = dense_equivalent.plot_fixed_size_fit(models, fit, ratios, clark, law)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = dense_equivalent.dense_equivalent_headline(
     comparison, k, k_se, fit, ratios, models, law, level
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "runs": runs, "level": level},

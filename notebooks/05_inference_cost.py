@@ -28,7 +28,7 @@
 # read the communication through the bytes exchanged, which do not depend on the machine.
 # ```
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose models to measure
 runs: str = "runs"  # parent of the run folders ({runs}/{profile}/dense, e4, ..., reduced/<name>)
 batch_size: int = 0  # sequences per process; 0: the profile's inference_bench size
@@ -38,7 +38,7 @@ procs: str = ""  # process counts P, space-separated (e.g. "1 2 4"); empty: the 
 expert_counts: str = ""  # of the one-layer sweep, space-separated; empty: the profile's
 out: str = "build/smoke/05_inference_cost"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import json
 import time
 from pathlib import Path
@@ -60,13 +60,13 @@ sizes = inference.notebook_overrides(
     expert_counts=expert_counts,
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 result = inference.run_bench(profile, runs, **sizes)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 tables = inference_tables.chapter_tables(result)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 figures = {
     "loss_latency": chapter.plot_loss_vs_latency(result),
     "a2a_compute": chapter.plot_a2a_vs_compute(result),
@@ -74,10 +74,10 @@ figures = {
     "cost_model": chapter.plot_cost_model(result),
 }
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = chapter.headline(result)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 out.mkdir(parents=True, exist_ok=True)
 (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 records.write_results(

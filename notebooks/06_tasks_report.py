@@ -14,12 +14,12 @@
 # is marked (+) or (-) against its from-scratch equivalent only when the paired interval of the
 # difference excludes zero, (=) otherwise.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose fine-tuning results to report
 runs: str = "runs"  # results under {runs}/{profile}/finetune (the finetune step writes them)
 out: str = "build/smoke/06_tasks_report"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -36,20 +36,20 @@ out = Path(out)
 style.use_style()
 results = chapter.load(runs, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 table = chapter.task_table(results, cfg)
 summary = evaluate.summary(results)
 comparisons = evaluate.adjust(evaluate.comparisons(results), cfg.tasks)
 scratch = chapter.from_scratch(summary, table)
 readable = chapter.readable_tasks(table, scratch)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_tasks = chapter.plot_tasks(summary, table)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = chapter.headline(results, table, scratch, comparisons, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "runs": runs},

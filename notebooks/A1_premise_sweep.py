@@ -9,12 +9,12 @@
 # `python -m uncurl.sweep` and are committed as `data/results/premise_sweep.csv`; this appendix
 # only reads them.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile the book is built for (the sweep itself ran at the small profile)
 sweep_csv: str = "data/results/premise_sweep.csv"  # the sweep's results (python -m uncurl.sweep)
 out: str = "build/smoke/A1_premise_sweep"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -26,16 +26,16 @@ started = time.time()
 out = Path(out)
 style.use_style()
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 sweep = premise.load_sweep(sweep_csv)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_sweep = premise.plot_sweep(sweep)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = premise.sweep_headline(sweep)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "sweep_csv": sweep_csv},

@@ -208,6 +208,18 @@ def test_the_book_builds_without_warnings(smoke):
     assert "glue" not in re.sub(r"<[^>]+>", "", (html / "intro.html").read_text()).lower()
 
 
+def test_the_rendered_pages_show_no_code_warning_or_machine_path(smoke):
+    """A reader sees prose, figures and tables: no code cell, no stderr, no path of this
+    machine's environment."""
+    for page in sorted(smoke["index"].parent.glob("*.html")):
+        page_html = page.read_text()
+        assert 'class="cell_input' not in page_html, f"{page.name} shows code"
+        assert "stderr" not in page_html, f"{page.name} shows a cell's stderr"
+        text = re.sub(r"<[^>]+>", " ", page_html)
+        for leak in ("Warning", "Traceback", "site-packages", "/.venv/", str(ROOT)):
+            assert leak not in text, f"{page.name} shows {leak!r}"
+
+
 def test_an_unchanged_rerun_is_all_cached(smoke, capsys):
     outcome = study.run_study(**smoke["args"])
     study.build_book(smoke["runs"], smoke["args"]["build"], smoke["root"] / "html")

@@ -45,12 +45,14 @@ def assemble_book(all_runs: list[Run], dest: Path, source: Path = BOOK) -> dict[
 
 
 def _book_notebook(executed: Path) -> bytes:
-    """The executed notebook with papermill's injected parameters folded away like the rest."""
+    """The executed notebook with papermill's injected parameters removed from the page, like
+    the chapter's other code cells (they compute and glue; the reader sees prose, figures and
+    tables, and the code is in notebooks/)."""
     nb = json.loads(executed.read_text())
     for cell in nb["cells"]:
         tags = cell.get("metadata", {}).get("tags", [])
-        if "injected-parameters" in tags and "hide-input" not in tags:
-            cell["metadata"]["tags"] = [*tags, "hide-input"]
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            cell["metadata"]["tags"] = [*tags, "remove-cell"]
     return (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode()
 
 
