@@ -60,8 +60,10 @@ class MoEAdapter(Protocol):
     def check_target(self, method: str, target_n_expert: int) -> None:
         """Refuse a reduction this architecture cannot hold; the error names the fix."""
 
-    def layer_io(self, batch, dropless: bool = True) -> list[LayerIO]:
-        """Every MoE layer on one batch (tasks.Batch), real tokens only."""
+    def visit_layers(self, batch, visit, dropless: bool = True) -> None:
+        """Run one batch (tasks.Batch) through the model, calling visit(i, LayerIO) for MoE
+        layer i on the batch's real tokens (as the pass reaches it, where the model allows, so
+        that one layer's tensors at a time are kept)."""
 
     def reduced(self, experts: list[dict], routers: list[dict]) -> nn.Module:
         """A new model holding, per MoE layer, the stacked `experts` tensors (D, ...) and router
@@ -143,13 +145,13 @@ class GPTAdapter:
     def check_target(self, method: str, target_n_expert: int) -> None:
         pass  # per-layer expert counts and D >= top_k (plan.check_request) are all it needs
 
-    def layer_io(self, batch, dropless: bool = True) -> list[LayerIO]:
+    def visit_layers(self, batch, visit, dropless: bool = True) -> None:
         mask = batch.mask.reshape(-1)
         routing = self.model(batch.idx, return_routing=True, dropless=dropless).routing
-        return [
-            LayerIO(r.inputs[mask], r.outputs[mask], r.logits[mask], r.experts[mask], r.gates[mask])
-            for r in routing
-        ]
+        for i, r in enumerate(routing):
+            visit(
+                i, LayerIO(*(t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts, r.gates)))
+            )
 
     def reduced(self, experts: list[dict], routers: list[dict]) -> GPT:
         counts = [len(rows["weight"]) for rows in routers]

@@ -72,7 +72,7 @@ class HFLayer:
     activation = "swiglu"
 
     def __init__(self, block: nn.Module, index: int, family: Family, config):
-        self.block, self.index, self.family = block, index, family
+        self.index, self.family = index, family
         self.experts_module, self.router_module = block.experts, getattr(block, family.router)
         ex = self.experts_module
         self._transposed = getattr(ex, "is_transposed", False)  # (E, H, 2I) and (E, I, H)
@@ -129,9 +129,11 @@ class HFLayer:
         return torch.stack([gate, up], dim=axis + 1).flatten(axis, axis + 1)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """The family's own experts module, every row routed to e with weight one."""
+        """The family's own experts module, every row routed to e with weight one (its forward
+        called directly: statistics run this inside the module's own hook)."""
         chosen = torch.full((len(x), 1), e, dtype=torch.long, device=x.device)
-        return self.experts_module(x, chosen, torch.ones(len(x), 1, dtype=x.dtype, device=x.device))
+        ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
+        return self.experts_module.forward(x, chosen, ones)
 
     def router_params(self) -> dict:
         return dict(self.router_module.state_dict())
@@ -150,15 +152,21 @@ class HFLayer:
             gates = gates / gates.sum(-1, keepdim=True)
         return gates * self.scale, positions
 
-    def watch(self, record: dict) -> list:
-        """Hooks that put the layer's router logits, routing, input and output into `record`."""
+    def watch(self, real: torch.Tensor, visit) -> list:
+        """Hooks that call visit(LayerIO) on the tokens `real` (a mask over the batch's flattened
+        tokens) once the layer has run: router logits from the router, the routing, input and
+        output from the experts module (each token's choices ordered by gate: some routers
+        return them unsorted)."""
+        logits = []
 
         def on_router(module, args, output):
-            record["logits"] = output[0] if isinstance(output, tuple) else output
+            logits.append(output[0] if isinstance(output, tuple) else output)
 
         def on_experts(module, args, kwargs, output):
-            record["inputs"], record["experts"], record["gates"] = [*args, *kwargs.values()][:3]
-            record["outputs"] = output
+            x, experts, gates = [*args, *kwargs.values()][:3]
+            gates, order = gates.sort(dim=-1, descending=True, stable=True)
+            chosen = experts.gather(-1, order)
+            visit(LayerIO(*(t[real] for t in (x, output, logits.pop(), chosen, gates))))
 
         return [
             self.router_module.register_forward_hook(on_router),
@@ -202,13 +210,14 @@ class HFAdapter:
                 "expert group, so it needs at least 2 experts; choose D >= 2"
             )
 
-    def layer_io(self, batch, dropless: bool = True) -> list[LayerIO]:
+    def visit_layers(self, batch, visit, dropless: bool = True) -> None:
         """Transformers MoE layers drop no token: `dropless` holds anyway."""
-        records = [{} for _ in self.layers]
-        hooks = [
-            h for layer, rec in zip(self.layers, records, strict=True) for h in layer.watch(rec)
-        ]
         mask = batch.mask.to(self.model.device)
+        hooks = [
+            h
+            for i, layer in enumerate(self.layers)
+            for h in layer.watch(mask.reshape(-1), lambda io, i=i: visit(i, io))
+        ]
         try:
             self.model.base_model(
                 input_ids=batch.idx.to(mask.device), attention_mask=mask.long(), use_cache=False
@@ -216,7 +225,6 @@ class HFAdapter:
         finally:
             for h in hooks:
                 h.remove()
-        return [_real_tokens(rec, mask.reshape(-1)) for rec in records]
 
     def reduced(self, experts: list[dict], routers: list[dict]) -> PreTrainedModel:
         counts = sorted({len(rows["weight"]) for rows in routers})
@@ -263,20 +271,6 @@ class HFAdapter:
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets, ignore_index=-1)
         aux = getattr(out, "aux_loss", None)
         return loss if aux is None else loss + self.model.config.router_aux_loss_coef * aux
-
-
-def _real_tokens(record: dict, real: torch.Tensor) -> LayerIO:
-    """The recorded layer on real tokens, each token's choices ordered by gate (some routers
-    return them unsorted)."""
-    gates, order = record["gates"].sort(dim=-1, descending=True, stable=True)
-    experts = record["experts"].gather(-1, order)
-    return LayerIO(
-        record["inputs"][real],
-        record["outputs"][real],
-        record["logits"][real],
-        experts[real],
-        gates[real],
-    )
 
 
 def _copy_unsaved_buffers(source: nn.Module, target: nn.Module) -> None:

@@ -91,7 +91,12 @@ def reduce_hf_checkpoint(
     window = hf.window(model.config, block_size)
     batches = make_batches(docs, window, cfg.batch_size, cfg.max_tokens, cfg.seed)
     reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
-    record = {"block_size": window, **_record(source, task_data, docs, cfg, record)}
+    experts = {"family": model.config.model_type, "activation": adapt(model).layers[0].activation}
+    record = {
+        "block_size": window,
+        "experts": experts,
+        **_record(source, task_data, docs, cfg, record),
+    }
     tok = hf.load_tokenizer(source)
     return _write(out, lambda tmp: hf.write_checkpoint(tmp, reduced, tok), record)
 

@@ -71,10 +71,9 @@ def collect_stats(
     stats = [_empty(adapter, layer, needs, subset_size) for layer in adapter.layers]
     with torch.no_grad(), eval_mode(adapter.model):
         for batch in tqdm(batches, desc="statistics", unit="batch", disable=None, leave=False):
-            for st, layer, io in zip(
-                stats, adapter.layers, adapter.layer_io(batch, dropless), strict=True
-            ):
-                _update(st, layer, io)
+            adapter.visit_layers(
+                batch, lambda i, io: _update(stats[i], adapter.layers[i], io), dropless
+            )
     return stats
 
 
