@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_reduce import _plan_of  # the plan of given groups, as in our tests
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -45,6 +46,9 @@ COMMON = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+WIDTHS = {"intermediate_size": 32, "moe_intermediate_size": 16}  # dense FFN, each expert
+QWEN = {**WIDTHS, "num_experts": Z}
+DEEPSEEK = {**WIDTHS, "n_routed_experts": Z, "n_shared_experts": 1, "n_group": 1, "topk_group": 1}
 # each family's own keys, at tiny sizes; full-softmax gates where the family has the choice
 TINY = {
     "mixtral": {"intermediate_size": 16, "num_local_experts": Z},
@@ -54,26 +58,16 @@ TINY = {
         "head_dim": 8,
         "layer_types": ["full_attention", "linear_attention"],
     },
-    "qwen2_moe": {
-        "intermediate_size": 32,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-        "num_experts": Z,
-        "norm_topk_prob": False,
-    },
+    "qwen2_moe": {**QWEN, "shared_expert_intermediate_size": 16, "norm_topk_prob": False},
     "qwen3_moe": {
-        "intermediate_size": 32,
-        "moe_intermediate_size": 16,
-        "num_experts": Z,
+        **QWEN,
         "head_dim": 8,
         "norm_topk_prob": False,
         "tie_word_embeddings": True,
     },
     "qwen3_next": {
-        "intermediate_size": 32,
-        "moe_intermediate_size": 16,
+        **QWEN,
         "shared_expert_intermediate_size": 16,
-        "num_experts": Z,
         "head_dim": 8,
         "layer_types": ["linear_attention", "full_attention"],
         "linear_num_value_heads": 4,
@@ -92,12 +86,7 @@ TINY = {
         "sliding_window": 8,
     },
     "deepseek_v3": {
-        "intermediate_size": 32,
-        "moe_intermediate_size": 16,
-        "n_routed_experts": Z,
-        "n_shared_experts": 1,
-        "n_group": 1,
-        "topk_group": 1,
+        **DEEPSEEK,
         "first_k_dense_replace": 0,
         "num_key_value_heads": 4,
         "kv_lora_rank": 16,
@@ -109,12 +98,7 @@ TINY = {
         "routed_scaling_factor": 1.5,
     },
     "glm4_moe": {
-        "intermediate_size": 32,
-        "moe_intermediate_size": 16,
-        "n_routed_experts": Z,
-        "n_shared_experts": 1,
-        "n_group": 1,
-        "topk_group": 1,
+        **DEEPSEEK,
         "first_k_dense_replace": 1,  # layer 0 dense, MoE from layer 1
         "num_hidden_layers": 3,
         "head_dim": 8,
@@ -143,22 +127,6 @@ def task(n_docs=8, seed=0, batch_size=4):
     return make_batches(docs, block_size=16, batch_size=batch_size, seed=seed)
 
 
-def plan_of(groups_per_layer, stats) -> dict:
-    return {
-        "method": "test",
-        "seed": 0,
-        "target_n_expert": [len(g) for g in groups_per_layer],
-        "layers": [
-            {
-                "layer": st.layer,
-                "source_n_expert": st.n_expert,
-                "groups": [make_group(m, st.top1) for m in groups],
-            }
-            for st, groups in zip(stats, groups_per_layer, strict=True)
-        ],
-    }
-
-
 def logits(model, batch):
     with torch.no_grad():
         return model(batch.idx, attention_mask=batch.mask.long()).logits[batch.mask]
@@ -179,7 +147,7 @@ def test_every_supported_family_is_tested():
 def test_a_singleton_plan_keeps_the_model_exactly(family):
     model, batches = tiny(family), task()
     stats = collect_stats(model, batches)
-    same = apply_plan(model, plan_of([[[e] for e in range(Z)]] * len(stats), stats), "keep")
+    same = apply_plan(model, _plan_of([[[e] for e in range(Z)]] * len(stats), stats), "keep")
     assert torch.equal(logits(same, batches[0]), logits(model, batches[0]))
 
 
@@ -194,7 +162,7 @@ def test_pruning_experts_the_router_never_selects_leaves_the_logits(family):
     used = [np.flatnonzero(st.counts).tolist() for st in stats]
     d = max(map(len, used))
     kept = [u + [e for e in range(Z) if e not in u][: d - len(u)] for u in used]
-    pruned = apply_plan(model, plan_of([[[e] for e in k] for k in kept], stats), "keep")
+    pruned = apply_plan(model, _plan_of([[[e] for e in k] for k in kept], stats), "keep")
     torch.testing.assert_close(logits(pruned, batches[0]), logits(model, batches[0]))
 
 
@@ -231,7 +199,7 @@ def test_merging_permuted_copies_of_one_expert_gives_that_expert(family):
     assert not torch.allclose(unaligned["down"], merged["down"], atol=1e-3)
     stats = collect_stats(model, task())
     groups = [[[0, 1, 2], *[[e] for e in range(3, Z)]]] * len(stats)
-    reduced = adapt(apply_plan(model, plan_of(groups, stats), "keep"))
+    reduced = adapt(apply_plan(model, _plan_of(groups, stats), "keep"))
     torch.testing.assert_close(reduced.layers[0].expert(0, x), layer.expert(0, x))
 
 
@@ -244,7 +212,7 @@ def test_naee_scores_a_pruned_layer_as_the_family_routes(family):
     original = [first_layer(model, b) for b in batches]
     for i in (0, 17, len(stats[0].subsets) - 1):
         subset = stats[0].subsets[i].tolist()
-        pruned = apply_plan(model, plan_of([[[e] for e in subset]] * len(stats), stats))
+        pruned = apply_plan(model, _plan_of([[[e] for e in subset]] * len(stats), stats))
         error = sum(
             ((io.outputs - first_layer(pruned, b).outputs) ** 2).sum().item()
             for io, b in zip(original, batches, strict=True)
