@@ -88,13 +88,13 @@ def align_plan(model, plan: dict, solver: str = "hungarian") -> dict:
     """A copy of `plan` with a permutation for every non-anchor member that has none yet
     (`model`: our GPT, a transformers MoE model or their adapter)."""
     plan = copy.deepcopy(plan)
-    for moe, layer in zip(adapt(model).layers, plan["layers"], strict=True):
-        for group in layer["groups"]:
+    for layer, planned in zip(adapt(model).layers, plan["layers"], strict=True):
+        for group in planned["groups"]:
             a = group["anchor"]
             for i, m in enumerate(group["members"]):
                 if m != a and group["perms"][i] is None:
                     scores = expert_scores(
-                        moe.expert_params(a), moe.expert_params(m), moe.neuron_dims
+                        layer.expert_params(a), layer.expert_params(m), layer.neuron_dims
                     )
                     group["perms"][i] = match_neurons(scores.cpu(), solver).tolist()
     return plan
