@@ -4,9 +4,11 @@ A plan is JSON-serializable:
     {"method", "seed", "target_n_expert": [D per MoE layer],
      "layers": [{"layer", "source_n_expert", "groups": [group, ...], ...method details}]}
 and a group is {"members", "anchor", "weights", "perms"}: the original experts merged into one
-new expert; the anchor, its most-selected member on T (kept as is); merge weights proportional to
-the members' selection counts on T (uniform if all are zero); and per member the hidden-neuron
-order aligning it to the anchor (None until `align.align_plan` fills it; the anchor stays None).
+new expert; the anchor, its member most often chosen first on T (kept as is); merge weights
+proportional to the members' first-choice counts on T (uniform if all are zero), the paper's
+selection frequency, which is every choice's count when top_k = 1; and per member the
+hidden-neuron order aligning it to the anchor (None until `align.align_plan` fills it; the anchor
+stays None).
 
 Methods (the book's Method chapter; each written from its paper):
 - uncurl: spectral clustering of (1 + cos) / 2 of the router-logit columns, exactly D clusters
@@ -47,7 +49,8 @@ def default_router(method: str) -> str:
 def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: int = 0) -> dict:
     """Plan the reduction of every MoE layer to `target_n_expert` experts (on average for
     mcsmoe)."""
-    check_request(method, target_n_expert, [st.n_expert for st in stats], stats[0].top_k)
+    counts = [st.n_expert for st in stats]
+    check_request(method, target_n_expert, counts, stats[0].top_k, stats[0].cap_top_k)
     if not all(_has(st, need, target_n_expert) for st in stats for need in NEEDS.get(method, ())):
         raise ValueError(
             f"{method} needs statistics {NEEDS[method]}: collect them with "
@@ -63,7 +66,7 @@ def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: 
                 "layer": st.layer,
                 "source_n_expert": st.n_expert,
                 "groups": sorted(
-                    (make_group(m, st.counts) for m in clusters), key=lambda g: g["anchor"]
+                    (make_group(m, st.top1) for m in clusters), key=lambda g: g["anchor"]
                 ),
                 **details,
             }
@@ -72,14 +75,19 @@ def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: 
     }
 
 
-def check_request(method: str, target_n_expert: int, counts: list[int], top_k: int) -> None:
-    """Refuse an unknown method or a target D outside [top_k, Z): each error names the fix."""
+def check_request(
+    method: str, target_n_expert: int, counts: list[int], top_k: int, cap_top_k: bool = False
+) -> None:
+    """Refuse an unknown method or a target D outside [top_k, Z) (outside [1, Z) when the
+    reduced model routes to min(top_k, D) experts, `cap_top_k`): each error names the fix."""
     if method not in PLANNERS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(PLANNERS)}")
-    if target_n_expert < max(1, top_k):
+    least = 1 if cap_top_k else max(1, top_k)
+    if target_n_expert < least:
+        needs = f"{least} expert(s)" if cap_top_k else f"top_k={top_k} expert(s)"
         raise ValueError(
             f"target_n_expert={target_n_expert} is too small: each MoE layer needs "
-            f"at least top_k={top_k} expert(s); choose D >= {max(1, top_k)}"
+            f"at least {needs}; choose D >= {least}"
         )
     if target_n_expert >= min(counts):
         raise ValueError(
