@@ -147,6 +147,14 @@ def test_every_notebook_writes_what_it_promises(smoke):
     pretrain = [r for r in smoke["runs"] if r.step.name == "pretrain"]
     assert [r.parameters["n_expert"] for r in pretrain] == [1, 2, 4]
     assert (smoke["root"] / "runs/smoke/e4/summary.json").exists()
+    # every fine-tuning seed has its own reduction, made with that seed
+    seeds = range(get_profile("smoke").finetune_config().seeds)
+    for seed in seeds:
+        for path in (smoke["root"] / "runs/smoke/reduced").glob(f"e4-uncurl-d2-*-s{seed}"):
+            assert json.loads((path / "reduction.json").read_text())["seed"] == seed
+    assert len(list((smoke["root"] / "runs/smoke/reduced").glob("e4-uncurl-d2-*"))) == (
+        len(seeds) * len(get_profile("smoke").all_tasks)
+    )
 
 
 def glued(nb: dict) -> set[str]:

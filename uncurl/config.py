@@ -143,8 +143,12 @@ class ReduceConfig:
     seed: int = 0
     max_tokens: int = 65536  # task tokens for the statistics (a seeded sample of windows)
     batch_size: int = 32  # windows per statistics batch
-    router_warmup_steps: int = 0  # router-only training steps after the reduction
+    # router-only training steps after the reduction, when the router is new (reinit, merge):
+    # scored as it is, a re-initialised router routes at random
+    router_warmup_steps: int = 50
     router_warmup_lr: float = 1e-3
+    kmeans_n_init: int = 10  # UNCURL's K-means: restarts (the best inertia is kept)
+    kmeans_max_iter: int = 300  # and iterations per restart
 
     @classmethod
     def from_dict(cls, d: dict) -> "ReduceConfig":

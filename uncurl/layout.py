@@ -7,7 +7,7 @@ The one owner of the on-disk layout; nothing else builds these paths or labels:
     runs/<profile>/
         dense/, e4/, e8/, ...                       pretraining runs (`Runs.pretrained`)
             checkpoint/  metrics.jsonl  summary.json
-        reduced/e32-uncurl-d8-<task>/               reductions on a task (`Runs.reduced`)
+        reduced/e32-uncurl-d8-<task>-s<seed>/       reductions on a task (`Runs.reduced`)
         finetune/<task>/<label>/s<seed>/result.json  fine-tuning runs (`Runs.finetuned`)
     runs/sweep/<variant>-<label>/                   premise-sweep runs (`Runs.sweep`)
     build/<profile>/<step>[__name=value...]/results.json   a study step's record
@@ -84,15 +84,19 @@ class Runs:
     def pretrained(self, n_expert: int) -> Path:
         return self.folder / model_label(n_expert)
 
-    def reduced(self, source_n_expert: int, method: str, target_n_expert: int, task: str) -> Path:
+    def reduced(
+        self, source_n_expert: int, method: str, target_n_expert: int, task: str, seed: int
+    ) -> Path:
+        """A reduction on a task with a seed (its sample of the task, clustering, `random`)."""
         label = model_label(target_n_expert, method, source_n_expert)
-        return self.folder / "reduced" / f"{label}-{task}"
+        return self.folder / "reduced" / f"{label}-{task}-s{seed}"
 
-    def reductions(self) -> list[Path]:
-        """Every reduction folder of the profile, in name order."""
+    def reductions(self, seed: int | None = None) -> list[Path]:
+        """Every reduction folder of the profile (of one seed, if given), in name order."""
+        pattern = "*" if seed is None else f"*-s{seed}"
         return sorted(
             p
-            for p in (self.folder / "reduced").glob("*")
+            for p in (self.folder / "reduced").glob(pattern)
             if p.is_dir() and not p.name.startswith(".")
         )
 

@@ -2,10 +2,12 @@
 
 1. the models: for every reduction of the profile (Z -> D by each method), the reduced models
    and the D-expert model trained from scratch that they are judged against;
-2. each reduced model is made once from the pretrained Z-expert model, on the task's training
-   split (`uncurl.reduce`);
-3. every model is fine-tuned with every seed (a reduced one after its router warm-up) and scored
-   on the task's validation split (`uncurl.finetune.run`).
+2. each reduced model is made once per seed from the pretrained Z-expert model, on the task's
+   training split (`uncurl.reduce`): the seed draws the sample of the task its statistics read,
+   the clustering's initialisation (UNCURL's K-means), `random`'s experts and the new router, so
+   that the seeds of a comparison cover the reduction's own variance;
+3. every model is fine-tuned with every seed (a reduced one, its own seed's reduction, after its
+   router warm-up) and scored on the task's validation split (`uncurl.finetune.run`).
 
 Finished reductions and fine-tuning runs are found and reused, never redone.
 """
@@ -41,33 +43,41 @@ def run_task(profile, task: str, runs, progress: bool = True) -> list[dict]:
     jobs = [(model, seed) for model in study_models(profile) for seed in range(cfg.seeds)]
     results = []
     for model, seed in tqdm(jobs, desc=f"{task}: models x seeds", disable=not progress):
-        checkpoint = starting_point(profile, task, model, folders)
+        checkpoint = starting_point(profile, task, model, seed, folders)
         out = folders.finetuned(task, label(model), seed)
         results.append(run(checkpoint, task, seed, out, cfg, profile.data_dir, profile.task_source))
     return results
 
 
-def starting_point(profile, task: str, model: dict, folders: layout.Runs):
-    """The checkpoint a model's fine-tuning starts from: its pretrained run, or its reduction."""
+def starting_point(profile, task: str, model: dict, seed: int, folders: layout.Runs):
+    """The checkpoint a model's fine-tuning starts from: its pretrained run, or its reduction
+    with the run's seed."""
     if model["method"] == layout.SCRATCH:
         return folders.pretrained(model["target_n_expert"])
-    return reduce_on_task(profile, task, model, folders)
+    return reduce_on_task(profile, task, model, seed, folders)
 
 
-def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
-    """The pretrained source model reduced on the task's training split, made once: an earlier
-    reduction is reused only if it came from the same weights, task data and statistics
-    budget."""
+def reduce_on_task(profile, task: str, model: dict, seed: int, folders: layout.Runs):
+    """The pretrained source model reduced on the task's training split with `seed`, made once:
+    an earlier reduction is reused only if it came from the same weights, task data, statistics
+    budget and seed. Its router warm-up comes later, with the fine-tuning run's batches."""
     cfg = profile.finetune_config(task)
     source = folders.pretrained(model["source_n_expert"])
-    out = folders.reduced(model["source_n_expert"], model["method"], model["target_n_expert"], task)
+    out = folders.reduced(
+        model["source_n_expert"], model["method"], model["target_n_expert"], task, seed
+    )
+    reduce_cfg = ReduceConfig(seed=seed, max_tokens=cfg.reduce_tokens, router_warmup_steps=0)
     task_data = (
         f"{task} train split (val_frac={cfg.val_frac}, heldout_frac={cfg.heldout_frac}, "
         f"source={profile.task_source or 'packages'}, weights {digest(source)})"
     )
     if (out / RECORD).exists():
         done = layout.read_json(out / RECORD)
-        if (done["task_data"], done["max_tokens"]) == (task_data, cfg.reduce_tokens):
+        if (done["task_data"], done["max_tokens"], done["seed"]) == (
+            task_data,
+            reduce_cfg.max_tokens,
+            reduce_cfg.seed,
+        ):
             return out
     docs = tasks.training_documents(
         tasks.get_task(task),
@@ -85,5 +95,5 @@ def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
         model["target_n_expert"],
         docs,
         task_data,
-        ReduceConfig(max_tokens=cfg.reduce_tokens),
+        reduce_cfg,
     )

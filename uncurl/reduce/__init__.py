@@ -1,7 +1,7 @@
 """Task-specific expert reduction: statistics -> plan -> aligned merge, each step usable alone.
 
     stats = collect_stats(model, batches, needs=NEEDS.get(method, ()), subset_size=D)
-    plan = make_plan(stats, method, D, seed)        # JSON-serializable
+    plan = make_plan(stats, method, D, cfg)         # JSON-serializable (cfg: a ReduceConfig)
     plan = align_plan(model, plan)                   # weight matching of merged members
     small = apply_plan(model, plan, router="reinit")
     router_warmup(small, batches, steps=50)
@@ -81,13 +81,14 @@ def reduce_model(
     with stopwatch(times, "stats"):
         stats = collect_stats(adapter, batches, NEEDS.get(method, ()), target_n_expert)
     with stopwatch(times, "plan"):
-        plan = make_plan(stats, method, target_n_expert, cfg.seed)
+        plan = make_plan(stats, method, target_n_expert, cfg)
     with stopwatch(times, "align"):
         plan = align_plan(adapter, plan, cfg.solver)
     with stopwatch(times, "apply"):
         reduced = apply_plan(adapter, plan, router, cfg.seed)
+    steps = cfg.router_warmup_steps if router != "keep" else 0  # kept rows already route
     with stopwatch(times, "router_warmup"):
-        losses = router_warmup(reduced, batches, cfg.router_warmup_steps, cfg.router_warmup_lr)
+        losses = router_warmup(reduced, batches, steps, cfg.router_warmup_lr)
     record = {
         "method": method,
         "target_n_expert": target_n_expert,
@@ -98,7 +99,7 @@ def reduce_model(
         "plan": plan,
         "layers": [_layer_record(st) for st in stats],
         "router_warmup": {
-            "steps": cfg.router_warmup_steps,
+            "steps": steps,
             "lr": cfg.router_warmup_lr,
             "losses": losses,
         },

@@ -58,9 +58,14 @@ def main(argv=None):
         "--router-warmup-steps",
         type=int,
         default=d.router_warmup_steps,
-        help="router-only training steps on the task data after the reduction",
+        help="router-only training steps on the task data after the reduction, when the "
+        "router is new (reinit or merge)",
     )
     p.add_argument("--router-warmup-lr", type=float, default=d.router_warmup_lr)
+    p.add_argument(
+        "--kmeans-n-init", type=int, default=d.kmeans_n_init, help="UNCURL's K-means restarts"
+    )
+    p.add_argument("--kmeans-max-iter", type=int, default=d.kmeans_max_iter)
     p.add_argument(
         "--block-size",
         type=int,

@@ -16,7 +16,8 @@ def apply_plan(model, plan: dict, router: str = "keep", seed: int = 0, solver: s
     """The reduced model. Members the plan has not aligned yet are aligned first (`solver`).
 
     router: "reinit" a fresh router with D outputs (seeded; biases zero), "keep" each group's
-    anchor row, "merge" the members' rows averaged with the group's weights.
+    anchor row, "merge" the members' rows averaged with the group's weights; a layer whose plan
+    names its own handling gets that.
     """
     if router not in ROUTERS:
         raise ValueError(f"unknown router handling {router!r}; choose one of {ROUTERS}")
@@ -29,7 +30,8 @@ def apply_plan(model, plan: dict, router: str = "keep", seed: int = 0, solver: s
         for layer, planned in zip(adapter.layers, plan["layers"], strict=True):
             merged = [merge_group(layer, g) for g in planned["groups"]]
             experts.append({name: _stack([m[name] for m in merged]) for name in merged[0]})
-            routers.append(_router_rows(layer, planned["groups"], router, gen))
+            own = planned.get("router", router)
+            routers.append(_router_rows(layer, planned["groups"], own, gen))
         return adapter.reduced(experts, routers)
 
 
