@@ -1,3 +1,6 @@
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -49,3 +52,21 @@ def standin_sweep() -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+KILL_AT = Path(__file__).with_name("kill_at.py")
+
+
+def killed(target: str, nth: int, command: list[str], match: str = "", after: bool = False):
+    """Run `command` (["-m", module, *args] or ["-c", code, *args]) from the repository root,
+    SIGKILLed at the `nth` call of `target` whose path arguments contain `match` (tests/kill_at.py);
+    fails unless it was killed there."""
+    done = subprocess.run(
+        [sys.executable, str(KILL_AT), target, str(nth), "--match", match]
+        + (["--after"] if after else [])
+        + command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == -signal.SIGKILL, f"not killed at {target}:\n{done.stderr[-3000:]}"

@@ -19,7 +19,7 @@ from uncurl import study
 from uncurl.config import Profile, get_profile
 from uncurl.study import Step, StudyError, load_steps, plan, run_study, runner
 from uncurl.study.__main__ import main
-from uncurl.study.cache import library_digest, notebook_digest
+from uncurl.study.cache import file_digest, notebook_digest, sha
 from uncurl.study.manifest import ROOT
 
 PROFILE = Profile(name="toy", expert_counts=(1, 2))
@@ -152,8 +152,8 @@ def test_what_invalidates_a_run(toy):
 
     toy.lib.write_text("VERSION = 2\n")  # library code
     assert dry() == {
-        "make[x=1]": "would run (library changed)",
-        "make[x=2]": "would run (library changed)",
+        "make[x=1]": f"would run (library ({toy.lib}) changed)",
+        "make[x=2]": f"would run (library ({toy.lib}) changed)",
         "use": "would run (after make[x=1] and 1 more)",
     }
     toy.lib.write_text("VERSION = 1\n")
@@ -303,14 +303,14 @@ def test_the_real_manifest_is_in_dependency_order():
     assert {r.step.chapter for r in runs} >= {"pretraining", "dense_equivalent", "premise_sweep"}
 
 
-def test_library_digest_follows_file_content(tmp_path):
+def test_file_digest_follows_file_content(tmp_path):
     lib = tmp_path / "lib.py"
     lib.write_text("a = 1\n")
-    first = library_digest([str(lib)])
+    first = file_digest(str(lib))
     lib.write_text("a = 2\n")
-    assert library_digest([str(lib)]) != first
+    assert file_digest(str(lib)) != first
     lib.unlink()
-    assert library_digest([str(lib)]) not in (first, library_digest([]))
+    assert file_digest(str(lib)) not in (first, sha(b""))  # a deleted file is a change
 
 
 def test_the_package_exports_what_others_use():
