@@ -70,3 +70,14 @@ def killed(target: str, nth: int, command: list[str], match: str = "", after: bo
         text=True,
     )
     assert done.returncode == -signal.SIGKILL, f"not killed at {target}:\n{done.stderr[-3000:]}"
+
+
+def one_line_error(capsys, main, argv: list[str], prog: str) -> str:
+    """The error a command line (`main`) refuses `argv` with; fails unless it is one line, after
+    `prog: error: `, with exit status 1 and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: error: "), err
+    return err

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 import torch
-from conftest import killed
+from conftest import killed, one_line_error
 
 from uncurl import layout
 from uncurl.config import get_profile
@@ -112,14 +112,7 @@ def smoke_command(smoke_data, out, *extra) -> list[str]:
 
 
 def refused(capsys, argv: list[str]) -> str:
-    """The one line a refused `python -m uncurl.train` prints; fails unless it is one line and
-    exit status 1, without a traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.startswith("python -m uncurl.train: error: "), err
-    return err
+    return one_line_error(capsys, main, argv, "python -m uncurl.train")
 
 
 @pytest.mark.parametrize(
