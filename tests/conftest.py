@@ -58,18 +58,17 @@ KILL_AT = Path(__file__).with_name("kill_at.py")
 
 
 def killed(target: str, nth: int, command: list[str], match: str = "", after: bool = False):
-    """Run `command` (["-m", module, *args] or ["-c", code, *args]) from the repository root,
-    SIGKILLed at the `nth` call of `target` whose path arguments contain `match` (tests/kill_at.py);
-    fails unless it was killed there."""
-    done = subprocess.run(
-        [sys.executable, str(KILL_AT), target, str(nth), "--match", match]
-        + (["--after"] if after else [])
-        + command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    """Run `command` (["-m", module, *args] or ["-c", code, *args]) SIGKILLed at the `nth` call
+    of `target` whose path arguments contain `match` (tests/kill_at.py)."""
+    sigkilled([str(KILL_AT), target, str(nth), "--match", match, *["--after"] * after, *command])
+
+
+def sigkilled(argv: list[str]) -> None:
+    """Run python with `argv` from the repository root; fails unless it died of SIGKILL."""
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, (
+        f"not killed where it should be:\n{done.stderr[-3000:]}"
     )
-    assert done.returncode == -signal.SIGKILL, f"not killed at {target}:\n{done.stderr[-3000:]}"
 
 
 def one_line_error(capsys, main, argv: list[str], prog: str) -> str:

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -215,3 +216,14 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, smoke_data):
     assert [m["step"] for m in load_metrics(tmp_path / "run")] == list(range(1, 8))
     train(tmp_path / "run", model, cfg, smoke_data, progress=False)
     assert [m["step"] for m in load_metrics(tmp_path / "run")] == list(range(1, 13))
+
+
+def test_a_finished_run_whose_checkpoint_was_deleted_is_trained_again_the_same(
+    tmp_path, smoke_data
+):
+    model, cfg = configs(smoke_data, max_steps=6)
+    train(tmp_path / "run", model, cfg, smoke_data, progress=False)
+    weights = _weights(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint")
+    assert train(tmp_path / "run", model, cfg, smoke_data, progress=False)["finished"]
+    assert _weights(tmp_path / "run") == weights

@@ -142,8 +142,6 @@ def _train(out, model_cfg, cfg, data_dir, meta, stop_after, progress, position) 
             "elapsed": elapsed,
             "val_loss": val_loss,  # the summary's, should the run be stopped before writing it
             "torch_rng": torch.get_rng_state(),
-            "model_config": model_cfg.to_dict(),
-            "train_config": asdict(cfg),
         }
         info = {"train": asdict(cfg), "data": str(data_dir), "step": step}
         save_checkpoint(out / layout.CHECKPOINT, model, tokenizer, info, state)
@@ -219,8 +217,9 @@ def check_run_folder(out: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> Non
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the run")
-    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    others = [name for name in others if name not in RUN_FILES]
+    others = sorted(
+        p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".")
+    )
     if others:
         raise ValueError(
             f"{out} is not a training run's folder (it holds {', '.join(others[:3])}"

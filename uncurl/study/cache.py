@@ -117,6 +117,8 @@ class Cache:
             "seconds": seconds,
             "executed": str(run.executed),
         }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        layout.remove_temporaries(self.folder, self.path(run).name)  # of a write that was killed
         layout.write_json(self.path(run), record)
         return record
 
@@ -126,9 +128,10 @@ def what_it_read(run: Run) -> dict[str, list[str]]:
     they do not say."""
     results = absolute(run.out) / layout.RESULTS
     said = layout.read_json(results) if results.exists() else {}
+    modules, fields = said.get("library"), said.get("profile_fields")
     return {
-        "library": sorted(said.get("library") or library_modules()),
-        "profile": sorted(said.get("profile_fields") or PROFILE_FIELDS),
+        "library": sorted(library_modules() if modules is None else modules),
+        "profile": sorted(PROFILE_FIELDS if fields is None else fields),
     }
 
 
