@@ -45,6 +45,7 @@ from pathlib import Path
 
 from myst_nb import glue
 
+from uncurl import layout
 from uncurl.bench import inference, inference_tables
 from uncurl.report import inference as chapter
 from uncurl.report import records, style
@@ -78,8 +79,7 @@ figures = {
 values = chapter.headline(result)
 
 # %% tags=["remove-cell"]
-out.mkdir(parents=True, exist_ok=True)
-(out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+layout.write_text(out / "bench.json", json.dumps(result, indent=2, default=str) + "\n")
 records.write_results(
     out, {"profile": profile, "runs": runs, **sizes}, started, values=values, tables=tables
 )

@@ -105,7 +105,10 @@ def test_a_value_of_the_wrong_type_names_the_field_and_its_type(tmp_path, line, 
     "line, message",
     [
         ("train = { lr = -0.001 }", "lr must be positive, got -0.001"),
-        ("model = { n_expert = 4, top_k = 8 }", "top_k=8 must be between 1 and the expert count"),
+        (
+            "model = { n_expert = 4, top_k = 8 }",
+            "top_k=8 must be between 1 and the number of experts",
+        ),
         ("model = { n_embd = 30, n_head = 4 }", "n_embd=30 must be divisible by n_head=4"),
     ],
 )
@@ -119,7 +122,7 @@ def test_an_unknown_profile_name_suggests_the_closest(capsys, tmp_path):
         config.get_profile("smoek")
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--profile", "smal", "--n-expert", "4", "--out", str(tmp_path / "X")])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     assert "unknown profile 'smal' (did you mean 'small'?)" in capsys.readouterr().err
 
 
@@ -129,7 +132,11 @@ def test_an_unknown_profile_name_suggests_the_closest(capsys, tmp_path):
     [
         ("lr=abc", "train key 'lr' must be float, got 'abc'"),
         ("lr=-1e-3", "lr must be positive, got -0.001"),
-        ("top_k=8", "top_k=8 must be between 1 and the expert count (4,)"),
+        (
+            "top_k=8",
+            "top_k=8 must be between 1 and the number of experts (4): lower top_k or give "
+            "more experts",
+        ),
     ],
 )
 def test_a_bad_setting_on_the_command_line_is_one_line_and_writes_nothing(
@@ -141,7 +148,7 @@ def test_a_bad_setting_on_the_command_line_is_one_line_and_writes_nothing(
     with pytest.raises(SystemExit) as exit_info:
         train_main(argv + (["--data", str(smoke_data)] if prepared else []))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert exit_info.value.code == 1 and "Traceback" not in err
     name = setting.partition("=")[0]
     assert [line for line in err.splitlines() if name in line] == [
         f"python -m uncurl.train: error: {message}"

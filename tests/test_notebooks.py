@@ -5,6 +5,7 @@ errors) into temporary folders; the premise sweep reads a made-up stand-in for
 data/results/premise_sweep.csv, written in the temporary folder only.
 """
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from conftest import standin_sweep
 
 from uncurl import study
 from uncurl.config import get_profile
+from uncurl.study.cache import Cache, run_key, staleness
 from uncurl.study.manifest import as_ipynb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,3 +235,41 @@ def test_an_unchanged_rerun_is_all_cached(smoke, capsys):
     study.build_book(smoke["runs"], smoke["args"]["build"], smoke["root"] / "html")
     assert set(outcome.values()) == {"cached"}
     assert "book up to date" in capsys.readouterr().out
+
+
+def test_a_change_reruns_only_the_runs_that_read_it(smoke):
+    """Each run's record keeps the library modules and profile fields it read: a change to one
+    of them makes exactly those runs stale (the ones after them follow only if what they read
+    changes)."""
+    profile, cache = smoke["args"]["profile"], Cache(smoke["args"]["build"])
+    records = {r.label: cache.get(r) for r in smoke["runs"]}
+
+    def stale(profile=profile, edited_module=None) -> set[str]:
+        keys = {r.label: run_key(r, profile, records) for r in smoke["runs"]}
+        if edited_module:
+            for key in keys.values():
+                key["library"][edited_module] = "edited"
+        return {r.label for r in smoke["runs"] if staleness(r, records[r.label], keys[r.label])}
+
+    pretrain = {r.label for r in smoke["runs"] if r.step.name == "pretrain"}
+    assert stale() == set()
+    assert stale(edited_module="uncurl/bench/inference.py") == {"inference_cost"}
+    assert pretrain <= stale(edited_module="uncurl/train.py") <= set(records) - {"data"}
+    bench = dataclasses.replace(profile, inference_bench={**profile.inference_bench, "repeats": 9})
+    assert stale(bench) == {"inference_cost"}
+    recipe = dataclasses.replace(profile, train={**profile.train, "max_steps": 30})
+    assert pretrain <= stale(recipe) and not stale(recipe) & {"premise_sweep", "data"}
+    assert set(records["pretrain[n_expert=4]"]["key"]["profile"]) >= {"data", "model", "train"}
+
+
+def test_a_deleted_checkpoint_of_a_pretrained_model_is_noticed(smoke):
+    weights = smoke["root"] / "runs" / "smoke" / "e4" / "checkpoint" / "model.safetensors"
+    aside = weights.with_name("aside")
+    weights.rename(aside)
+    try:
+        outcome = study.run_study(**smoke["args"], dry_run=True)
+    finally:
+        aside.rename(weights)
+    assert outcome["pretrain[n_expert=4]"] == f"would run ({weights} missing)"
+    assert outcome["finetune[task=drama]"].startswith("would run (after pretrain[n_expert=4]")
+    assert outcome["premise_sweep"] == "cached"

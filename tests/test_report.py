@@ -172,6 +172,8 @@ def crafted_sweep() -> pd.DataFrame:
                 "seed": seed,
                 "n_embd": width,
                 "vocab_size": 2048,
+                "router_init_std": 1.0 if v.startswith("router") else 0.3,
+                "steps": tokens // 100,
                 "tokens": tokens,
                 "val_loss": loss,
                 "wall_time_s": 60.0,

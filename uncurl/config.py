@@ -5,6 +5,7 @@ One vocabulary everywhere (config, command line, notebooks, book): `n_expert`, `
 for every parameter a run uses.
 """
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -53,9 +54,14 @@ class ModelConfig:
                 f"{len(self.moe_layers)} MoE layers {self.moe_layers}; give one per MoE layer"
             )
         if min(counts) < 1:
-            raise ValueError(f"n_expert must be >= 1, got {self.n_expert}")
+            raise ValueError(
+                f"n_expert must be at least 1 (1 is the dense model), got {self.n_expert}"
+            )
         if not 1 <= self.top_k <= min(counts) and self.is_moe:
-            raise ValueError(f"top_k={self.top_k} must be between 1 and the expert count {counts}")
+            raise ValueError(
+                f"top_k={self.top_k} must be between 1 and the number of experts "
+                f"({min(counts)}): lower top_k or give more experts"
+            )
 
     @property
     def hidden(self) -> int:
@@ -250,12 +256,22 @@ class Profile:
     inference_bench: dict = field(default_factory=dict)  # InferenceBenchConfig's fields
 
     def __post_init__(self):
-        """Build every config once, so that an unknown or mistyped key fails at load time."""
-        self.model_config(), self.train_config(), self.data_config(), self.bench_config()
-        for task in (None, *self.task_finetune):
-            self.finetune_config(task)
-        for spec in self.reductions:
-            checked(Reduction, spec, "reductions")
+        """Build every config once, so that an unknown or mistyped key fails at load time (these
+        reads are not the process reading its profile: see `profile_fields_read`)."""
+        checking = _recording.set(False)
+        try:
+            self.model_config(), self.train_config(), self.data_config(), self.bench_config()
+            for task in (None, *self.task_finetune):
+                self.finetune_config(task)
+            for spec in self.reductions:
+                checked(Reduction, spec, "reductions")
+        finally:
+            _recording.reset(checking)
+
+    def __getattribute__(self, name):
+        if name in PROFILE_FIELDS and _recording.get():
+            _fields_read.add(name)
+        return object.__getattribute__(self, name)
 
     @property
     def data_dir(self) -> Path:
@@ -286,6 +302,18 @@ class Profile:
         return InferenceBenchConfig.from_dict({**self.inference_bench, **overrides})
 
 
+PROFILE_FIELDS = frozenset(f.name for f in dataclasses.fields(Profile))
+_fields_read: set[str] = set()
+_recording = contextvars.ContextVar("recording", default=True)
+
+
+def profile_fields_read() -> list[str]:
+    """The fields of the profiles this process has read (beyond checking them when it loaded
+    them): a study run's record lists them, so that a change to any other field of its profile
+    leaves the run up to date."""
+    return sorted(_fields_read)
+
+
 @dataclass(frozen=True)
 class Reduction:
     """One entry of a profile's `reductions`: Z -> D experts per MoE layer by each method."""
@@ -306,7 +334,7 @@ def checked(cls, d: dict, what: str) -> dict:
     for key, value in d.items():
         if key not in hints:
             raise ValueError(
-                f"unknown {what} key {key!r}{_closest(key, hints)}; known: {', '.join(hints)}"
+                f"unknown {what} key {key!r}{closest(key, hints)}; known: {', '.join(hints)}"
             )
         if not _conforms(value, hints[key]):
             raise ValueError(f"{what} key {key!r} must be {_type_name(hints[key])}, got {value!r}")
@@ -314,7 +342,7 @@ def checked(cls, d: dict, what: str) -> dict:
     return out
 
 
-def _closest(key: str, known) -> str:
+def closest(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -373,7 +401,7 @@ def get_profile(name: str) -> Profile:
     profiles = load_profiles()
     if name not in profiles:
         raise ValueError(
-            f"unknown profile {name!r}{_closest(name, profiles)}; choose one of "
+            f"unknown profile {name!r}{closest(name, profiles)}; choose one of "
             f"{', '.join(sorted(profiles))}"
         )
     return profiles[name]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from uncurl import intervals, layout
+from uncurl.cli import one_line_errors
 from uncurl.config import FinetuneConfig, get_profile
 from uncurl.model import eval_mode, load_model
 from uncurl.model.checkpoint import load_tokenizer, read_info
@@ -150,8 +151,18 @@ def score_checkpoint(
 
 
 def load_results(root) -> list[dict]:
-    """Every fine-tuning result under `root` (any depth), in a stable order."""
-    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(RESULT))]
+    """Every fine-tuning result under `root` (any depth), in a stable order; an error if there
+    is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root} is not a folder of fine-tuning results: give the folder that "
+            f"python -m uncurl.finetune --out wrote into, or a parent of several"
+        )
+    results = [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT))]
+    if not results:
+        raise FileNotFoundError(f"no {RESULT} under {root}: run python -m uncurl.finetune first")
+    return results
 
 
 def tidy(results: list[dict]) -> pd.DataFrame:
@@ -301,7 +312,7 @@ def main(argv=None):
     )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors(p.prog):
         if args.checkpoint:
             if not args.task:
                 raise ValueError("--checkpoint needs --task T (a registered task)")
@@ -312,10 +323,6 @@ def main(argv=None):
         if not args.runs:
             raise ValueError("give --runs DIR (fine-tuning results) or --checkpoint DIR --task T")
         results = load_results(args.runs)
-        if not results:
-            raise ValueError(f"no {RESULT} under {args.runs}: run python -m uncurl.finetune first")
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
     pd.set_option("display.width", 160)
     print(summary(results, args.bootstrap).round(4).to_string(index=False))
     comp = comparisons(results, args.bootstrap)
@@ -323,7 +330,7 @@ def main(argv=None):
         print("\nreduced vs from scratch (paired bootstrap, 95%):")
         print(comp.round(4).to_string(index=False))
     if args.out:
-        tidy(results).to_csv(args.out, index=False)
+        layout.write_text(args.out, tidy(results).to_csv(index=False))
         print(f"wrote {args.out}")
 
 

@@ -109,8 +109,7 @@ def main(argv=None):
         }
         for j, s in zip(jobs, summaries, strict=True)
     ]
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(args.csv, index=False)
+    layout.write_text(args.csv, pd.DataFrame(rows).to_csv(index=False))
     print(pd.DataFrame(rows)[["variant", "n_expert", "seed", "val_loss", "wall_time_s"]])
 
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 
+from uncurl import layout
 from uncurl.bench import inference, moe, reduce
 
 
@@ -15,7 +16,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     result = {"moe": moe.run, "reduce": reduce.run, "inference": inference.run}[args.bench](args)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        layout.write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Checkpoints: `model.safetensors` + `config.json` (+ tokenizer) in one folder, written atomically
-(`uncurl.layout.atomic_dir`): an interruption leaves the previous checkpoint or the new one."""
+(`uncurl.layout.atomic_dir`): an interruption leaves the previous checkpoint or the new one, never
+a part of one under the checkpoint's name."""
 
 import hashlib
-import logging
 from pathlib import Path
 
 import torch
@@ -14,7 +14,6 @@ from uncurl.config import ModelConfig
 from uncurl.model.gpt import GPT
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
-log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path, model: GPT, tokenizer=None, info: dict | None = None, state=None):
@@ -38,15 +37,23 @@ def write_checkpoint(
 
 
 def find_checkpoint(path) -> Path:
-    """The checkpoint folder at `path`, or inside a training run folder at `path/checkpoint`."""
+    """The checkpoint folder at `path`, or inside a training run folder at `path/checkpoint`.
+
+    Only a whole checkpoint ever has either name (`layout.atomic_dir`). A reader never recovers
+    one that an interrupted save moved aside: that is the writer's to do, under its lock, when
+    its command is rerun; the error says so.
+    """
     path = Path(path)
     for candidate in (path, path / layout.CHECKPOINT):
-        if layout.recover_dir(candidate):
-            log.warning(
-                "%s: put back the checkpoint an interrupted save had moved aside", candidate
-            )
         if (candidate / MODEL_FILE).exists() and (candidate / CONFIG_FILE).exists():
             return candidate
+    for candidate in (path, path / layout.CHECKPOINT):
+        if layout.moved_aside(candidate).exists():
+            raise FileNotFoundError(
+                f"no checkpoint at {candidate}: a save there was interrupted, and the previous "
+                f"checkpoint waits in {layout.moved_aside(candidate)}; rerun the command that "
+                f"wrote it (it puts that back and resumes)"
+            )
     raise FileNotFoundError(
         f"no checkpoint at {path}: expected {MODEL_FILE} and {CONFIG_FILE} there or in "
         f"{path / layout.CHECKPOINT} (train one with `python -m uncurl.train`)"
@@ -66,7 +73,15 @@ def digest(path) -> str:
 
 
 def read_info(path) -> dict:
-    return layout.read_json(find_checkpoint(path) / CONFIG_FILE)
+    """The checkpoint's config.json: its model's settings and what made it."""
+    ckpt = find_checkpoint(path)
+    info = layout.read_json(ckpt / CONFIG_FILE)
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise ValueError(
+            f"{ckpt} is not an uncurl checkpoint: its {CONFIG_FILE} has no model settings; give "
+            f"a folder written by uncurl.train, uncurl.reduce or uncurl.finetune --save-model"
+        )
+    return info
 
 
 def load_model(path) -> GPT:

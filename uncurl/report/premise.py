@@ -5,7 +5,6 @@ import re
 import pandas as pd
 from matplotlib.figure import Figure
 
-from uncurl.config import get_profile
 from uncurl.report.style import (
     LOSS_LABEL,
     display_table,
@@ -15,7 +14,6 @@ from uncurl.report.style import (
     listing,
     plain_values,
 )
-from uncurl.sweep import OLD_INIT
 
 SWEEP_PROFILE = "small"  # the profile `uncurl.sweep` varies; its last variant is the profile itself
 
@@ -25,6 +23,8 @@ SWEEP_COLUMNS = (
     "seed",
     "n_embd",
     "vocab_size",
+    "router_init_std",
+    "steps",
     "tokens",
     "val_loss",
     "wall_time_s",
@@ -191,21 +191,24 @@ def sweep_headline(df: pd.DataFrame) -> dict:
                 "seed alone is not measured."
             ),
             "sweep_time": duration(df["wall_time_s"].sum()),
-            **router_settings(),
+            **router_settings(df),
             **last_setting(df),
         }
     )
 
 
-def router_settings() -> dict:
-    """The router initialisations the appendix contrasts: GPT-2's, and the one the profile
-    adopted, with its training steps."""
-    profile = get_profile(SWEEP_PROFILE)
+def router_settings(df: pd.DataFrame) -> dict:
+    """The router initialisations the appendix contrasts, as the sweep ran them: GPT-2's (its
+    first variant) and the one the profile adopted (its last: the profile itself), with that
+    one's training steps."""
+    first, last = (
+        df[df["variant"] == v].iloc[0] for v in (df["variant"].iloc[0], df["variant"].iloc[-1])
+    )
     return {
-        "old_router_std": OLD_INIT["router_init_std"],
-        "sweep_profile": profile.name,
-        "router_std": profile.model_config().router_init_std,
-        "profile_steps": profile.train_config().max_steps,
+        "old_router_std": float(first["router_init_std"]),
+        "sweep_profile": SWEEP_PROFILE,
+        "router_std": float(last["router_init_std"]),
+        "profile_steps": int(last["steps"]),
     }
 
 

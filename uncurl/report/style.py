@@ -4,8 +4,8 @@ Figures are `matplotlib.figure.Figure` objects (no pyplot state, so nothing is s
 `save_figure` writes a PNG and returns an image that MyST-NB's `glue` can paste into the book.
 """
 
+import io
 import math
-from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
@@ -14,6 +14,8 @@ import seaborn as sns
 from IPython.display import Image
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from uncurl import layout
 
 LOSS_LABEL = "validation loss (nats per token)"
 
@@ -68,10 +70,9 @@ def display_table(df: pd.DataFrame, formats: dict | str | None = None):
 
 def save_figure(fig: Figure, path) -> Image:
     """Write `fig` as PNG and return it as an image for `glue`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return Image(filename=str(path))
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return Image(filename=str(layout.write_bytes(path, png.getvalue())))
 
 
 def plain_values(values: dict) -> dict:

@@ -268,10 +268,5 @@ def val_documents(table: pd.DataFrame, profile) -> str:
 
 def load(runs, profile) -> list[dict]:
     """Every fine-tuning result of the profile (`layout.Runs.finetune`)."""
-    folder = layout.Runs(runs, profile.name).finetune
-    results = evaluate.load_results(folder)
-    if not results:
-        raise FileNotFoundError(
-            f"no fine-tuning results under {folder}: run the study's finetune step first"
-        )
+    results = evaluate.load_results(layout.Runs(runs, profile.name).finetune)
     return [r for r in results if r["task"] in profile.all_tasks]
