@@ -347,7 +347,7 @@ def test_bad_requests_for_transformers_checkpoints_are_named(
     source = save_source(tmp_path / "source", "olmoe", tokenizer)
     with pytest.raises(SystemExit) as exit_:
         reduce(source, tmp_path / "out", d, "uncurl", *extra)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert exit_.value.code == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

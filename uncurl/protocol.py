@@ -96,4 +96,5 @@ def reduce_on_task(profile, task: str, model: dict, seed: int, folders: layout.R
         docs,
         task_data,
         reduce_cfg,
+        force=True,  # the protocol owns this folder: a reduction with other settings is redone
     )

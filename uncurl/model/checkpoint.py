@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
@@ -88,9 +89,22 @@ def load_model(path) -> GPT:
     """Load a checkpoint folder (or a training run folder) into a GPT in eval mode."""
     ckpt = find_checkpoint(path)
     model = GPT(ModelConfig.from_dict(read_info(ckpt)["model"]))
-    state = load_file(ckpt / MODEL_FILE)
-    state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict(state, strict=True)
+    try:
+        state = load_file(ckpt / MODEL_FILE)
+    except SafetensorError as e:
+        raise ValueError(
+            f"{ckpt / MODEL_FILE} is truncated or corrupt ({e}): restore it, or write the "
+            "checkpoint again"
+        ) from None
+    state["lm_head.weight"] = state.get("wte.weight")
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"the weights in {ckpt} do not fit its {CONFIG_FILE} ({first}): the two files "
+            "come from different models; restore the checkpoint or write it again"
+        ) from None
     return model.eval()
 
 

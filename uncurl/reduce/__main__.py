@@ -13,15 +13,18 @@ import dataclasses
 from pathlib import Path
 
 from uncurl import cpu
+from uncurl.cli import one_line_errors
 from uncurl.config import ReduceConfig
 from uncurl.model.checkpoint import find_checkpoint, load_tokenizer, read_info
 from uncurl.reduce import METHODS, ROUTERS, SOLVERS, hf, load_task_docs
 from uncurl.reduce.save import check_out, reduce_checkpoint, reduce_hf_checkpoint
 
+PROG = "python -m uncurl.reduce"
+
 
 def main(argv=None):
     d = ReduceConfig()
-    p = argparse.ArgumentParser(prog="python -m uncurl.reduce", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="our SMoE checkpoint or run folder")
     source.add_argument(
@@ -76,31 +79,42 @@ def main(argv=None):
         "--device", help="--hf only: where the model runs (default: cuda if there is one)"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="replace a finished reduction at --out")
     args = p.parse_args(argv)
     if args.checkpoint and (args.block_size or args.device):
         p.error("--block-size and --device apply to --hf checkpoints only")
     cpu.configure(args.threads)
-    try:
+    with one_line_errors(PROG):
         out = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
     print(f"wrote {out}")
 
 
 def run(args) -> Path:
     cfg = ReduceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReduceConfig)})
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     request = (args.method, args.target_n_expert)
     if args.hf:
-        check_out(args.out, args.hf)
+        check_out(args.out, args.hf, args.force)
         vocab_size = hf.source_config(args.hf).vocab_size
         docs = load_task_docs(args.task_data, hf.load_tokenizer(args.hf), vocab_size)
         return reduce_hf_checkpoint(
-            args.hf, args.out, *request, docs, args.task_data, cfg, args.block_size, args.device
+            args.hf,
+            args.out,
+            *request,
+            docs,
+            args.task_data,
+            cfg,
+            args.block_size,
+            args.device,
+            args.force,
         )
-    check_out(args.out, find_checkpoint(args.checkpoint))
+    check_out(args.out, find_checkpoint(args.checkpoint), args.force)
     vocab_size = read_info(args.checkpoint)["model"]["vocab_size"]
     docs = load_task_docs(args.task_data, load_tokenizer(args.checkpoint), vocab_size)
-    return reduce_checkpoint(args.checkpoint, args.out, *request, docs, args.task_data, cfg)
+    return reduce_checkpoint(
+        args.checkpoint, args.out, *request, docs, args.task_data, cfg, args.force
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ def reduce_checkpoint(
     docs: list[np.ndarray],
     task_data: str,
     cfg: ReduceConfig = ReduceConfig(),
+    force: bool = False,
 ) -> Path:
     """Reduce `checkpoint` to `target_n_expert` experts per MoE layer on task documents `docs`
-    (token arrays; `task_data` names them in the record) and write it to `out`."""
+    (token arrays; `task_data` names them in the record) and write it to `out`, replacing a
+    reduction there only if `force`."""
     checkpoint, out = Path(checkpoint), Path(out)
-    check_out(out, find_checkpoint(checkpoint))
+    check_out(out, find_checkpoint(checkpoint), force)
     model = load_model(checkpoint)
     check_reduction(adapt(model), method, target_n_expert)
     source = [m.n_expert for m in model.moe_blocks]
@@ -80,12 +82,13 @@ def reduce_hf_checkpoint(
     cfg: ReduceConfig = ReduceConfig(),
     block_size: int | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Reduce a transformers MoE checkpoint (a `save_pretrained` folder) to `target_n_expert`
     experts per MoE layer on task documents `docs`, tokenized with its tokenizer, in windows of
     `block_size` tokens, on `device` (default: a GPU if there is one), and write it to `out`."""
     source, out = Path(source), Path(out)
-    check_out(out, source)
+    check_out(out, source, force)
     model = hf.load_checkpoint(source, device)
     check_reduction(adapt(model), method, target_n_expert)
     window = hf.window(model.config, block_size)
@@ -101,13 +104,22 @@ def reduce_hf_checkpoint(
     return _write(out, lambda tmp: hf.write_checkpoint(tmp, reduced, tok), record)
 
 
-def check_out(out: Path, source: Path) -> None:
-    """Refuse to overwrite anything but an earlier reduction, and never the source checkpoint
-    (the folder `source`)."""
+def check_out(out: Path, source: Path, force: bool = False) -> None:
+    """Refuse an `out` inside the source checkpoint (the folder `source`), one that holds
+    anything but a reduction, and one that holds a finished reduction unless `force`."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(
+            f"--out {out} is inside the source checkpoint {source}; choose a folder outside it"
+        )
     if out.exists() and not (out / RECORD).exists():
         raise ValueError(f"{out} exists and is not an earlier reduction; choose a new --out")
-    if out.exists() and out.resolve() == source.resolve():
-        raise ValueError("--out is the source checkpoint; choose a new folder")
+    if (out / RECORD).exists() and not force:
+        done = layout.read_json(out / RECORD)
+        raise ValueError(
+            f"{out} holds a finished reduction ({done.get('method')} to "
+            f"{done.get('target_n_expert')} experts on {done.get('task_data')}); "
+            "choose a new --out, or give --force to replace it"
+        )
 
 
 def _record(source: Path, task_data: str, docs, cfg: ReduceConfig, record: dict) -> dict:
