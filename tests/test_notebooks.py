@@ -58,6 +58,14 @@ PROMISED = {
         "from_scratch.csv",
         "tasks.png",
     ],
+    "clusters": [
+        "stability.csv",
+        "structure.csv",
+        "sizes.csv",
+        "variants.csv",
+        "embedding.png",
+        "structure.png",
+    ],
     "inference_cost": [
         "models.csv",
         "layer.csv",
@@ -211,7 +219,7 @@ def test_every_glue_key_the_prose_pastes_is_glued(smoke):
 def test_the_book_builds_without_warnings(smoke):
     html = smoke["index"].parent
     assert smoke["index"].exists()
-    for page in ("intro", "pretraining", "dense_equivalent", "tasks", "premise_sweep"):
+    for page in ("intro", "pretraining", "dense_equivalent", "tasks", "clusters", "premise_sweep"):
         assert (html / f"{page}.html").exists()
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", (html / "pretraining.html").read_text()))
     assert "built at the smoke profile" in text

@@ -48,6 +48,7 @@ SCRATCH = "scratch"  # the method name of a model trained from scratch
 LOCK = ".lock"  # held by the process writing a folder (`locked`)
 LOCK_INFO = ".lock.json"  # who holds it: pid, host, command, since when
 JOB = "UNCURL_JOB"  # environment variable naming what a process does, for LOCK_INFO's command
+_REDUCED = re.compile(r"^(e\d+-.+-d\d+)-(\w+)-s(\d+)$")
 _LABEL = re.compile(r"^(?:dense|e(\d+))$|^e(\d+)-(.+)-d(\d+)$")
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ def parse_label(label: str) -> dict:
         "method": m.group(3),
         "target_n_expert": int(m.group(4)),
     }
+
+
+def parse_reduced(name: str) -> dict:
+    """A reduction folder's name (`Runs.reduced`) as {label, task, seed}."""
+    m = _REDUCED.match(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a reduction's folder name (e32-uncurl-d8-TASK-sSEED)")
+    return {"label": m.group(1), "task": m.group(2), "seed": int(m.group(3))}
 
 
 # -------------------------------------------------------------------------------------- paths

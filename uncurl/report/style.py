@@ -37,6 +37,27 @@ def expert_color(n_expert: int):
     return mpl.colormaps["viridis"](min(math.log2(n_expert), 7) / 7 * 0.9)
 
 
+# one colour per method in every chapter (seaborn's colourblind palette, in a fixed order)
+METHODS = (
+    "scratch",
+    "uncurl",
+    "greedy",
+    "greedy-first",
+    "freq-merge",
+    "mcsmoe",
+    "hcsmoe",
+    "reap",
+    "naee",
+    "random",
+)
+
+
+def method_color(method: str):
+    """The same colour for a reduction method in every figure (from scratch first)."""
+    palette = sns.color_palette("colorblind", len(METHODS))
+    return palette[METHODS.index(method)] if method in METHODS else (0.5, 0.5, 0.5)
+
+
 def human(n: float) -> str:
     """1234567 -> '1.23M'."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
