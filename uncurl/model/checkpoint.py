@@ -28,9 +28,18 @@ def write_checkpoint(
     folder: Path, model: GPT, tokenizer=None, info: dict | None = None, state=None
 ) -> None:
     """The checkpoint's files into an existing (temporary) folder."""
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_weights(folder, model.cfg, model.state_dict(), tokenizer, info, state)
+
+
+def write_weights(
+    folder: Path, cfg: ModelConfig, weights: dict, tokenizer=None, info=None, state=None
+) -> None:
+    """`write_checkpoint` from a GPT's state dict (on any device) rather than the GPT."""
+    weights = {
+        k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "lm_head.weight"
+    }
     save_file(weights, folder / MODEL_FILE)
-    layout.write_json(folder / CONFIG_FILE, {"model": model.cfg.to_dict(), **(info or {})})
+    layout.write_json(folder / CONFIG_FILE, {"model": cfg.to_dict(), **(info or {})})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if state is not None:
@@ -73,10 +82,15 @@ def load_model(path) -> GPT:
     """Load a checkpoint folder (or a training run folder) into a GPT in eval mode."""
     ckpt = find_checkpoint(path)
     model = GPT(ModelConfig.from_dict(read_info(ckpt)["model"]))
-    state = load_file(ckpt / MODEL_FILE)
-    state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(load_weights(ckpt), strict=True)
     return model.eval()
+
+
+def load_weights(path) -> dict:
+    """A checkpoint's weights as a GPT's state dict (the tied output head included), on the CPU."""
+    state = load_file(find_checkpoint(path) / MODEL_FILE)
+    state["lm_head.weight"] = state["wte.weight"]
+    return state
 
 
 def load_train_state(path) -> dict | None:

@@ -17,6 +17,7 @@ import itertools
 import numpy as np
 import torch
 
+from uncurl.device import model_device, to_device
 from uncurl.model import GPT, MoE, eval_mode
 
 NAEE_MAX_EXPERTS = 16  # C(16, 8) = 12,870 subsets per layer is the most we enumerate
@@ -69,6 +70,7 @@ def collect_stats(
     ]
     with torch.no_grad(), eval_mode(model):
         for batch in batches:
+            batch = to_device(batch, model_device(model))
             mask = batch.mask.reshape(-1)
             routing = model(batch.idx, return_routing=True, dropless=dropless).routing
             for st, moe, r in zip(stats, model.moe_blocks, routing, strict=True):
@@ -106,17 +108,17 @@ def _update(st: LayerStats, moe: MoE, x, y, routing) -> None:
     logits, experts, gates = routing  # (N, Z), (N, k), (N, k)
     z = st.n_expert
     st.n_tokens += len(x)
-    st.counts += torch.bincount(experts.reshape(-1), minlength=z).numpy()
-    st.top1 += torch.bincount(experts[:, 0], minlength=z).numpy()
+    st.counts += torch.bincount(experts.reshape(-1), minlength=z).cpu().numpy()
+    st.top1 += torch.bincount(experts[:, 0], minlength=z).cpu().numpy()
     h = logits.double()
-    st.gram += (h.t() @ h).numpy()
+    st.gram += (h.t() @ h).cpu().numpy()
     if st.reap_sum is not None:
         st.reap_sum += _reap_sums(moe, x, experts, gates)
     if st.output_sum is None and st.subsets is None:
         return
     outs = torch.stack([moe.expert(e, x) for e in range(z)])  # (Z, N, C)
     if st.output_sum is not None:
-        st.output_sum += outs.double().sum(1).numpy()
+        st.output_sum += outs.double().sum(1).cpu().numpy()
     if st.subsets is not None:
         st.subset_error += _subset_errors(logits, outs, y, st.subsets, st.top_k)
 
@@ -141,16 +143,16 @@ def _subset_errors(logits, outs, y, subsets: np.ndarray, k: int) -> np.ndarray:
     dots = torch.einsum("nzc,nc->nz", per_token, y)  # (N, Z)
     gram = per_token @ per_token.transpose(1, 2)  # (N, Z, Z)
     n, d = len(y), subsets.shape[1]
-    rows = torch.arange(n)[:, None, None]
+    rows = torch.arange(n, device=y.device)[:, None, None]
     chunk = max(1, 2**22 // (n * d))  # bounds the (N, chunk, D) gathered logits
     errors = []
     for i in range(0, len(subsets), chunk):
-        s = torch.from_numpy(subsets[i : i + chunk])  # (S, D)
+        s = torch.from_numpy(subsets[i : i + chunk]).to(y.device)  # (S, D)
         gates, pos = logits[:, s].float().softmax(-1).topk(k, dim=-1)  # (N, S, k)
         gates = gates.double()
-        chosen = s[torch.arange(len(s))[:, None], pos]  # (N, S, k) expert ids
+        chosen = s[torch.arange(len(s), device=y.device)[:, None], pos]  # (N, S, k) expert ids
         cross = (gates * dots[rows, chosen]).sum((0, 2))  # (S,)
         pairs = gram[rows[..., None], chosen[..., :, None], chosen[..., None, :]]  # (N, S, k, k)
         quad = (gates[..., :, None] * gates[..., None, :] * pairs).sum((0, 2, 3))  # (S,)
-        errors.append(((y * y).sum() - 2 * cross + quad).numpy())
+        errors.append(((y * y).sum() - 2 * cross + quad).cpu().numpy())
     return np.concatenate(errors)

@@ -4,6 +4,7 @@ the whole model is fine-tuned."""
 
 import torch
 
+from uncurl.device import model_device, to_device
 from uncurl.model import GPT
 
 
@@ -24,7 +25,7 @@ def router_warmup(
     model.train()
     try:
         for step in range(steps):
-            batch = batches[step % len(batches)]
+            batch = to_device(batches[step % len(batches)], model_device(model))
             loss = model(batch.idx, batch.targets, loss_mask=batch.mask).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
