@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uncurl import device, layout
+from uncurl import layout
 
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
 
@@ -121,8 +121,14 @@ class OptimConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr_warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr_warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
-        device.check_device(self.device)
-        device.check_precision(self.precision)
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(
+                f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,8 @@ class DataConfig:
 
 TOKENIZERS = ("bpe", "gpt2")
 ENGINES = ("torch", "deepspeed")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N", one GPU
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)

@@ -14,24 +14,9 @@ import contextlib
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" names one GPU
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def check_device(name: str) -> None:
-    """A device setting's spelling; whether the device exists is decided when it is used."""
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)} or cuda:N")
-
-
-def check_precision(name: str) -> None:
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: the first GPU if torch sees one, else the CPU."""
-    check_device(name)
+    """`auto`: the first GPU if torch sees one, else the CPU (`uncurl.config.DEVICES`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -41,7 +26,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 on a GPU that supports it, fp32 elsewhere."""
-    check_precision(name)
     if name != "auto":
         return name
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

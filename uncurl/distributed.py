@@ -58,6 +58,8 @@ def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict:
 class DeepSpeedEngine(Engine):
     """This process's part of a DeepSpeed run: its rows of each batch, its experts."""
 
+    name = "deepspeed"
+
     def __init__(self, model: GPT, cfg: TrainConfig):
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer

@@ -22,7 +22,7 @@ LOSSES = ("loss", "lm_loss", "aux_loss")
 class Engine:
     """One process: the model on `cfg.device` in `cfg.precision` (bf16 as autocast), AdamW."""
 
-    rank, world = 0, 1
+    name, rank, world = "torch", 0, 1
 
     def __init__(self, model: GPT, cfg: TrainConfig):
         self.cfg = cfg
@@ -89,7 +89,7 @@ class Engine:
         return describe(
             self.device,
             self.precision,
-            engine=self.cfg.engine,
+            engine=self.name,
             world=self.world,
             micro_batch_size=self.micro_batch,
             accumulation=self.accumulation,
