@@ -88,6 +88,14 @@ def test_bad_engine_settings_name_the_problem(settings, message):
         SMOKE.train_config(**settings)
 
 
+def test_the_command_takes_the_deepspeed_launchers_local_rank(capsys, tmp_path):
+    from uncurl.train import main
+
+    with pytest.raises(SystemExit):  # the launcher's argument parses; the bad profile stops it
+        main(["--local_rank=1", "--profile", "nope", "--n-expert", "2", "--out", str(tmp_path)])
+    assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
 def test_the_paper_recipe_becomes_deepspeed_config():
     cfg = get_profile("paper").train_config()
     assert (cfg.engine, cfg.ep_size, cfg.precision) == ("deepspeed", 2, "bf16")

@@ -12,7 +12,7 @@ import torch
 
 from uncurl.config import TrainConfig
 from uncurl.device import autocast, describe, micro_batches, resolve_device, resolve_precision
-from uncurl.model import GPT, eval_mode
+from uncurl.model import GPT, eval_mode, kernels
 from uncurl.model.checkpoint import load_train_state, load_weights, save_checkpoint
 from uncurl.optim import make_optimizer
 
@@ -93,6 +93,7 @@ class Engine:
             world=self.world,
             micro_batch_size=self.micro_batch,
             accumulation=self.accumulation,
+            moe_kernels=kernels.backend(self.device.type),
         )
 
     # ------------------------------------------------------------------------- checkpoints
