@@ -19,8 +19,14 @@ TOKENS = 64
 
 @pytest.fixture(scope="module")
 def cfg():
-    init_deepspeed()  # DeepSpeed's layer and engine, in this process (world size 1)
-    return SMOKE.model_config(vocab_size=320)
+    """DeepSpeed's layer and engine in this process (world size 1); its rendezvous settings are
+    taken back afterwards, so that a command started later picks a port of its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            mp.setenv(key, os.environ.get(key, ""))
+            mp.delenv(key)
+        init_deepspeed()
+        yield SMOKE.model_config(vocab_size=320)
 
 
 def test_without_a_gpu_it_refuses_in_one_line(tmp_path, monkeypatch):
@@ -41,7 +47,8 @@ def test_every_layer_is_timed_against_ours(cfg):
 
 
 def test_the_grouped_product_check_compares_and_falls_back(cfg, monkeypatch):
-    monkeypatch.delenv("UNCURL_KERNELS", raising=False)
+    monkeypatch.setenv("UNCURL_KERNELS", "torch")  # so that teardown restores what was there,
+    monkeypatch.delenv("UNCURL_KERNELS")  # whatever the check writes
     agreed = gpu.check_grouped_mm(cfg, 4, TOKENS, CPU)
     assert agreed["ok"] and agreed["max_relative_error"] < 1e-5
     assert "UNCURL_KERNELS" not in os.environ  # the per-expert pass put the setting back

@@ -177,8 +177,16 @@ def rank() -> int:
 
 
 def _process_device(name: str) -> torch.device:
-    """This process's GPU (LOCAL_RANK's), or the CPU."""
+    """This process's GPU (LOCAL_RANK's), or the CPU: where DeepSpeed's accelerator runs."""
+    from deepspeed.accelerator import get_accelerator
+
     device = resolve_device(name)
+    accelerator = torch.device(get_accelerator().device_name()).type
+    if device.type != accelerator:
+        raise ValueError(
+            f"device {name!r} is {device.type} but DeepSpeed runs on {accelerator} here "
+            "(DS_ACCELERATOR=cpu or =cuda chooses)"
+        )
     if device.type != "cuda":
         return device
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -8,18 +8,20 @@ import sys
 
 import torch.nn as nn
 
-from uncurl.model.expert_parallel import ExpertParallelMoE, shard_model
+from uncurl.model.expert_parallel import ExpertParallelMoE, free_port, shard_model
 from uncurl.model.gpt import GPT
 
 
 def init_deepspeed(backend: str = "gloo"):
-    """DeepSpeed's process group (world size 1 unless a launcher set RANK and WORLD_SIZE), without
-    JIT-compiling its shared-memory op."""
+    """DeepSpeed's process group (world size 1, on a free port, unless a launcher set RANK,
+    WORLD_SIZE and MASTER_PORT), without JIT-compiling its shared-memory op."""
     import deepspeed.comm.torch  # noqa: F401
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # it would JIT-compile a C++ op
+    if "MASTER_PORT" not in os.environ:  # a fixed port would collide with another such process
+        os.environ["MASTER_PORT"] = str(free_port())
     for key, value in dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     ).items():
         os.environ.setdefault(key, value)
     import deepspeed
