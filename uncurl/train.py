@@ -128,8 +128,8 @@ def train(
         losses = engine.step(x, y, lr)
         step += 1
         elapsed += time.perf_counter() - t0
-        record = {"step": step, "tokens": step * tokens_per_step, **losses, "lr": lr}
-        record["elapsed"] = elapsed
+        record = {"step": step, "tokens": step * tokens_per_step, **losses}
+        record.update(lr=lr, elapsed=elapsed)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = record["val_loss"] = engine.evaluate(val)
         if metrics:
