@@ -233,3 +233,41 @@ def test_grouped_product_leaves_several_threads_to_torch():
     assert kernels._gemm_for(a)
     torch.set_num_threads(2)  # one_thread restores the count
     assert not kernels._gemm_for(a)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "widths", "chosen"),
+    [
+        ("cuda", torch.bfloat16, (64, 256), True),
+        ("cuda", torch.float32, (64, 256), False),  # grouped_mm's GPU kernel is bf16 only
+        ("cuda", torch.bfloat16, (64, 36), False),  # 72 bytes: not a 16-byte stride
+        ("cpu", torch.bfloat16, (64, 256), False),  # CPUs keep the C kernels or torch.mm
+        ("meta", torch.bfloat16, (64, 256), False),
+    ],
+)
+def test_grouped_mm_is_chosen_for_bf16_gpu_products_with_aligned_widths(
+    device, dtype, widths, chosen, monkeypatch
+):
+    monkeypatch.delenv("UNCURL_KERNELS", raising=False)
+    assert kernels.uses_grouped_mm(device, dtype, widths) is chosen
+    monkeypatch.setenv("UNCURL_KERNELS", "torch")
+    assert not kernels.uses_grouped_mm(device, dtype, widths)
+
+
+def test_the_grouped_mm_path_computes_the_per_expert_products(monkeypatch):
+    """Chosen on a CPU for float32 at 16-byte strides (torch runs grouped_mm there too): the MoE
+    layer's forward and backward, whose widths qualify, equal the per-token references."""
+    calls = []
+
+    def grouped_mm(*args, **kwargs):
+        calls.append(args[0].shape)
+        return torch_grouped_mm(*args, **kwargs)
+
+    torch_grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm)
+    monkeypatch.setattr(
+        kernels, "uses_grouped_mm", lambda _, __, widths: all(w % 4 == 0 for w in widths)
+    )
+    for out, ref in _every_path():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 6  # the layer's two products forward, four backward

@@ -104,7 +104,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """What pretraining and fine-tuning share: AdamW, linear warm-up and decay, gradient
-    clipping, the evaluation interval and torch threads."""
+    clipping, the evaluation interval, torch threads, and the device and precision
+    (`uncurl.device`: "auto" is a GPU in bf16 where there is one, else the CPU in fp32)."""
 
     max_steps: int = 400
     lr: float = 3e-3
@@ -117,6 +118,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     threads: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | bf16 | fp32
 
     def __post_init__(self):
         for name in ("max_steps", "lr", "eval_interval", "threads"):
@@ -124,14 +127,64 @@ class OptimConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr_warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr_warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(
+                f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
 
 
 @dataclass(frozen=True)
 class TrainConfig(OptimConfig):
+    """Pretraining. `batch_size` is the global batch of a step; each device runs it in
+    micro-batches of `micro_batch_size` rows and accumulates their gradients, so accumulation
+    = batch_size / (micro_batch_size x data-parallel processes). An MoE layer's capacity and
+    load-balancing loss are those of a micro-batch on one device, as in DeepSpeed.
+
+    `engine` "deepspeed" trains under DeepSpeed (`uncurl.distributed`): ZeRO stage
+    `zero_stage`, each MoE layer's experts split over `ep_size` processes."""
+
     batch_size: int = 32
+    micro_batch_size: int = 0  # rows per device per forward pass; 0 = the device's whole share
     eval_batches: int = 20
     ckpt_interval: int = 100
     seed: int = 0
+    engine: str = "torch"  # torch (one process) | deepspeed
+    zero_stage: int = 2  # DeepSpeed's ZeRO stage: 1 or 2 (3 refuses MoE layers)
+    ep_size: int = 1  # processes each MoE layer's experts are split over (DeepSpeed)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(
+                f"zero_stage must be 1 or 2, got {self.zero_stage} (stage 3 refuses MoE layers; "
+                "stage 0 clips expert-parallel gradients by a mean of per-process norms)"
+            )
+        if self.ep_size < 1 or (self.ep_size > 1 and self.engine != "deepspeed"):
+            raise ValueError(f"ep_size={self.ep_size} needs engine 'deepspeed' (and must be >= 1)")
+        self.micro_batch(1)
+
+    def micro_batch(self, world: int) -> int:
+        """Rows each of `world` data-parallel processes runs per forward pass."""
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} does not split over {world} processes")
+        share = self.batch_size // world
+        micro = self.micro_batch_size or share
+        if micro < 0 or share % micro:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} must divide each process's share of "
+                f"the batch ({self.batch_size} / {world} = {share} rows)"
+            )
+        return micro
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches whose gradients each process accumulates per step."""
+        return self.batch_size // (world * self.micro_batch(world))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -216,6 +269,9 @@ class DataConfig:
 
 
 TOKENIZERS = ("bpe", "gpt2")
+ENGINES = ("torch", "deepspeed")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N", one GPU
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)

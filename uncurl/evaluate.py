@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from uncurl import intervals, layout
 from uncurl.cli import one_line_errors
 from uncurl.config import FinetuneConfig, get_profile
+from uncurl.device import model_device, to_device
 from uncurl.model import eval_mode, load_model
 from uncurl.model.checkpoint import load_tokenizer, read_info
 from uncurl.tasks import Encoded, TaskData, answer_batch, load_task
@@ -58,13 +59,14 @@ def answer_logliks(
     with eval_mode(model):
         for i in range(0, len(pairs), batch_size):
             rows = order[i : i + batch_size]
-            b = answer_batch([pairs[j] for j in rows])
+            b = to_device(answer_batch([pairs[j] for j in rows]), model_device(model))
             answer = b.targets >= 0
             logits = model(b.idx, dropless=True).logits
             logp = F.log_softmax(logits[answer].float(), dim=-1)  # answers only
             picked = logp.gather(1, b.targets[answer].unsqueeze(1)).squeeze(1)
             row_of = answer.nonzero()[:, 0]
-            out[rows] = torch.zeros(len(rows)).index_add_(0, row_of, picked).numpy()
+            sums = picked.new_zeros(len(rows)).index_add_(0, row_of, picked)
+            out[rows] = sums.cpu().numpy()
     return out
 
 
@@ -99,11 +101,12 @@ def window_losses(model, batches) -> np.ndarray:
     out = []
     with eval_mode(model):
         for b in batches:
+            b = to_device(b, model_device(model))
             logits = model(b.idx, dropless=True).logits.float()
             loss = F.cross_entropy(
                 logits.transpose(1, 2), b.targets, ignore_index=-1, reduction="none"
             )
-            out.append((loss.sum(1) / b.mask.sum(1)).numpy())
+            out.append((loss.sum(1) / b.mask.sum(1)).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -25,12 +25,20 @@ from tqdm import tqdm
 from uncurl import cpu, evaluate, layout, tasks
 from uncurl.cli import one_line_errors
 from uncurl.config import FinetuneConfig, get_profile, parse_overrides
+from uncurl.device import (
+    autocast,
+    describe,
+    model_device,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from uncurl.layout import write_json
 from uncurl.model.checkpoint import digest, load_model, load_tokenizer, save_checkpoint
+from uncurl.optim import lr_at, make_optimizer
 from uncurl.provenance import environment
 from uncurl.reduce import router_warmup
 from uncurl.tasks import TaskData, load_task, training_batches
-from uncurl.train import lr_at, make_optimizer
 
 
 def heldout_loss(model, data: TaskData) -> float:
@@ -42,6 +50,7 @@ def heldout_loss(model, data: TaskData) -> float:
 def task_loss(model, b, kind: str):
     """lm: mean loss per token. choice: the answer's negative log-likelihood per example (its
     tokens summed), so that a many-token answer does not dilute the token that decides it."""
+    b = to_device(b, model_device(model))
     out = model(b.idx, b.targets, loss_mask=b.mask)
     if kind == "lm":
         return out.loss
@@ -54,6 +63,8 @@ def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int, progress: bo
     training began (the untrained weights are measured, never chosen: early in fine-tuning the
     held-out loss can rise before it falls)."""
     torch.manual_seed(seed)
+    device = model_device(model)
+    precision = resolve_precision(cfg.precision, device)
     opt = make_optimizer(model, cfg)
     batches = training_batches(data, cfg, seed, model.cfg.block_size)
     best = {"loss": float("inf")}
@@ -64,7 +75,8 @@ def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int, progress: bo
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, cfg)
         b = next(batches)
-        loss = task_loss(model, b, data.task.kind)
+        with autocast(device, precision):
+            loss = task_loss(model, b, data.task.kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -85,6 +97,7 @@ def finetune(model, data: TaskData, cfg: FinetuneConfig, seed: int, progress: bo
         "best_step": best["step"],
         "best_heldout_loss": best["loss"],
         "curve": curve,
+        "device": describe(device, precision, accumulation=1),
     }
 
 
@@ -123,7 +136,7 @@ def run(
         return done
     started = time.time()
     cpu.configure(cfg.threads)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint).to(resolve_device(cfg.device))
     tok = load_tokenizer(checkpoint)
     data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
     with layout.locked(out):

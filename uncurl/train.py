@@ -2,11 +2,16 @@
 
     python -m uncurl.train --profile small --n-expert 16 --out runs/small/e16
 
+    torchrun --nproc_per_node=2 -m uncurl.train --engine deepspeed --ep-size 2 --profile smoke \
+        --n-expert 4 --out runs/smoke/e4-ds
+
 The run folder holds `checkpoint/` (weights, config, tokenizer, optimizer state; written
 atomically), `metrics.jsonl` (one line per step and per evaluation) and `summary.json`.
 Batches are a pure function of (seed, step), so a resumed run sees exactly the data it would have.
 A run holds its folder's lock while it trains (a second command on it is refused) and never
 resumes a folder that holds another model's run or anything that is not a run.
+A step runs on an engine (`uncurl.engine`: one process; `uncurl.distributed`: DeepSpeed over the
+processes a launcher started, experts split over `ep_size` of them).
 """
 
 import argparse
@@ -15,6 +20,7 @@ import json
 import multiprocessing
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,19 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncurl import cpu, data, layout
+from uncurl import cpu, data, distributed, layout
 from uncurl.cli import one_line_errors
-from uncurl.config import (
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    closest,
-    get_profile,
-    parse_overrides,
-)
+from uncurl.config import ModelConfig, TrainConfig, closest, get_profile, parse_overrides
+from uncurl.engine import Engine
 from uncurl.layout import write_json
-from uncurl.model import GPT, count_parameters, eval_mode
-from uncurl.model.checkpoint import load_train_state, read_info, save_checkpoint
+from uncurl.model import GPT, count_parameters
+from uncurl.model.checkpoint import read_info
+from uncurl.optim import lr_at
 from uncurl.provenance import environment
 
 
@@ -57,31 +58,10 @@ def _windows(tokens, starts, block_size):
     return torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])  # (B, T), (B, T)
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warm-up to cfg.lr, then linear decay to cfg.lr * cfg.min_lr_ratio."""
-    if step < cfg.lr_warmup_steps:
-        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
-    frac = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
-    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(frac, 1.0))
-
-
-def make_optimizer(model: GPT, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and stacked experts), none on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, batches) -> float:
-    """Mean language-modelling loss (no aux loss) at evaluation capacity."""
-    with eval_mode(model):
-        return float(np.mean([model(x, y).lm_loss.item() for x, y in batches]))
+def make_engine(model: GPT, cfg: TrainConfig) -> Engine:
+    """The engine `cfg.engine` names: one process, or this process's part of a DeepSpeed run."""
+    engine = distributed.DeepSpeedEngine if cfg.engine == "deepspeed" else Engine
+    return engine(model, cfg)
 
 
 def train(
@@ -105,9 +85,11 @@ def train(
             f"model vocab_size {model_cfg.vocab_size} differs from the data's tokenizer "
             f"({meta['vocab_size']} tokens in {data_dir}); set vocab_size to match"
         )
-    with layout.locked(out):
-        layout.recover_dir(out / layout.CHECKPOINT)
-        layout.remove_temporaries(out)
+    writer = distributed.rank() == 0  # a launch's first process owns the folder
+    with layout.locked(out) if writer else nullcontext():
+        if writer:
+            layout.recover_dir(out / layout.CHECKPOINT)
+            layout.remove_temporaries(out)
         check_run_folder(out, model_cfg, cfg)
         done = _finished_summary(out)
         if done is not None:
@@ -122,35 +104,29 @@ def _train(out, model_cfg, cfg, data_dir, meta, stop_after, progress, position) 
     )
     tokens_per_step = cfg.batch_size * model_cfg.block_size
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).train()
-    opt = make_optimizer(model, cfg)
+    engine = make_engine(GPT(model_cfg).train(), cfg)
     step, elapsed, val_loss = 0, 0.0, None
-    state = load_train_state(out)
+    state = engine.load_train_state(out)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        engine.restore(out / layout.CHECKPOINT, state)
         step, elapsed, val_loss = state["step"], state["elapsed"], state.get("val_loss")
-    metrics = _open_metrics(out / layout.METRICS, keep_until=step)
+    metrics = _open_metrics(out / layout.METRICS, keep_until=step) if engine.is_main else None
     tokenizer = data.load_tokenizer(data_dir)
 
     def checkpoint():
         state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
             "step": step,
             "elapsed": elapsed,
             "val_loss": val_loss,  # the summary's, should the run be stopped before writing it
-            "torch_rng": torch.get_rng_state(),
         }
         info = {"train": asdict(cfg), "data": str(data_dir), "step": step}
-        save_checkpoint(out / layout.CHECKPOINT, model, tokenizer, info, state)
+        engine.save(out / layout.CHECKPOINT, tokenizer, info, state)
 
     end = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
-        disable=not progress,
+        disable=not (progress and engine.is_main),
         desc=out.name,
         unit="step",
         dynamic_ncols=True,
@@ -159,35 +135,23 @@ def _train(out, model_cfg, cfg, data_dir, meta, stop_after, progress, position) 
     while step < end:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
         x, y = get_batch(train_tokens, step, cfg.batch_size, model_cfg.block_size, cfg.seed)
-        res = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        opt.step()
+        losses = engine.step(x, y, lr)
         step += 1
         elapsed += time.perf_counter() - t0
-        record = {
-            "step": step,
-            "tokens": step * tokens_per_step,
-            "loss": res.loss.item(),
-            "lm_loss": res.lm_loss.item(),
-            "aux_loss": res.aux_loss.item(),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "elapsed": elapsed,
-        }
+        record = {"step": step, "tokens": step * tokens_per_step, **losses}
+        record.update(lr=lr, elapsed=elapsed)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val_loss = record["val_loss"] = evaluate(model, val)
-        metrics.write(json.dumps(record) + "\n")
+            val_loss = record["val_loss"] = engine.evaluate(val)
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", val=f"{val_loss or float('nan'):.3f}")
         if step % cfg.ckpt_interval == 0 or step == end:
             checkpoint()
     bar.close()
-    metrics.close()
+    if metrics:
+        metrics.close()
     summary = {
         "name": out.name,
         "step": step,
@@ -200,9 +164,11 @@ def _train(out, model_cfg, cfg, data_dir, meta, stop_after, progress, position) 
         "data": str(data_dir),
         "data_hash": meta.get("hash"),
         "finished": step >= cfg.max_steps,
+        "device": engine.describe(),
         "environment": environment(),
     }
-    write_json(out / layout.SUMMARY, summary)
+    if engine.is_main:
+        write_json(out / layout.SUMMARY, summary)
     return summary
 
 
@@ -310,6 +276,7 @@ def _train_job(job: dict) -> dict:
         ModelConfig.from_dict(job["model"]),
         TrainConfig.from_dict(job["train"]),
         job["data"],
+        stop_after=job.get("stop_after"),
         progress=job["progress"],
         position=job.get("position"),
     )
@@ -323,7 +290,7 @@ def train_all(jobs: list[dict], procs: int = 2) -> list[dict]:
     """
     procs = min(procs, len(jobs))
     todo = [dict(job, progress=True, position=i % procs) for i, job in enumerate(jobs)]
-    if procs <= 1:
+    if procs <= 1 or any(job["train"]["engine"] == "deepspeed" for job in jobs):  # launched
         return [_train_job(job) for job in todo]
     ctx = multiprocessing.get_context("spawn")  # a forked torch can deadlock its thread pools
     with concurrent.futures.ProcessPoolExecutor(
@@ -335,8 +302,9 @@ def train_all(jobs: list[dict], procs: int = 2) -> list[dict]:
 def _jobs(args) -> list[dict]:
     profile = get_profile(args.profile)
     model_over, train_over = split_overrides(parse_overrides(args.set))
-    if args.seed is not None:
-        train_over["seed"] = args.seed
+    for key in ("seed", "engine", "ep_size", "zero_stage", "device"):
+        if getattr(args, key) is not None:
+            train_over[key] = getattr(args, key)
     for n in args.n_expert:  # a bad setting is named even where the data is not prepared yet
         profile.model_config(n_expert=n, **model_over), profile.train_config(**train_over)
     data_dir = args.data or profile.data_dir
@@ -348,7 +316,13 @@ def _jobs(args) -> list[dict]:
         out = args.out if len(args.n_expert) == 1 else args.out / layout.model_label(n)
         check_run_folder(out, model_cfg, cfg)
         jobs.append(
-            {"out": out, "model": model_cfg.to_dict(), "train": asdict(cfg), "data": data_dir}
+            {
+                "out": out,
+                "model": model_cfg.to_dict(),
+                "train": asdict(cfg),
+                "data": data_dir,
+                "stop_after": args.stop_after,
+            }
         )
     return jobs
 
@@ -371,6 +345,14 @@ def main(argv=None):
     )
     p.add_argument("--data", type=Path, help="prepared data folder (default: the profile's)")
     p.add_argument("--seed", type=int, help="override the profile's seed")
+    p.add_argument("--engine", choices=("torch", "deepspeed"), help="one process or DeepSpeed")
+    p.add_argument("--ep-size", type=int, help="DeepSpeed: processes each MoE layer's experts span")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed: ZeRO stage (1 or 2)")
+    p.add_argument("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--stop-after", type=int, help="end at this step, as an interruption would (rerun resumes)"
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument(
         "--set",
@@ -381,11 +363,12 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     with one_line_errors(p.prog):
-        for summary in train_all(_jobs(args), args.jobs):
-            print(
-                f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
-                f"{summary['wall_time_s']:.0f} s"
-            )
+        summaries = train_all(_jobs(args), args.jobs)
+    for summary in summaries if distributed.rank() == 0 else ():  # one report per launch
+        print(
+            f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
+            f"{summary['wall_time_s']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

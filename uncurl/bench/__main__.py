@@ -1,10 +1,10 @@
-"""python -m uncurl.bench {moe,reduce,inference} ...: each prints tables of times and ratios."""
+"""python -m uncurl.bench {moe,reduce,inference,gpu} ...: each prints tables of times and ratios."""
 
 import argparse
 import json
 
 from uncurl import layout
-from uncurl.bench import inference, moe, reduce
+from uncurl.bench import gpu, inference, moe, reduce
 
 
 def main(argv=None):
@@ -13,8 +13,10 @@ def main(argv=None):
     moe.add_arguments(sub.add_parser("moe", help=moe.__doc__.split("\n")[0]))
     reduce.add_arguments(sub.add_parser("reduce", help=reduce.__doc__.split("\n")[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.split("\n")[0]))
+    gpu.add_arguments(sub.add_parser("gpu", help=gpu.__doc__.split("\n")[0]))
     args = p.parse_args(argv)
-    result = {"moe": moe.run, "reduce": reduce.run, "inference": inference.run}[args.bench](args)
+    runs = {"moe": moe.run, "reduce": reduce.run, "inference": inference.run, "gpu": gpu.run}
+    result = runs[args.bench](args)
     if args.json:
         layout.write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
 

@@ -28,9 +28,18 @@ def write_checkpoint(
     folder: Path, model: GPT, tokenizer=None, info: dict | None = None, state=None
 ) -> None:
     """The checkpoint's files into an existing (temporary) folder."""
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_weights(folder, model.cfg, model.state_dict(), tokenizer, info, state)
+
+
+def write_weights(
+    folder: Path, cfg: ModelConfig, weights: dict, tokenizer=None, info=None, state=None
+) -> None:
+    """`write_checkpoint` from a GPT's state dict (on any device) rather than the GPT."""
+    weights = {
+        k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "lm_head.weight"
+    }
     save_file(weights, folder / MODEL_FILE)
-    layout.write_json(folder / CONFIG_FILE, {"model": model.cfg.to_dict(), **(info or {})})
+    layout.write_json(folder / CONFIG_FILE, {"model": cfg.to_dict(), **(info or {})})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if state is not None:
@@ -90,13 +99,12 @@ def load_model(path) -> GPT:
     ckpt = find_checkpoint(path)
     model = GPT(ModelConfig.from_dict(read_info(ckpt)["model"]))
     try:
-        state = load_file(ckpt / MODEL_FILE)
+        state = load_weights(ckpt)
     except SafetensorError as e:
         raise ValueError(
             f"{ckpt / MODEL_FILE} is truncated or corrupt ({e}): restore it, or write the "
             "checkpoint again"
         ) from None
-    state["lm_head.weight"] = state.get("wte.weight")
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as e:
@@ -106,6 +114,13 @@ def load_model(path) -> GPT:
             "come from different models; restore the checkpoint or write it again"
         ) from None
     return model.eval()
+
+
+def load_weights(path) -> dict:
+    """A checkpoint's weights as a GPT's state dict (the tied output head included), on the CPU."""
+    state = load_file(find_checkpoint(path) / MODEL_FILE)
+    state["lm_head.weight"] = state.get("wte.weight")
+    return state
 
 
 def load_train_state(path) -> dict | None:

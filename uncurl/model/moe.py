@@ -52,14 +52,14 @@ class MLP(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, x.shape[-1])
         one = lambda t: None if t is None else t[None]  # noqa: E731  as a stack of one expert
-        y = GroupedMLP.apply(
+        operands = autocast_operands(
             rows,
-            [len(rows)],
             one(self.c_fc.weight.t()),
             one(self.c_fc.bias),
             one(self.c_proj.weight.t()),
             one(self.c_proj.bias),
         )
+        y = GroupedMLP.apply(operands[0], [len(rows)], *operands[1:])
         return y.view(*x.shape[:-1], -1)
 
 
@@ -108,8 +108,9 @@ class MoE(nn.Module):
         """The gate-weighted sum of each token's experts' outputs (zero for dropped tokens)."""
         # index_select, not x[d.token]: its backward is an index_add, not an index_put
         xs = x.index_select(0, d.token)  # (M, C), rows sorted by expert
-        y = GroupedMLP.apply(xs, d.sizes.tolist(), self.w_fc, self.b_fc, self.w_proj, self.b_proj)
-        return torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
+        xs, *weights = autocast_operands(xs, self.w_fc, self.b_fc, self.w_proj, self.b_proj)
+        y = GroupedMLP.apply(xs, d.sizes.tolist(), *weights)
+        return x.new_zeros(x.shape, dtype=y.dtype).index_add_(0, d.token, y * d.weight.to(y.dtype))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on every row of x: gelu(x W_fc + b_fc) W_proj + b_proj."""
@@ -138,6 +139,16 @@ def dispatch(logits: torch.Tensor, k: int, capacity: int | None) -> Dispatch:
     weight = gates.t().reshape(-1)[kept].unsqueeze(1)
     routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
     return Dispatch(kept % n, sizes, weight, routing)
+
+
+def autocast_operands(*tensors):
+    """The operands of a grouped product in autocast's dtype where autocast is on, as it casts a
+    linear layer's (it leaves custom functions such as `GroupedMLP` alone)."""
+    device = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 class GroupedMLP(torch.autograd.Function):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from uncurl.config import ModelConfig
+from uncurl.device import model_device, to_device
 from uncurl.model import GPT, MoE
 
 
@@ -146,6 +147,7 @@ class GPTAdapter:
         pass  # per-layer expert counts and D >= top_k (plan.check_request) are all it needs
 
     def visit_layers(self, batch, visit, dropless: bool = True) -> None:
+        batch = to_device(batch, model_device(self.model))
         mask = batch.mask.reshape(-1)
         routing = self.model(batch.idx, return_routing=True, dropless=dropless).routing
         for i, r in enumerate(routing):
@@ -170,6 +172,7 @@ class GPTAdapter:
         return [moe.router.weight for moe in self.model.moe_blocks]
 
     def loss(self, batch) -> torch.Tensor:
+        batch = to_device(batch, model_device(self.model))
         return self.model(batch.idx, batch.targets, loss_mask=batch.mask).loss
 
 
