@@ -58,6 +58,7 @@ PROMISED = {
         "from_scratch.csv",
         "tasks.png",
     ],
+    "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],
     "clusters": [
         "stability.csv",
         "structure.csv",
@@ -219,7 +220,15 @@ def test_every_glue_key_the_prose_pastes_is_glued(smoke):
 def test_the_book_builds_without_warnings(smoke):
     html = smoke["index"].parent
     assert smoke["index"].exists()
-    for page in ("intro", "pretraining", "dense_equivalent", "tasks", "clusters", "premise_sweep"):
+    for page in (
+        "intro",
+        "pretraining",
+        "dense_equivalent",
+        "tasks",
+        "threshold",
+        "clusters",
+        "premise_sweep",
+    ):
         assert (html / f"{page}.html").exists()
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", (html / "pretraining.html").read_text()))
     assert "built at the smoke profile" in text

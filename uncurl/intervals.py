@@ -32,20 +32,27 @@ def bootstrap(
     """Mean of a (seeds, examples) matrix and its percentile interval by the hierarchical
     bootstrap; `units` gives each example's cluster (default: each example its own)."""
     values = np.atleast_2d(np.asarray(values, dtype=float))
-    n_seeds, n_examples = values.shape
+    boots = draws(values, units, n_boot, seed)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    p = min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0)))
+    return Interval(float(values.mean()), float(lo), float(hi), float(p))
+
+
+def draws(values: np.ndarray, units=None, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """The hierarchical bootstrap's `n_boot` resampled means of a (seeds, examples) matrix, for
+    statistics of several matrices at once (a threshold read off many comparisons)."""
+    values = np.atleast_2d(np.asarray(values, dtype=float))
+    n_examples = values.shape[1]
     units = np.arange(n_examples) if units is None else np.unique(units, return_inverse=True)[1]
     sums = np.stack([np.bincount(units, row) for row in values])  # (seeds, units)
     counts = np.bincount(units).astype(float)
     rng = np.random.default_rng(seed)
-    boots = np.concatenate(
+    return np.concatenate(
         [
             _resampled_means(rng, sums, counts, min(CHUNK, n_boot - start))
             for start in range(0, n_boot, CHUNK)
         ]
     )
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    p = min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0)))
-    return Interval(float(values.mean()), float(lo), float(hi), float(p))
 
 
 def _resampled_means(rng, sums: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:

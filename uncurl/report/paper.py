@@ -5,8 +5,10 @@ Inefficiencies with Task Specific Expert Pruning", NeurIPS 2024 ENLSP workshop, 
 Values marked "read off the plot" carry the reading error of a figure (a few per cent).
 """
 
+import numpy as np
 import pandas as pd
 
+from uncurl import layout
 from uncurl.report.style import expert_range, human
 
 CITATION = (
@@ -102,3 +104,30 @@ def superglue(models=None) -> pd.DataFrame:
             for t, a in zip(SUPERGLUE_TASKS, accs, strict=True)
         ]
     )
+
+
+# Sarkar et al. 2024, Section 6.2: the largest pruning factor at which UNCURL's reduction beats
+# the smaller SMoE trained from scratch on most tasks, per pretraining expert count
+THRESHOLD = {32: 4, 64: 2, 128: 2}
+
+
+def advantages(method: str) -> pd.DataFrame:
+    """The paper's reduced models against its from-scratch model of the target size (Table 1):
+    accuracy points by which the reduction is better, per SuperGLUE task, and the share of
+    tasks it wins."""
+    rows = []
+    for model, accs in SUPERGLUE.items():
+        label = layout.parse_label(model)
+        if label["method"] != method:
+            continue
+        reference = SUPERGLUE[layout.model_label(label["target_n_expert"])]
+        diffs = [a - b for a, b in zip(accs, reference, strict=True)]
+        rows.append(
+            {
+                "model": model,
+                "factor": label["source_n_expert"] // label["target_n_expert"],
+                **dict(zip(SUPERGLUE_TASKS, diffs, strict=True)),
+                "tasks won (%)": 100 * np.mean([d > 0 for d in diffs]),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["factor", "model"], ignore_index=True)
