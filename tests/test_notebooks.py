@@ -59,6 +59,7 @@ PROMISED = {
         "tasks.png",
     ],
     "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],
+    "baselines": ["over_scratch.csv", "over_uncurl.csv", "baselines.png"],
     "clusters": [
         "stability.csv",
         "structure.csv",
@@ -226,6 +227,7 @@ def test_the_book_builds_without_warnings(smoke):
         "dense_equivalent",
         "tasks",
         "threshold",
+        "baselines",
         "clusters",
         "premise_sweep",
     ):

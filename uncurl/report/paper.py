@@ -131,3 +131,29 @@ def advantages(method: str) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).sort_values(["factor", "model"], ignore_index=True)
+
+
+# Sarkar et al. 2024, Tables 3 and 4: merging baselines, accuracy on RTE, BoolQ and COPA only
+BASELINE_TASKS = ("RTE", "BoolQ", "COPA")
+BASELINES = {
+    "e32-freq-merge-d8": (64.54, 65.12, 56.19),
+    "e32-mcsmoe-d8": (66.91, 67.83, 59.01),
+    "e64-mcsmoe-d32": (67.07, 67.96, 58.62),
+    "e128-mcsmoe-d64": (67.41, 68.47, 59.14),
+}
+
+
+def baselines() -> pd.DataFrame:
+    """The paper's merging baselines beside its UNCURL reduction of the same source and target
+    (accuracy %, the three tasks it reports them on)."""
+    rows = []
+    for model, accs in BASELINES.items():
+        label = layout.parse_label(model)
+        uncurl = SUPERGLUE.get(
+            layout.model_label(label["target_n_expert"], "uncurl", label["source_n_expert"])
+        )
+        row = {"model": model, **dict(zip(BASELINE_TASKS, accs, strict=True))}
+        for task in BASELINE_TASKS:
+            row[f"{task}, UNCURL"] = uncurl[SUPERGLUE_TASKS.index(task)] if uncurl else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
