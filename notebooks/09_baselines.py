@@ -87,7 +87,7 @@ glue(
 # ```{glue} uncurl_table
 # ```
 #
-# The paper's baselines beside its UNCURL reductions (Sarkar et al. 2024, Tables 2 to 4,
+# The paper's baselines beside its UNCURL reductions (Sarkar et al. 2024, Table 2, Table 3 and Table 4,
 # accuracy in %, single runs):
 #
 # ```{glue} paper_table
