@@ -60,6 +60,7 @@ PROMISED = {
     ],
     "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],
     "baselines": ["over_scratch.csv", "over_uncurl.csv", "baselines.png"],
+    "claims": ["claims.csv"],
     "clusters": [
         "stability.csv",
         "structure.csv",
@@ -228,6 +229,7 @@ def test_the_book_builds_without_warnings(smoke):
         "tasks",
         "threshold",
         "baselines",
+        "claims",
         "clusters",
         "premise_sweep",
     ):
