@@ -72,10 +72,9 @@ class UncurlConfig(_ModelFields):
         "num_attention_heads": "n_head",
         "num_hidden_layers": "n_layer",
         "max_position_embeddings": "block_size",
-        "num_local_experts": "n_expert",
     }
     tie_word_embeddings: bool = True
-    uncurl: dict | None = None
+    uncurl: dict | None = None  # INFO_KEY
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -135,17 +134,17 @@ class UncurlForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "gpt"
     _tied_weights_keys = {"gpt.lm_head.weight": "gpt.wte.weight"}
 
-    def __init__(self, config: UncurlConfig, gpt: GPT | None = None):
+    def __init__(self, config: UncurlConfig):
         super().__init__(config)
-        self.gpt = GPT(config.model_config()) if gpt is None else gpt
+        self.gpt = GPT(config.model_config())
         self.post_init()
 
     @classmethod
-    def wrapping(cls, gpt: GPT, info: dict | None = None) -> "UncurlForCausalLM":
+    def wrapping(cls, gpt: GPT) -> "UncurlForCausalLM":
         """`gpt` itself (not a copy) as a transformers model."""
         dtype = next(gpt.parameters()).dtype
         with torch.device("meta"):  # the GPT the constructor would build is dropped at once
-            wrapper = cls(UncurlConfig.of(gpt.cfg, info, dtype))
+            wrapper = cls(UncurlConfig.of(gpt.cfg, dtype=dtype))
         wrapper.gpt = gpt
         return wrapper.train(gpt.training)
 
