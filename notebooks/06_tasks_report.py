@@ -48,6 +48,8 @@ fig_tasks = chapter.plot_tasks(summary, table)
 
 # %% tags=["remove-cell"]
 values = chapter.headline(results, table, scratch, comparisons, cfg)
+harness_model, harness_table = chapter.harness_check(runs, cfg)
+values |= chapter.harness_values(harness_model, harness_table)
 
 # %% tags=["remove-cell"]
 records.write_results(
@@ -61,6 +63,7 @@ records.write_results(
         "comparisons": comparisons,
         "tasks": table,
         "from_scratch": scratch,
+        "harness": harness_table,
     },
 )
 for key, value in values.items():
@@ -112,7 +115,14 @@ glue(
 # domain of our corpus (metric: validation loss; the domain's validation documents were never
 # trained on, in pretraining either) and {glue:text}`n_labelled_tasks:d` labelled tasks from
 # package registries (metric: accuracy, by ranking the candidate answers by log-likelihood, as
-# lm-evaluation-harness does). Splits of a labelled task are decided by a hash of its text (up to
+# lm-evaluation-harness does). lm-evaluation-harness itself, given the same validation examples
+# (the prompts our models see and the same candidate answers, written out as its tasks), scores
+# the pretrained {glue:text}`harness_model:s` model, before fine-tuning, as we do on
+# {glue:text}`harness_agree:d` of {glue:text}`harness_examples:d` examples (its accuracy, then
+# ours: {glue:text}`harness_tasks:s`). It reads text, not our token ids:
+# {glue:text}`harness_retokenised:d` of the prompts, cut inside a word, re-encode to other tokens,
+# and our model scored on its tokens gives its answer on {glue:text}`harness_their_ids_agree:d`
+# examples. Splits of a labelled task are decided by a hash of its text (up to
 # case, punctuation and links) or of the premise it shares with other examples, so an example is
 # in the same split on every machine, near-duplicates cannot straddle two splits, and texts whose
 # copies disagree on the label are dropped; early stopping reads a held-out part of the training

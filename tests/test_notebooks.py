@@ -56,6 +56,7 @@ PROMISED = {
         "comparisons.csv",
         "tasks.csv",
         "from_scratch.csv",
+        "harness.csv",
         "tasks.png",
     ],
     "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],

@@ -58,7 +58,7 @@ def _truncated(ckpt: Path) -> Path:
 def _misfit(ckpt: Path) -> Path:
     """A config.json that says 8 experts beside weights of 4."""
     config = json.loads((ckpt / "config.json").read_text())
-    config["model"]["n_expert"] = 8
+    config["n_expert"] = 8
     (ckpt / "config.json").write_text(json.dumps(config))
     return ckpt
 

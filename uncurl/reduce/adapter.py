@@ -2,7 +2,8 @@
 that statistics, alignment and merging (`stats`, `align`, `apply`) are written once.
 
 A model is seen as a `MoEAdapter` over its MoE layers, each a `MoELayer`. `adapt` wraps our GPT
-(`GPTAdapter`) or a transformers MoE causal LM (`uncurl.reduce.hf.HFAdapter`).
+(`GPTAdapter`, also for our GPT loaded as a transformers model, `UncurlForCausalLM`) or a
+transformers MoE causal LM (`uncurl.reduce.hf.HFAdapter`).
 
 An expert is a dict of tensors. `neuron_dims` names, per tensor, the dim that indexes the
 expert's hidden (intermediate) neurons, the one a permutation acts on; None marks a tensor that is
@@ -17,7 +18,7 @@ from torch import nn
 
 from uncurl.config import ModelConfig
 from uncurl.device import model_device, to_device
-from uncurl.model import GPT, MoE
+from uncurl.model import GPT, MoE, UncurlForCausalLM
 
 
 class LayerIO(NamedTuple):
@@ -79,12 +80,13 @@ class MoEAdapter(Protocol):
 
 
 def adapt(model) -> MoEAdapter:
-    """The adapter of `model`: our GPT, a transformers MoE causal LM, or an adapter already."""
+    """The adapter of `model`: our GPT (as it is or as a transformers model), a transformers MoE
+    causal LM, or an adapter already."""
     from uncurl.reduce.hf import HFAdapter  # here: hf builds on this module's LayerIO
 
     if isinstance(model, GPTAdapter | HFAdapter):
         return model
-    return GPTAdapter(model) if isinstance(model, GPT) else HFAdapter(model)
+    return GPTAdapter(model) if isinstance(model, GPT | UncurlForCausalLM) else HFAdapter(model)
 
 
 def expert_layer(layer) -> MoELayer:
@@ -130,9 +132,13 @@ class GPTLayer:
 
 
 class GPTAdapter:
+    """Our GPT; given as an `UncurlForCausalLM`, its GPT, and the reduced model wrapped alike."""
+
     cap_top_k = False
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT | UncurlForCausalLM):
+        self.wrapped = isinstance(model, UncurlForCausalLM)
+        model = model.gpt if self.wrapped else model
         if not model.cfg.is_moe:
             raise ValueError(
                 "the checkpoint is a dense model (n_expert=1); expert reduction needs an "
@@ -155,7 +161,7 @@ class GPTAdapter:
                 i, LayerIO(*(t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts, r.gates)))
             )
 
-    def reduced(self, experts: list[dict], routers: list[dict]) -> GPT:
+    def reduced(self, experts: list[dict], routers: list[dict]) -> GPT | UncurlForCausalLM:
         counts = [len(rows["weight"]) for rows in routers]
         reduced = GPT(reduced_config(self.model.cfg, counts)).eval()
         shared = {k: v for k, v in self.model.state_dict().items() if not _is_expert_param(k)}
@@ -166,7 +172,7 @@ class GPTAdapter:
                     if value is not None:
                         getattr(moe, name).copy_(value)
                 moe.router.weight.copy_(rows["weight"])
-        return reduced
+        return UncurlForCausalLM.wrapping(reduced) if self.wrapped else reduced
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [moe.router.weight for moe in self.model.moe_blocks]

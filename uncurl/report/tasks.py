@@ -2,12 +2,14 @@
 compare with their from-scratch equivalents, every number with its bootstrap interval at
 `LEVEL`."""
 
+import tempfile
+
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from uncurl import data, evaluate, layout, tasks
+from uncurl import data, evaluate, harness, layout, tasks
 from uncurl.intervals import LEVEL
 from uncurl.protocol import label, study_models
 from uncurl.report import paper
@@ -256,6 +258,31 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "window_tokens": profile.model_config().block_size,
         "val_documents": val_documents(table, profile),
         **paper.headline(),
+    }
+
+
+def harness_check(runs, profile) -> tuple[str, pd.DataFrame]:
+    """lm-evaluation-harness's accuracy beside ours on every labelled task of the profile
+    (`uncurl.harness.cross_check`), for the pretrained model the reductions start from, before
+    any fine-tuning; lm-eval's files in a temporary folder."""
+    n_expert = profile.reductions[0]["source_n_expert"]
+    checkpoint = layout.Runs(runs, profile.name).pretrained(n_expert)
+    with tempfile.TemporaryDirectory() as tmp:
+        return layout.model_label(n_expert), harness.cross_check(checkpoint, profile, out=tmp)
+
+
+def harness_values(model: str, checked: pd.DataFrame) -> dict:
+    """What the chapter says of `harness_check`: examples, agreements, and per task lm-eval's
+    accuracy beside ours."""
+    return {
+        "harness_model": model,
+        "harness_examples": int(checked["examples"].sum()),
+        "harness_agree": int(checked["agree"].sum()),
+        "harness_tasks": "; ".join(
+            f"{r.task} {r.lm_eval:.1%} and {r.ours:.1%}" for r in checked.itertuples()
+        ),
+        "harness_retokenised": int(checked["tokenised_otherwise"].sum()),
+        "harness_their_ids_agree": int(checked["ours_on_their_ids_agree"].sum()),
     }
 
 
