@@ -62,6 +62,7 @@ PROMISED = {
     "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],
     "baselines": ["over_scratch.csv", "over_uncurl.csv", "baselines.png"],
     "claims": ["claims.csv"],
+    "reproducing": ["times.csv", "steps.csv", "machine.csv"],
     "clusters": [
         "stability.csv",
         "structure.csv",
@@ -231,6 +232,7 @@ def test_the_book_builds_without_warnings(smoke):
         "threshold",
         "baselines",
         "claims",
+        "reproducing",
         "clusters",
         "premise_sweep",
     ):

@@ -407,8 +407,8 @@ def test_python_m_uncurl_study_runs_the_cli(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == f"[1/15] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
-    assert lines[-1].startswith("[15/15] premise_sweep: would run")
+    assert lines[0] == f"[1/16] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
+    assert lines[-1].startswith("[16/16] premise_sweep: would run")
 
 
 # ------------------------------------------------------------------------ killed and rerun
