@@ -85,8 +85,17 @@ def expert_range(counts) -> str:
 
 
 def display_table(df: pd.DataFrame, formats: dict | str | None = None):
-    """A table for the book: no index; `formats` as for pandas' `Styler.format`."""
-    return df.style.hide(axis="index").format(formats or {})
+    """A table for the book: no index, no column that is empty throughout, missing values as a
+    dash, and every float column not given a format in `formats` (as for pandas'
+    `Styler.format`) at four significant digits; the book's stylesheet scrolls a wide table
+    instead of letting it overflow the text column."""
+    df = df.dropna(axis="columns", how="all")
+    if isinstance(formats, str):
+        formats = dict.fromkeys(df.columns, formats)
+    floats = df.select_dtypes("float").columns
+    formats = {**dict.fromkeys(floats, "{:.4g}"), **(formats or {})}
+    formats = {c: f for c, f in formats.items() if c in df.columns}
+    return df.style.hide(axis="index").format(formats, na_rep="–")
 
 
 def save_figure(fig: Figure, path) -> Image:
