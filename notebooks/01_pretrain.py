@@ -35,5 +35,5 @@ records.write_results(
     {"profile": profile, "n_expert": n_expert, "runs": runs},
     started,
     values=summary,
-    outputs=[run_dir / layout.SUMMARY, run_dir / layout.METRICS],
+    outputs=[run_dir / layout.CHECKPOINT, run_dir / layout.SUMMARY, run_dir / layout.METRICS],
 )

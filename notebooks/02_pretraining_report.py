@@ -7,16 +7,17 @@
 # trained for {glue:text}`steps:d` steps, that is {glue:text}`tokens:s` tokens, on the same data.
 # Training took {glue:text}`total_train_time:s`, summed over the runs (the study trains two at a time), on {glue:text}`hardware:s`.
 #
-# Sarkar et al. (2024) pretrain a 354M dense backbone and SMoE versions of it with 8 to 128
-# experts for 50 billion tokens; their Fig. 6 shows every added expert lowering the validation
-# loss throughout training. This chapter puts our curves beside theirs.
+# Sarkar et al. (2024) pretrain a {glue:text}`paper_backbone:s` dense backbone and SMoE versions
+# of it with {glue:text}`paper_experts:s` experts for {glue:text}`paper_tokens:s` tokens; their
+# Fig. 6 shows every added expert lowering the validation loss throughout training. This chapter
+# puts our curves beside theirs.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose pretraining runs to report
 runs: str = "runs"  # parent of the run folders ({runs}/{profile}/dense, e4, ...)
 out: str = "build/smoke/02_pretraining_report"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -31,22 +32,22 @@ cfg = get_profile(profile)
 out = Path(out)
 style.use_style()
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 models, curves = pretraining.load_pretraining(runs, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_curves = pretraining.plot_loss_curves(curves, paper.pretraining_curves(), profile)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_params = pretraining.plot_loss_vs_params(models)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 corpus = pretraining.corpus_table(data.load_meta(cfg.data_dir))
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = pretraining.pretraining_headline(models, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "runs": runs},
@@ -70,8 +71,8 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 # :alt: Validation loss against training tokens for each expert count, ours beside the paper's
 #
 # Validation loss on the held-out split against training tokens, one line per expert count.
-# (a) Our models. (b) The paper's 354M models (Sarkar et al. 2024, Fig. 6, values read off the
-# plot); note the token scales.
+# (a) Our models. (b) The paper's models on its {glue:text}`paper_backbone:s` backbone
+# (Sarkar et al. 2024, Fig. 6, values read off the plot); note the token scales.
 # ```
 #
 # At the end of training {glue:text}`moe_vs_dense:s`. The dense model ends at

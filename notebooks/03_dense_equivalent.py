@@ -2,9 +2,9 @@
 # # Performance-equivalent dense size
 #
 # Sarkar et al. (2024, Fig. 2b) motivate pretraining with many experts by the *unified scaling law
-# for routed language models* of Clark et al. (2022): a 354M backbone with X experts per MoE layer
-# should be worth a much larger dense model. The law models the validation loss L of a routed model
-# with a dense backbone of N parameters and E experts per routed layer as
+# for routed language models* of Clark et al. (2022): a {glue:text}`paper_backbone:s` backbone with
+# X experts per MoE layer should be worth a much larger dense model. The law models the validation
+# loss L of a routed model with a dense backbone of N parameters and E experts per routed layer as
 #
 # $$
 # \log_{10} L(N, E) = a \log_{10} N + b \log_{10} \hat E + c \log_{10} N \log_{10} \hat E + d,
@@ -26,13 +26,13 @@
 # Clark et al.'s own *Effective Parameter Count*, N' solving $L(N', 1) = L(N, E)$, which gives a
 # dense model exactly its own size.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose trained models to fit
 runs: str = "runs"  # parent of the run folders ({runs}/{profile}/dense, e4, ...)
 level: float = 0.95  # confidence level of every interval
 out: str = "build/smoke/03_dense_equivalent"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -47,43 +47,43 @@ out = Path(out)
 law = scaling.CLARK_S_BASE
 style.use_style()
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 comparison = scaling.paper_comparison(
     paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT, paper.DENSE_EQUIVALENT, law
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 k, k_se, fitted = scaling.fit_paper_exponent(paper.BACKBONE_PARAMS, paper.DENSE_EQUIVALENT)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 sizes = dense_equivalent.paper_model_sizes(comparison["n_expert"])
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_paper = dense_equivalent.plot_dense_equivalent(comparison, fitted, sizes)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 models, _ = pretraining.load_pretraining(runs, cfg)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fit = scaling.fit_fixed_size(models["n_expert"], models["val_loss"], law)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 ratios = scaling.dense_equivalent_from_fit(fit, models["n_expert"], law.dense_exponent, law, level)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 clark = dense_equivalent.clark_ratios(
     law, dense_equivalent.backbone_params(models), models["n_expert"]
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_ours = dense_equivalent.plot_fixed_size_fit(models, fit, ratios, clark, law)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = dense_equivalent.dense_equivalent_headline(
     comparison, k, k_se, fit, ratios, models, law, level
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "runs": runs, "level": level},
@@ -102,15 +102,16 @@ glue("fig_paper", style.save_figure(fig_paper, out / "paper_dense_equivalent.png
 glue("fig_ours", style.save_figure(fig_ours, out / "our_dense_equivalent.png"), display=False)
 
 # %% [markdown]
-# ## The paper's 354M+Xe
+# ## The paper's backbone with X experts
 #
 # ```{glue:figure} fig_paper
 # :name: fig-paper-dense-equivalent
-# :alt: Dense-equivalent size of 354M+Xe against the expert count, by the paper and by the law
+# :alt: Dense-equivalent size of the paper's models by expert count, by the paper and by the law
 #
-# Performance-equivalent dense size of the paper's 354M backbone with X experts per MoE layer:
-# the values read off Sarkar et al.'s Fig. 2b, Clark et al.'s S-BASE law in both readings, the
-# law's form fitted to the paper's values, and the routed model's total parameter count.
+# Performance-equivalent dense size of the paper's {glue:text}`paper_backbone:s` backbone with X
+# experts per MoE layer: the values read off Sarkar et al.'s Fig. 2b, Clark et al.'s S-BASE law in
+# both readings, the law's form fitted to the paper's values, and the routed model's total parameter
+# count.
 # ```
 #
 # ```{glue} paper_table

@@ -28,7 +28,7 @@
 # read the communication through the bytes exchanged, which do not depend on the machine.
 # ```
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml whose models to measure
 runs: str = "runs"  # parent of the run folders ({runs}/{profile}/dense, e4, ..., reduced/<name>)
 batch_size: int = 0  # sequences per process; 0: the profile's inference_bench size
@@ -38,13 +38,14 @@ procs: str = ""  # process counts P, space-separated (e.g. "1 2 4"); empty: the 
 expert_counts: str = ""  # of the one-layer sweep, space-separated; empty: the profile's
 out: str = "build/smoke/05_inference_cost"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import json
 import time
 from pathlib import Path
 
 from myst_nb import glue
 
+from uncurl import layout
 from uncurl.bench import inference, inference_tables
 from uncurl.report import inference as chapter
 from uncurl.report import records, style
@@ -60,13 +61,13 @@ sizes = inference.notebook_overrides(
     expert_counts=expert_counts,
 )
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 result = inference.run_bench(profile, runs, **sizes)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 tables = inference_tables.chapter_tables(result)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 figures = {
     "loss_latency": chapter.plot_loss_vs_latency(result),
     "a2a_compute": chapter.plot_a2a_vs_compute(result),
@@ -74,12 +75,11 @@ figures = {
     "cost_model": chapter.plot_cost_model(result),
 }
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = chapter.headline(result)
 
-# %% tags=["hide-input"]
-out.mkdir(parents=True, exist_ok=True)
-(out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+# %% tags=["remove-cell"]
+layout.write_text(out / "bench.json", json.dumps(result, indent=2, default=str) + "\n")
 records.write_results(
     out, {"profile": profile, "runs": runs, **sizes}, started, values=values, tables=tables
 )
@@ -98,25 +98,27 @@ for name, table in tables.items():
 # :alt: Validation loss against forward latency, one point per model, beside the paper's Fig. 2a
 #
 # Validation loss against the latency of one forward pass, one point per model (reduced models as
-# open diamonds). (a) Our models in one process. (b) Sarkar et al. (2024, Fig. 2a): the 354M
-# backbone with 8 to 128 experts on eight A10 GPUs, batch 2 x 256 tokens per GPU, expert parallelism
-# 2 (losses read off the plot).
+# open diamonds). (a) Our models in one process. (b) Sarkar et al. (2024, Fig. 2a): the
+# {glue:text}`paper_backbone:s` backbone with {glue:text}`fig2a_experts:s` experts on
+# {glue:text}`fig2a_gpus:d` A10 GPUs, batch {glue:text}`fig2a_batch_size:d` x
+# {glue:text}`fig2a_seq_len:d` tokens per GPU, expert parallelism {glue:text}`fig2a_world:d`
+# (losses read off the plot).
 # ```
 #
 # ```{glue} models_table
 # ```
 #
-# Parameters counts the bytes of every parameter once (the tied embedding and output head once).
-# The forward peak is the resident memory the operating system had to add during one forward pass:
-# the process's high-water mark is reset to its current size just before the pass (through
-# `/proc/self/clear_refs`), and the C allocator is told to map every block of 128 KiB or more afresh,
-# so activations are not hidden in memory an earlier pass left behind; smaller blocks it may still
-# reuse, so the number is a lower bound, dominated here by the output logits.
-# In one process, experts cost memory in proportion to their number, and
-# latency through the router, the dispatch and the experts' small matrix products. Dense and MoE
-# FFNs run on the same grouped matrix product (`uncurl.model.kernels`, one expert for a dense FFN), so
-# their latencies differ by what routing and many small experts cost, not by the code that
-# multiplies.
+# Parameters counts the bytes of every parameter once (the tied embedding and output head once). The
+# forward peak is the resident memory the operating system had to add during one forward pass: the
+# process's high-water mark is reset to its current size just before the pass (through
+# `/proc/self/clear_refs`), and the C allocator is told to map every block of
+# {glue:text}`mmap_threshold_kib:d` KiB or more afresh, so activations are not hidden in memory an
+# earlier pass left behind; smaller blocks it may still reuse, so the number is a lower bound,
+# dominated here by the output logits. In one process, experts cost memory in proportion to their
+# number, and latency through the router, the dispatch and the experts' small matrix products. Dense
+# and MoE FFNs run on the same grouped matrix product (`uncurl.model.kernels`, one expert for a
+# dense FFN), so their latencies differ by what routing and many small experts cost, not by the code
+# that multiplies.
 
 # %% [markdown]
 # ## All2All against expert computation
@@ -132,8 +134,9 @@ for name, table in tables.items():
 # :alt: Stacked All2All and expert computation time of one MoE layer per expert count
 #
 # Time of one MoE layer in its two All2All exchanges (red) and its expert computation (blue) per
-# expert count, ours and DeepSpeed's for each P > 1, beside Sarkar et al. (2024, Fig. 4): a 124M
-# backbone, 512 tokens per GPU, expert parallelism 2.
+# expert count, ours and DeepSpeed's for each $P > 1$, beside Sarkar et al. (2024, Fig. 4): a
+# {glue:text}`fig4_backbone:s` backbone, {glue:text}`fig4_tokens:d` tokens per GPU, expert
+# parallelism {glue:text}`fig4_world:d`.
 # ```
 #
 # ```{glue} layer_table
@@ -149,16 +152,17 @@ for name, table in tables.items():
 # %% [markdown]
 # ## Latency against the number of processes
 #
-# Every model's whole forward pass, each process holding 1/P of each MoE layer's experts and its own
-# batch of the same size (data-parallel tokens, as in DeepSpeed), so the work per process stays the
-# same and an ideal machine would show flat lines.
+# Every model's whole forward pass, each process holding $1/P$ of each MoE layer's experts and its
+# own batch of the same size (data-parallel tokens, as in DeepSpeed), so the work per process stays
+# the same and an ideal machine would show flat lines.
 #
 # ```{glue:figure} fig_latency_procs
 # :name: fig-latency-procs
 # :alt: Forward latency against the number of processes, one line per model, beside the paper's Fig. 5
 #
 # (a) Forward latency (slowest process, median and quartiles) against P. (b) Sarkar et al.
-# (2024, Fig. 5): 124M+32e, one sequence of 256 tokens per GPU.
+# (2024, Fig. 5): {glue:text}`fig5_model:s`, batch {glue:text}`fig5_batch_size:d` x
+# {glue:text}`fig5_seq_len:d` tokens per GPU.
 # ```
 #
 # ```{glue} forward_table
@@ -169,8 +173,8 @@ for name, table in tables.items():
 #
 # Each of P processes routes its own n tokens into a buffer of E experts x C slots x d values,
 # C = max(min capacity, ⌈f n k / E⌉) at capacity factor f and top-k routing. An exchange hands that
-# whole buffer to All2All; the process keeps 1/P of it and sends the rest as P - 1 messages, so with
-# a fixed cost α per message and a bandwidth B
+# whole buffer to All2All; the process keeps $1/P$ of it and sends the rest as $P - 1$ messages, so
+# with a fixed cost α per message and a bandwidth B
 #
 # $$
 # t = \alpha\,(P - 1) + \frac{P - 1}{P}\,\frac{E\,C\,d\,s}{B},
@@ -194,20 +198,21 @@ for name, table in tables.items():
 #
 # (a) Bare exchanges (dots) and the fitted model (lines) against bytes, with the exchanges inside
 # our MoE layer (crosses) for comparison. (b) The model at the setup of the paper's Fig. 4
-# (d = 768, 512 tokens per GPU, expert parallelism 2, capacity factor 1.0, minimum capacity 4,
-# 2-byte values assumed) on published peak bandwidths, against the paper's measurement.
+# ($d$ = {glue:text}`fig4_d:d`, {glue:text}`fig4_tokens:d` tokens per GPU, expert parallelism
+# {glue:text}`fig4_world:d`, capacity factor {glue:text}`fig4_capacity_factor:.1f`, minimum
+# capacity {glue:text}`fig4_min_capacity:d`, {glue:text}`fig4_dtype_bytes:d`-byte values assumed)
+# on published peak bandwidths, against the paper's measurement.
 # ```
 #
-# **This is a model, not a measurement.** Evaluated for the paper's setup with published peak
-# bandwidths (A100 NVLink 3: 600 GB/s per GPU in both directions together; A10 on PCIe 4.0 x16:
-# 64 GB/s; InfiniBand HDR between nodes: 200 Gb/s) and an assumed {glue:text}`gpu_alpha_us:.0f` µs
-# per message, both exchanges of a layer would take about {glue:text}`a100_min_us:.0f` µs on A100
-# NVLink at every expert count; the paper measured {glue:text}`a100_ratio_min:.0f` to
+# **This is a model, not a measurement.** It is evaluated for the paper's setup with an assumed
+# {glue:text}`gpu_alpha_us:.0f` µs per message and these published peak bandwidths per direction:
+# {glue:text}`links:s`. Both exchanges of a layer would then take about {glue:text}`a100_min_us:.0f`
+# µs on A100 NVLink at every expert count; the paper measured {glue:text}`a100_ratio_min:.0f` to
 # {glue:text}`a100_ratio_max:.0f` times as much, growing with the expert count while the bytes do
-# not. Data volume and link speed cannot account for the paper's All2All times; what grows with
-# the expert count in its measurement is something the model leaves out, such as waiting for the
-# slowest device, per-expert work around the exchange, or framework overheads. The last column
-# below is the per-message cost that would make the model match.
+# not. Data volume and link speed cannot account for the paper's All2All times; what grows with the
+# expert count in its measurement is something the model leaves out, such as waiting for the slowest
+# device, per-expert work around the exchange, or framework overheads. The last column below is the
+# per-message cost that would make the model match.
 #
 # ```{glue} paper_fig4_table
 # ```

@@ -9,12 +9,12 @@
 # `python -m uncurl.sweep` and are committed as `data/results/premise_sweep.csv`; this appendix
 # only reads them.
 
-# %% tags=["hide-input", "parameters"]
+# %% tags=["remove-cell", "parameters"]
 profile: str = "smoke"  # profile the book is built for (the sweep itself ran at the small profile)
 sweep_csv: str = "data/results/premise_sweep.csv"  # the sweep's results (python -m uncurl.sweep)
 out: str = "build/smoke/A1_premise_sweep"  # folder for this step's tables and figures
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 import time
 from pathlib import Path
 
@@ -26,16 +26,16 @@ started = time.time()
 out = Path(out)
 style.use_style()
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 sweep = premise.load_sweep(sweep_csv)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 fig_sweep = premise.plot_sweep(sweep)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 values = premise.sweep_headline(sweep)
 
-# %% tags=["hide-input"]
+# %% tags=["remove-cell"]
 records.write_results(
     out,
     {"profile": profile, "sweep_csv": sweep_csv},
@@ -71,23 +71,26 @@ glue("sweep_table", premise.sweep_table(sweep), display=False)
 # %% [markdown]
 # ## What went wrong, what changed, what this scale supports
 #
-# With GPT-2's initialisation for every linear layer (standard deviation 0.02), the router's logits
-# start near zero, so the full-softmax gate of the chosen expert starts near 1/E: every expert's
-# output is scaled down by roughly the number of experts, and in a few hundred steps the router
-# does not become confident enough to undo it. Inspecting the trained 16-expert model of the
-# second variant showed mean gates close to the uniform 1/16 and a tenth or more of the tokens
-# dropped at capacity. The MoE layers then contribute little, and more experts lose to dense.
+# With GPT-2's initialisation for every linear layer (standard deviation
+# {glue:text}`old_router_std:g`), the router's logits start near zero, so the full-softmax gate of
+# the chosen expert starts near $1/E$: every expert's output is scaled down by roughly the number
+# of experts, and in a few hundred steps the router does not become confident enough to undo it.
+# Inspecting the trained MoE model of the second variant showed mean gates close to the uniform
+# $1/E$ and a tenth or more of the tokens dropped at capacity. The MoE layers then contribute
+# little, and more experts lose to dense.
 #
 # The fix keeps the paper's routing (softmax gate, top-1, load balancing, capacity): only the
-# router's initial weights are drawn with a larger standard deviation (0.3), so routing starts
-# confident though random and the gate starts near one for the chosen expert. The `small` profile
-# uses it, with 600 steps.
+# router's initial weights are drawn with a larger standard deviation
+# ({glue:text}`router_std:g`), so routing starts confident though random and the gate starts near
+# one for the chosen expert. The {glue:text}`sweep_profile:s` profile uses it, with
+# {glue:text}`profile_steps:d` steps.
 #
-# At that setting the largest expert counts end below the dense model and the smallest above it,
-# and among the SMoE models the loss falls, though not strictly, as experts are added, the shape of
-# the paper's Fig. 6. The 16-expert model against dense flips sign between the two seeds, so that
-# comparison is within seed noise; only the largest expert count's advantage exceeds the seed
-# spread measured here, and it ran with one seed. This scale supports the premise qualitatively for
-# 16 or more experts and not for 4 or 8, where capacity overflow costs more than the added
-# parameters gain.
+# At that setting, the sweep's last variant, the MoE model ends below the dense model, on the mean
+# over seeds, with {glue:text}`below:s` and above it with {glue:text}`above:s`, and among the SMoE
+# models the loss falls, though not strictly, as experts are added, the shape of the paper's Fig. 6.
+# Against dense the sign flips between the seeds with {glue:text}`flips:s`, so that comparison is
+# within seed noise. An advantage over dense larger than the spread between seeds at this setting
+# ({glue:text}`last_spread:s`) shows only with {glue:text}`beyond_spread:s`. This scale supports the
+# premise qualitatively with {glue:text}`below:s` and not with {glue:text}`above:s`, where capacity
+# overflow costs more than the added parameters gain.
 #

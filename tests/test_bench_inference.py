@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
         "target_n_expert": [2],
     }
     save_checkpoint(
-        folder / "reduced" / "greedy-e4-to-2",
+        folder / "reduced" / "e4-greedy-d2-drama-s0",
         GPT(PROFILE.model_config(n_expert=2)),
         info={"reduction": reduction},
     )
@@ -58,10 +58,10 @@ def result(runs):
 
 def test_models_are_found_with_their_origin(runs):
     models = {m["name"]: m for m in find_models(runs, PROFILE)}
-    assert list(models) == [*TRAINED, "reduced/greedy-e4-to-2"]
+    assert list(models) == [*TRAINED, "reduced/e4-greedy-d2-drama-s0"]
     assert models["dense"]["kind"] == "random init" and models["dense"]["val_loss"] is None
     assert models["e4"]["kind"] == "trained" and models["e4"]["val_loss"] == 5.0
-    reduced = models["reduced/greedy-e4-to-2"]
+    reduced = models["reduced/e4-greedy-d2-drama-s0"]
     assert (reduced["kind"], reduced["source"], reduced["equivalent"], reduced["method"]) == (
         "reduced",
         "e4",
@@ -72,12 +72,14 @@ def test_models_are_found_with_their_origin(runs):
 
 def test_whole_model_exchanges_the_bytes_the_cost_model_counts(result):
     fwd = {r["model"]: r for r in result["forward"]}
-    assert set(fwd) == {*TRAINED, "reduced/greedy-e4-to-2"}
+    assert set(fwd) == {*TRAINED, "reduced/e4-greedy-d2-drama-s0"}
     tokens = SIZES["batch_size"] * SIZES["seq_len"]
     cfg = PROFILE.model_config(n_expert=4)
     assert len(cfg.moe_layers) == 1 and fwd["dense"]["bytes_sent"] == 0
     assert fwd["e4"]["bytes_sent"] == 2 * costmodel.buffer_bytes(cfg, 4, tokens)
-    assert fwd["reduced/greedy-e4-to-2"]["bytes_sent"] == 2 * costmodel.buffer_bytes(cfg, 2, tokens)
+    assert fwd["reduced/e4-greedy-d2-drama-s0"]["bytes_sent"] == 2 * costmodel.buffer_bytes(
+        cfg, 2, tokens
+    )
 
 
 def test_every_table_and_figure_is_made(result):
@@ -102,7 +104,7 @@ def test_every_table_and_figure_is_made(result):
 def test_a_reduced_model_stands_beside_its_source_and_equivalent(result):
     table = inference_tables.reduced_table(result)
     assert list(table["role"]) == ["reduced", "came from", "from scratch"]
-    assert list(table["model"]) == ["reduced/greedy-e4-to-2", "e4", "e2"]
+    assert list(table["model"]) == ["reduced/e4-greedy-d2-drama-s0", "e4", "e2"]
     latency = list(table["latency (ms)"])
     assert latency[0] > 0 and latency[1] > 0
     assert (latency[2] is None) == (2 not in PROFILE.expert_counts)

@@ -2,9 +2,11 @@
 prints and records one row per layer and expert count."""
 
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from uncurl.bench.moe import FLOOR, _dense_on_kernel, _FixedRouting
@@ -69,8 +71,17 @@ def test_command_prints_and_records_every_layer(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    smoke = get_profile("smoke")
+    cfg = smoke.model_config()
+    assert result["tokens"] == smoke.train_config().batch_size * cfg.block_size
+    assert (result["n_embd"], result["d_ff"], result["top_k"]) == (cfg.n_embd, cfg.hidden, 1)
+    rows = result["rows"]
     assert [(r["n_expert"], r["layer"]) for r in rows] == [(e, n) for e in (2, 4) for n in LAYERS]
-    assert all(r["median_ms"] > 0 for r in rows)
-    assert [r["vs_floor"] for r in rows if r["layer"] == LAYERS[0]] == [1.0, 1.0]
-    assert proc.stdout.count("x floor") == len(rows)
+    assert all(r["repeats"] == 2 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in rows)
+    # each ratio is the row's median over the floor's median of the same expert count
+    floor = {r["n_expert"]: r["median_ms"] for r in rows if r["layer"] == FLOOR}
+    for r in rows:
+        assert r["vs_floor"] == pytest.approx(r["median_ms"] / floor[r["n_expert"]], rel=1e-12)
+    printed = re.findall(r"E=\s*(\d+)\s+(.+?)\s+[\d.]+ ms .* ([\d.]+)x floor", proc.stdout)
+    assert printed == [(str(r["n_expert"]), r["layer"], f"{r['vs_floor']:.2f}") for r in rows]

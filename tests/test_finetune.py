@@ -1,13 +1,15 @@
 """Fine-tuning and evaluation: the scorer, learning a task, results that resume, honest verdicts."""
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import killed, one_line_error
 from torch import nn
 
-from uncurl import data, evaluate, finetune, tasks
+from uncurl import data, evaluate, finetune, layout, tasks
 from uncurl.config import get_profile
 from uncurl.model import GPT, Output
 from uncurl.model.checkpoint import save_checkpoint
@@ -172,30 +174,6 @@ def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_da
     assert len(result["router_warmup"]) == FAST["router_warmup_steps"]
 
 
-def test_paired_bootstrap_verdicts():
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 2, (3, 400)).astype(float)
-    diff, lo, hi = evaluate.paired_bootstrap(a, a.copy())
-    assert diff == lo == hi == 0 and evaluate.verdict(lo, hi) == "="
-    shifted = np.clip(a + (rng.random(a.shape) < 0.3), 0, 1)  # right on 30% more examples
-    _, lo, hi = evaluate.paired_bootstrap(shifted, a)
-    assert lo > 0 and evaluate.verdict(lo, hi) == "+"
-    assert evaluate.verdict(lo, hi, higher_is_better=False) == "-"  # e.g. a loss that rose
-    noise = rng.integers(0, 2, a.shape).astype(float)
-    assert evaluate.verdict(*evaluate.paired_bootstrap(noise, a)[1:]) == "="
-    with pytest.raises(ValueError, match="same"):
-        evaluate.paired_bootstrap(a, a[:, :10])
-
-
-def test_bootstrap_interval_covers_the_mean_and_narrows_with_examples():
-    rng = np.random.default_rng(1)
-    small, large = rng.random((3, 50)), rng.random((3, 5000))
-    m, lo, hi = evaluate.bootstrap_ci(small)
-    assert lo < m < hi
-    _, lo2, hi2 = evaluate.bootstrap_ci(large)
-    assert hi2 - lo2 < (hi - lo) / 5
-
-
 def _result(model, source, target, method, seed, per):
     return {
         "model": {
@@ -236,24 +214,104 @@ def test_tables_pair_each_reduced_model_with_its_from_scratch_size():
     assert ones[0].sum() == 0 and ones[1].tolist() == results[0]["per_example"]
 
 
-def test_commands_name_the_fix(smoke_ckpt, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        finetune.main(
-            [
-                "--checkpoint",
-                str(smoke_ckpt),
-                "--task",
-                "sst2",
-                "--out",
-                str(tmp_path),
-                "--profile",
-                "smoke",
-            ]
-        )
-    assert "registered tasks" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        evaluate.main(["--runs", str(tmp_path)])
-    assert "run python -m uncurl.finetune first" in capsys.readouterr().err
+def finetune_command(checkpoint, out, smoke_data, task="drama", *extra) -> list[str]:
+    return [
+        *["--checkpoint", str(checkpoint), "--task", task, "--out", str(out)],
+        *["--profile", "smoke", "--data-dir", str(smoke_data), *extra],
+    ]
+
+
+CASES = ("task", "no-checkpoint", "foreign", "no-tokenizer", "set", "busy")
+
+
+@pytest.fixture(scope="module")
+def wrong_checkpoints(smoke_data, tmp_path_factory) -> dict[str, Path]:
+    """A model of another library (its config.json has no uncurl settings) and one of ours
+    saved without its tokenizer."""
+    root = tmp_path_factory.mktemp("wrong")
+    torch.manual_seed(0)
+    bare = save_checkpoint(root / "bare", GPT(get_profile("smoke").model_config(vocab_size=320)))
+    foreign = root / "foreign"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes((bare / "model.safetensors").read_bytes())
+    (foreign / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    return {"bare": bare, "foreign": foreign}
+
+
+@pytest.mark.parametrize(
+    "case, problem, fix",
+    [
+        ("task", "unknown task 'sst2'", "registered tasks: "),
+        ("no-checkpoint", "no checkpoint at ", "train one with `python -m uncurl.train`"),
+        ("foreign", "is not an uncurl checkpoint", "give a folder written by uncurl.train"),
+        ("no-tokenizer", "needs the model's tokenizer", "save the checkpoint with its tokenizer"),
+        ("set", "unknown finetune key 'lrr' (did you mean 'lr'?)", "known: "),
+        ("busy", "is in use by pid ", "wait for it to finish, or stop it"),
+    ],
+    ids=CASES,
+)
+def test_finetune_bad_input_gets_one_line_and_writes_nothing(
+    smoke_ckpt, smoke_data, wrong_checkpoints, tmp_path, capsys, case, problem, fix
+):
+    out = tmp_path / "out"
+    argv = {
+        "task": finetune_command(smoke_ckpt, out, smoke_data, "sst2"),
+        "no-checkpoint": finetune_command(smoke_data, out, smoke_data),
+        "foreign": finetune_command(wrong_checkpoints["foreign"], out, smoke_data),
+        "no-tokenizer": finetune_command(
+            wrong_checkpoints["bare"], out, smoke_data, "rotten_tomatoes"
+        ),
+        "set": finetune_command(smoke_ckpt, out, smoke_data, "drama", "--set", "lrr=1"),
+        "busy": finetune_command(smoke_ckpt, out, smoke_data),
+    }[case]
+    with layout.locked(out) if case == "busy" else contextlib.nullcontext():
+        err = one_line_error(capsys, finetune.main, argv, "python -m uncurl.finetune")
+    assert problem in err and fix in err
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert written == (["out", "out/.lock"] if case == "busy" else [])  # the holder's lock only
+
+
+@pytest.mark.parametrize(
+    "argv, problem, fix",
+    [
+        (["--runs", "nowhere"], "nowhere is not a folder of fine-tuning results", "--out wrote"),
+        (["--runs", "{empty}"], "no result.json under", "run python -m uncurl.finetune first"),
+        (["--checkpoint", "{empty}"], "--checkpoint needs --task", "a registered task"),
+        (["--checkpoint", "{empty}", "--task", "drama"], "no checkpoint at", "uncurl.train"),
+        (["--checkpoint", "{ckpt}", "--task", "sst2"], "unknown task 'sst2'", "registered tasks"),
+    ],
+    ids=["missing", "empty", "no-task", "no-checkpoint", "task"],
+)
+def test_evaluate_bad_input_gets_one_line(smoke_ckpt, tmp_path, capsys, argv, problem, fix):
+    argv = [a.format(empty=tmp_path, ckpt=smoke_ckpt) for a in argv]
+    err = one_line_error(
+        capsys, evaluate.main, [*argv, "--profile", "smoke"], "python -m uncurl.evaluate"
+    )
+    assert problem in err and fix in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _without_clocks(result: dict) -> dict:
+    return {**result, "wall_s": None, "environment": None}
+
+
+def test_killed_while_writing_its_result_and_rerun_it_ends_as_an_uninterrupted_run(
+    smoke_ckpt, smoke_data, tmp_path
+):
+    fast = ["--set", "max_steps=10", "eval_interval=5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    finetune.main(finetune_command(smoke_ckpt, full, smoke_data, "drama", *fast))
+    command = [
+        "-m",
+        "uncurl.finetune",
+        *finetune_command(smoke_ckpt, cut, smoke_data, "drama", *fast),
+    ]
+    killed("os.replace", 1, command, match="result.json")  # written, not yet renamed
+    assert not (cut / "result.json").exists()
+    finetune.main(finetune_command(smoke_ckpt, cut, smoke_data, "drama", *fast))
+    results = [_without_clocks(layout.read_json(run / "result.json")) for run in (full, cut)]
+    assert results[0] == results[1]
+    assert sorted(p.name for p in cut.iterdir()) == [".lock", "result.json"]
 
 
 def test_a_task_can_adjust_the_recipe_for_every_model_on_it():

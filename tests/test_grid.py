@@ -53,7 +53,7 @@ def test_a_job_gives_every_member_its_solo_result(grid, tmp_path):
     folders = layout.Runs(runs, "smoke")
     for r in results:
         model = layout.parse_label(r["model"]["model"])
-        start = protocol.starting_point(profile, "rotten_tomatoes", model, folders)
+        start = protocol.starting_point(profile, "rotten_tomatoes", model, r["seed"], folders)
         alone = finetune.run(
             start,
             "rotten_tomatoes",

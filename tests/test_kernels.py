@@ -164,8 +164,68 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch, tm
         _reset()
 
 
-def test_torch_only_switch(torch_only):
+def _refuse(*args, **kwargs):
+    raise AssertionError("the C library was reached")
+
+
+def _every_path(x_rows=12):
+    """Each entry of the kernels module once, and the MoE layer forward and backward: outputs
+    beside references computed from plain torch ops."""
+    torch.manual_seed(0)
+    sizes = [3, 0, 9]
+    a, b, bias = torch.randn(12, 5), torch.randn(3, 5, 4), torch.randn(3, 4)
+    ref = torch.cat([a[:3] @ b[0] + bias[0], a[3:] @ b[2] + bias[2]])
+    yield kernels.expert_mm(a, b, sizes, bias), ref
+    g, sums = torch.randn(12, 4), torch.full((3, 4), float("nan"))
+    outer = kernels.expert_outer(a, g, sizes, sums)
+    yield outer, torch.stack([a[:3].t() @ g[:3], torch.zeros(5, 4), a[3:].t() @ g[3:]])
+    yield sums, torch.stack([g[:3].sum(0), torch.zeros(4), g[3:].sum(0)])
+    logits = torch.randn(x_rows, 6)
+    gates, experts = kernels.SoftmaxTopK.apply(logits, 2)
+    ref_gates, ref_experts = logits.softmax(-1).topk(2, dim=-1)
+    yield gates, ref_gates
+    yield experts, ref_experts
+    kept, counts, sizes_kept, dropped = kernels.sort_slots(experts, 6, None)
+    slots = experts.t().reshape(-1)
+    yield kept, slots.argsort(stable=True)
+    yield counts, torch.bincount(slots, minlength=6)
+    yield dropped, torch.zeros(2 * x_rows, dtype=torch.bool)
+    cfg = get_profile("smoke").model_config(n_expert=4, top_k=2)
+    moe = MoE(cfg, 4)
+    x = torch.randn(x_rows, cfg.n_embd, requires_grad=True)
+    y, r = moe(x, dropless=True)
+    per_token = [
+        sum(r.gates[n, j] * moe.expert(int(r.experts[n, j]), x[n]) for j in range(2))
+        for n in range(x_rows)
+    ]
+    yield y, torch.stack(per_token)
+    (grad,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    (ref_grad,) = torch.autograd.grad(torch.stack(per_token).square().sum(), x)
+    yield grad, ref_grad
+
+
+def test_torch_only_switch_keeps_every_computation_off_the_c_library(torch_only, monkeypatch):
+    monkeypatch.setattr(kernels, "_build", _refuse)  # building or loading the library
+    monkeypatch.setattr(kernels, "_gemm", _refuse)  # the grouped product's entry
     assert kernels.backend() == "torch"
+    for out, ref in _every_path():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_without_the_switch_the_same_calls_reach_the_c_library(monkeypatch):
+    """The control of the test above: there, the refusals would have been hit."""
+    _reset()
+    monkeypatch.setattr(kernels, "_gemm", _refuse)
+    with pytest.raises(AssertionError, match="C library was reached"):
+        list(_every_path())
+    _reset()
+    monkeypatch.setattr(kernels, "_build", _refuse)
+    with pytest.raises(AssertionError, match="C library was reached"):
+        kernels.backend()
+    monkeypatch.undo()
+    _reset()
+    assert kernels.backend() in ("avx2 kernel", "avx512 kernel")
 
 
 @needs_kernels
@@ -221,3 +281,41 @@ def test_avx512_tiles_give_the_avx2_tiles_bits(k, n):
         out[wide] = (kernels.expert_mm(a, b, SIZES), kernels.expert_outer(a, g, SIZES))
     lib.uncurl_avx512(1)
     assert all(torch.equal(x, y) for x, y in zip(out[0], out[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "widths", "chosen"),
+    [
+        ("cuda", torch.bfloat16, (64, 256), True),
+        ("cuda", torch.float32, (64, 256), False),  # grouped_mm's GPU kernel is bf16 only
+        ("cuda", torch.bfloat16, (64, 36), False),  # 72 bytes: not a 16-byte stride
+        ("cpu", torch.bfloat16, (64, 256), False),  # CPUs keep the C kernels or torch.mm
+        ("meta", torch.bfloat16, (64, 256), False),
+    ],
+)
+def test_grouped_mm_is_chosen_for_bf16_gpu_products_with_aligned_widths(
+    device, dtype, widths, chosen, monkeypatch
+):
+    monkeypatch.delenv("UNCURL_KERNELS", raising=False)
+    assert kernels.uses_grouped_mm(device, dtype, widths) is chosen
+    monkeypatch.setenv("UNCURL_KERNELS", "torch")
+    assert not kernels.uses_grouped_mm(device, dtype, widths)
+
+
+def test_the_grouped_mm_path_computes_the_per_expert_products(monkeypatch):
+    """Chosen on a CPU for float32 at 16-byte strides (torch runs grouped_mm there too): the MoE
+    layer's forward and backward, whose widths qualify, equal the per-token references."""
+    calls = []
+
+    def grouped_mm(*args, **kwargs):
+        calls.append(args[0].shape)
+        return torch_grouped_mm(*args, **kwargs)
+
+    torch_grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm)
+    monkeypatch.setattr(
+        kernels, "uses_grouped_mm", lambda _, __, widths: all(w % 4 == 0 for w in widths)
+    )
+    for out, ref in _every_path():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 6  # the layer's two products forward, four backward

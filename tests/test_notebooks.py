@@ -5,6 +5,7 @@ errors) into temporary folders; the premise sweep reads a made-up stand-in for
 data/results/premise_sweep.csv, written in the temporary folder only.
 """
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,14 +19,16 @@ from conftest import standin_sweep
 
 from uncurl import study
 from uncurl.config import get_profile
+from uncurl.study.cache import Cache, run_key, staleness
 from uncurl.study.manifest import as_ipynb
 
 ROOT = Path(__file__).resolve().parent.parent
 # step notebooks: .ipynb, or jupytext py:percent text
 NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "notebooks").glob("*.py")])
 PARAMETER = re.compile(r"^(\w+): (int|float|str|bool) = (.+?)  # \S.*$")
-GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
-GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\} (\S+)")
+# a glue role or directive: its key, and the executed notebook it names (none: the page's own)
+GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`(?:([^`\s]+?)::)?(\w+)[^`]*`")
+GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\} (\S+)\n(?:(?::[\w-]+:.*\n)*?:doc: (\S+))?")
 
 # what each step promises to write in its results folder (besides results.json)
 PROMISED = {
@@ -53,7 +56,20 @@ PROMISED = {
         "comparisons.csv",
         "tasks.csv",
         "from_scratch.csv",
+        "harness.csv",
         "tasks.png",
+    ],
+    "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],
+    "baselines": ["over_scratch.csv", "over_uncurl.csv", "baselines.png"],
+    "claims": ["claims.csv"],
+    "reproducing": ["times.csv", "steps.csv", "machine.csv"],
+    "clusters": [
+        "stability.csv",
+        "structure.csv",
+        "sizes.csv",
+        "variants.csv",
+        "embedding.png",
+        "structure.png",
     ],
     "inference_cost": [
         "models.csv",
@@ -146,6 +162,14 @@ def test_every_notebook_writes_what_it_promises(smoke):
     pretrain = [r for r in smoke["runs"] if r.step.name == "pretrain"]
     assert [r.parameters["n_expert"] for r in pretrain] == [1, 2, 4]
     assert (smoke["root"] / "runs/smoke/e4/summary.json").exists()
+    # every fine-tuning seed has its own reduction, made with that seed
+    seeds = range(get_profile("smoke").finetune_config().seeds)
+    for seed in seeds:
+        for path in (smoke["root"] / "runs/smoke/reduced").glob(f"e4-uncurl-d2-*-s{seed}"):
+            assert json.loads((path / "reduction.json").read_text())["seed"] == seed
+    assert len(list((smoke["root"] / "runs/smoke/reduced").glob("e4-uncurl-d2-*"))) == (
+        len(seeds) * len(get_profile("smoke").all_tasks)
+    )
 
 
 def glued(nb: dict) -> set[str]:
@@ -157,34 +181,77 @@ def glued(nb: dict) -> set[str]:
     }
 
 
-def referenced(markdown: str) -> set[str]:
-    """Glue keys that MyST markdown pastes: `{glue:text}`[doc::]key[:format]`` and directives."""
-    roles = {re.match(r"^(?:.*::)?(\w+)", ref).group(1) for ref in GLUE_ROLE.findall(markdown)}
-    return roles | set(GLUE_DIRECTIVE.findall(markdown))
+def referenced(markdown: str) -> set[tuple[str, str]]:
+    """(document, key) of every glue key that MyST markdown pastes, by `{glue:text}`[doc::]key``
+    roles and glue directives (with `:doc:`); document is "" for the page's own notebook."""
+    roles = set(GLUE_ROLE.findall(markdown))
+    return roles | {(doc, key) for key, doc in GLUE_DIRECTIVE.findall(markdown)}
 
 
-def test_every_number_in_the_prose_is_glued(smoke):
-    for run in smoke["runs"]:
-        if run.step.chapter:
-            nb = json.loads(run.executed.read_text())
-            prose = "\n".join(
-                "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
-            )
-            missing = referenced(prose) - glued(nb)
-            assert not missing, f"{run.step.chapter} pastes keys it never glues: {missing}"
-    intro = (ROOT / "book/intro.md").read_text()
-    chapter = next(r for r in smoke["runs"] if r.step.chapter == "pretraining")
-    assert referenced(intro) <= glued(json.loads(chapter.executed.read_text()))
+def test_referenced_reads_roles_and_directives():
+    markdown = (
+        "{glue:text}`n:d` and {glue:text}`pretraining.ipynb::profile:s`\n\n"
+        "```{glue} table\n```\n\n```{glue:figure} other\n:name: x\n:doc: tasks.ipynb\n```"
+    )
+    assert referenced(markdown) == {
+        ("", "n"),
+        ("pretraining.ipynb", "profile"),
+        ("", "table"),
+        ("tasks.ipynb", "other"),
+    }
+
+
+def test_every_glue_key_the_prose_pastes_is_glued(smoke):
+    chapters = {
+        f"{run.step.chapter}.ipynb": json.loads(run.executed.read_text())
+        for run in smoke["runs"]
+        if run.step.chapter
+    }
+    keys = {doc: glued(nb) for doc, nb in chapters.items()}
+    prose = {
+        doc: "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+        for doc, nb in chapters.items()
+    } | {page.name: page.read_text() for page in (ROOT / "book").glob("*.md")}
+    missing = [
+        f"{page} pastes {doc or page}::{key}"
+        for page, markdown in prose.items()
+        for doc, key in referenced(markdown)
+        if key not in keys.get(doc or page, set())
+    ]
+    assert not missing, "keys pasted but never glued:\n" + "\n".join(missing)
 
 
 def test_the_book_builds_without_warnings(smoke):
     html = smoke["index"].parent
     assert smoke["index"].exists()
-    for page in ("intro", "pretraining", "dense_equivalent", "tasks", "premise_sweep"):
+    for page in (
+        "intro",
+        "pretraining",
+        "dense_equivalent",
+        "tasks",
+        "threshold",
+        "baselines",
+        "claims",
+        "reproducing",
+        "clusters",
+        "premise_sweep",
+    ):
         assert (html / f"{page}.html").exists()
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", (html / "pretraining.html").read_text()))
     assert "built at the smoke profile" in text
     assert "glue" not in re.sub(r"<[^>]+>", "", (html / "intro.html").read_text()).lower()
+
+
+def test_the_rendered_pages_show_no_code_warning_or_machine_path(smoke):
+    """A reader sees prose, figures and tables: no code cell, no stderr, no path of this
+    machine's environment."""
+    for page in sorted(smoke["index"].parent.glob("*.html")):
+        page_html = page.read_text()
+        assert 'class="cell_input' not in page_html, f"{page.name} shows code"
+        assert "stderr" not in page_html, f"{page.name} shows a cell's stderr"
+        text = re.sub(r"<[^>]+>", " ", page_html)
+        for leak in ("Warning", "Traceback", "site-packages", "/.venv/", str(ROOT)):
+            assert leak not in text, f"{page.name} shows {leak!r}"
 
 
 def test_an_unchanged_rerun_is_all_cached(smoke, capsys):
@@ -192,3 +259,41 @@ def test_an_unchanged_rerun_is_all_cached(smoke, capsys):
     study.build_book(smoke["runs"], smoke["args"]["build"], smoke["root"] / "html")
     assert set(outcome.values()) == {"cached"}
     assert "book up to date" in capsys.readouterr().out
+
+
+def test_a_change_reruns_only_the_runs_that_read_it(smoke):
+    """Each run's record keeps the library modules and profile fields it read: a change to one
+    of them makes exactly those runs stale (the ones after them follow only if what they read
+    changes)."""
+    profile, cache = smoke["args"]["profile"], Cache(smoke["args"]["build"])
+    records = {r.label: cache.get(r) for r in smoke["runs"]}
+
+    def stale(profile=profile, edited_module=None) -> set[str]:
+        keys = {r.label: run_key(r, profile, records) for r in smoke["runs"]}
+        if edited_module:
+            for key in keys.values():
+                key["library"][edited_module] = "edited"
+        return {r.label for r in smoke["runs"] if staleness(r, records[r.label], keys[r.label])}
+
+    pretrain = {r.label for r in smoke["runs"] if r.step.name == "pretrain"}
+    assert stale() == set()
+    assert stale(edited_module="uncurl/bench/inference.py") == {"inference_cost"}
+    assert pretrain <= stale(edited_module="uncurl/train.py") <= set(records) - {"data"}
+    bench = dataclasses.replace(profile, inference_bench={**profile.inference_bench, "repeats": 9})
+    assert stale(bench) == {"inference_cost"}
+    recipe = dataclasses.replace(profile, train={**profile.train, "max_steps": 30})
+    assert pretrain <= stale(recipe) and not stale(recipe) & {"premise_sweep", "data"}
+    assert set(records["pretrain[n_expert=4]"]["key"]["profile"]) >= {"data", "model", "train"}
+
+
+def test_a_deleted_checkpoint_of_a_pretrained_model_is_noticed(smoke):
+    weights = smoke["root"] / "runs" / "smoke" / "e4" / "checkpoint" / "model.safetensors"
+    aside = weights.with_name("aside")
+    weights.rename(aside)
+    try:
+        outcome = study.run_study(**smoke["args"], dry_run=True)
+    finally:
+        aside.rename(weights)
+    assert outcome["pretrain[n_expert=4]"] == f"would run ({weights} missing)"
+    assert outcome["finetune[task=drama]"].startswith("would run (after pretrain[n_expert=4]")
+    assert outcome["premise_sweep"] == "cached"

@@ -27,20 +27,6 @@ ALLOWED = (
     "A100",  # the GPU of the paper's training nodes, in the cost model
 )
 
-# Notebooks whose markdown is known to type numbers by hand, to be fixed in the notebooks (where
-# glue or math should carry them). Strict: a fixed notebook fails here until it leaves this list.
-KNOWN = {
-    "notebooks/02_pretraining_report.py": "the paper's backbone size, expert range and token "
-    "count are typed (cells 0 and 9)",
-    "notebooks/03_dense_equivalent.py": "the paper's backbone size is typed (cells 0 and 14)",
-    "notebooks/05_inference_cost.py": "the paper's setups (backbones, batches, parallelism), "
-    "link speeds, 1/P and a block size are typed",
-    "notebooks/06_tasks_report.py": "the interval level, the paper's tokens and backbone size "
-    "and the window length are typed",
-    "notebooks/A1_premise_sweep.py": "initialisation scales, 1/E, step and expert counts are "
-    "typed (cell 8)",
-}
-
 
 def _blank(match: re.Match) -> str:
     """The match replaced by spaces, its line breaks kept, so that line numbers still hold."""
@@ -170,13 +156,7 @@ def offences(path: Path) -> list[str]:
     ]
 
 
-def _param(path: Path):
-    rel = str(path.relative_to(ROOT))
-    marks = [pytest.mark.xfail(strict=True, reason=KNOWN[rel])] if rel in KNOWN else []
-    return pytest.param(path, id=rel, marks=marks)
-
-
-@pytest.mark.parametrize("path", [_param(p) for p in PAGES + NOTEBOOKS])
+@pytest.mark.parametrize("path", PAGES + NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_number_is_typed_in_prose(path):
     found = offences(path)
     assert not found, (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.cluster import SpectralClustering
 
-from uncurl.config import ModelConfig
+from uncurl.config import ModelConfig, ReduceConfig
 from uncurl.model import GPT
 from uncurl.model.checkpoint import load_model, save_checkpoint
 from uncurl.reduce import (
@@ -93,6 +93,13 @@ def test_routing_carries_each_layers_input_and_gated_expert_output():
                 for j in range(2)
             )
             torch.testing.assert_close(r.outputs, expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_statistics_leave_the_model_in_the_mode_they_found(training):
+    model = tiny().train(training)
+    collect_stats(model, task())
+    assert all(m.training == training for m in model.modules())
 
 
 def test_streamed_statistics_equal_direct_ones_over_real_tokens_only():
@@ -228,7 +235,7 @@ def test_mcsmoe_keeps_top_k_experts_in_every_layer():
 
 def test_random_is_seeded_and_reduces_to_d():
     stats = [crafted(np.ones(16, int), layer=i) for i in (0, 2)]
-    a, b, c = (make_plan(stats, "random", 5, seed=s) for s in (0, 0, 1))
+    a, b, c = (make_plan(stats, "random", 5, ReduceConfig(seed=s)) for s in (0, 0, 1))
     assert a == b and a != c
     assert a["target_n_expert"] == [5, 5]
 
@@ -244,8 +251,8 @@ def test_hcsmoe_is_average_linkage_of_mean_outputs_cut_at_d():
 
 def _average_linkage(points, d) -> set:
     """Textbook agglomerative clustering: merge the pair of clusters with the smallest mean
-    pairwise squared Euclidean distance until d remain."""
-    dist = ((points[:, None] - points[None]) ** 2).sum(-1)
+    pairwise Euclidean distance until d remain (HC-SMoE's metric)."""
+    dist = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
     clusters = [[i] for i in range(len(points))]
     while len(clusters) > d:
         pairs = itertools.combinations(range(len(clusters)), 2)
@@ -298,11 +305,37 @@ def test_uncurl_recovers_planted_groups_and_gives_exactly_d_experts(top_k):
                     )
 
 
+def test_greedy_first_prunes_the_first_layer_and_clusters_the_others():
+    model, groups = planted(groups=((0, 1, 2), (3, 4), (5,), (6, 7)), noise=0.3)
+    stats = collect_stats(model, task(n_docs=20))
+    plan = make_plan(stats, "greedy-first", 4)
+    first, second = plan["layers"]
+    assert first["router"] == "keep" and all(len(g["members"]) == 1 for g in first["groups"])
+    assert groups_of(plan) == groups_of(make_plan(stats, "greedy", 4))
+    assert partition(g["members"] for g in second["groups"]) == partition(
+        g["members"] for g in make_plan(stats, "uncurl", 4)["layers"][1]["groups"]
+    )
+    reduced = apply_plan(model, plan, router="reinit")
+    kept = [g["anchor"] for g in first["groups"]]
+    torch.testing.assert_close(
+        reduced.moe_blocks[0].router.weight, model.moe_blocks[0].router.weight[kept]
+    )
+
+
+def test_kmeans_settings_reach_the_clustering():
+    model, _ = planted(groups=((0, 1, 2), (3, 4), (5,), (6, 7)), noise=0.3)
+    stats = collect_stats(model, task(n_docs=20))
+    plan = make_plan(stats, "uncurl", 3, ReduceConfig(kmeans_n_init=1, kmeans_max_iter=1))
+    assert plan["kmeans"] == {"n_init": 1, "max_iter": 1}
+    with pytest.raises(ValueError, match="max_iter"):
+        make_plan(stats, "uncurl", 3, ReduceConfig(kmeans_max_iter=0))
+
+
 def test_uncurl_clusters_as_sklearn_spectral_clustering_with_precomputed_affinity():
     model, _ = planted(groups=((0, 1, 2), (3, 4), (5,), (6, 7)), noise=0.3)
     stats = collect_stats(model, task(n_docs=20))
     for d in (2, 3, 5):
-        plan = make_plan(stats, "uncurl", d, seed=3)
+        plan = make_plan(stats, "uncurl", d, ReduceConfig(seed=3))
         for st, layer in zip(stats, plan["layers"], strict=True):
             labels = SpectralClustering(d, affinity="precomputed", random_state=3).fit_predict(
                 st.similarity()

@@ -43,7 +43,24 @@ def checkpoints(smoke_data, tmp_path_factory) -> dict[str, Path]:
         "other-tokenizer": make_checkpoint(root / "other", other, vocab_size=300, n_expert=4),
         "no-tokenizer": make_checkpoint(root / "bare", None, n_expert=4),
         "small-vocab": make_checkpoint(root / "small", tok, vocab_size=64, n_expert=4),
+        "truncated": _truncated(make_checkpoint(root / "truncated", tok, n_expert=4)),
+        "misfit": _misfit(make_checkpoint(root / "misfit", tok, n_expert=4)),
+        "missing": root / "nothing-here",
     }
+
+
+def _truncated(ckpt: Path) -> Path:
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return ckpt
+
+
+def _misfit(ckpt: Path) -> Path:
+    """A config.json that says 8 experts beside weights of 4."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config["n_expert"] = 8
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
 
 
 @pytest.fixture
@@ -123,6 +140,9 @@ def test_every_method_reduces_a_top_2_model_from_text_files(tmp_path, checkpoint
         ("e4", "uncurl", 2, "smoke:poetry", "no domain 'poetry'"),
         ("e4", "uncurl", 2, "no/such/data", "neither a registered task"),
         ("small-vocab", "uncurl", 2, "reviews", "beyond the model's vocabulary of 64"),
+        ("missing", "uncurl", 2, "smoke:drama", "no checkpoint at"),
+        ("truncated", "uncurl", 2, "smoke:drama", "is truncated or corrupt"),
+        ("misfit", "uncurl", 2, "smoke:drama", "do not fit its config.json"),
     ],
 )
 def test_bad_input_is_named_and_nothing_is_written(
@@ -132,8 +152,32 @@ def test_bad_input_is_named_and_nothing_is_written(
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
         reduce(checkpoints[which], out, method, d, task_data)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_inside_the_checkpoint_is_refused(tmp_path, checkpoints, smoke_data, capsys):
+    inside = checkpoints["e4"] / "reduced"
+    with pytest.raises(SystemExit):
+        reduce(checkpoints["e4"], inside, "greedy", 2, f"{smoke_data}:drama")
+    assert "inside the source checkpoint" in capsys.readouterr().err and not inside.exists()
+
+
+def test_a_finished_reduction_is_replaced_only_with_force(
+    tmp_path, checkpoints, smoke_data, capsys
+):
+    out = tmp_path / "out"
+    reduce(checkpoints["e4"], out, "greedy", 3, f"{smoke_data}:drama")
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        reduce(checkpoints["e4"], out, "greedy", 2, f"{smoke_data}:drama")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "holds a finished reduction (greedy to 3 experts" in err
+    assert "--force" in err and (out / "model.safetensors").read_bytes() == before
+    reduce(checkpoints["e4"], out, "greedy", 2, f"{smoke_data}:drama", "--force")
+    assert load_model(out).cfg.n_expert == 2
 
 
 def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_data, monkeypatch):
@@ -146,13 +190,9 @@ def test_a_failure_while_writing_leaves_no_output(tmp_path, checkpoints, smoke_d
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_existing_folder_is_replaced_only_if_it_is_an_earlier_reduction(
+def test_a_folder_that_is_not_a_reduction_is_never_written_into(
     tmp_path, checkpoints, smoke_data, capsys
 ):
-    out = tmp_path / "out"
-    reduce(checkpoints["e4"], out, "greedy", 3, f"{smoke_data}:drama")
-    reduce(checkpoints["e4"], out, "greedy", 2, f"{smoke_data}:drama")
-    assert load_model(out).cfg.n_expert == 2
     other = tmp_path / "precious"
     other.mkdir()
     with pytest.raises(SystemExit):

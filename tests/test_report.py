@@ -9,7 +9,7 @@ import pytest
 from conftest import standin_sweep
 from matplotlib.figure import Figure
 
-from uncurl.config import Profile
+from uncurl.config import Profile, get_profile
 from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
 from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
@@ -107,11 +107,13 @@ def test_pretraining_headline(tmp_path):
     assert values["moe_vs_dense"].startswith("every one of the 2 MoE models ends with a higher")
     assert values["total_train_time"] == "2.2 minutes"
     assert values["hardware"].startswith("2 CPU cores, 1 thread(s) per run (Linux")
+    assert values["reductions"] == "none" and values["paper_backbone"] == "354M"
     assert all(not isinstance(v, np.generic) for v in values.values())
 
 
 def test_helpers():
     assert style.human(2_460_000) == "2.46M" and style.human(512) == "512"
+    assert style.expert_range((1, 8, 32, 128)) == "8 to 128"
     assert style.listing(["a"]) == "a" and style.listing(["a", "b", "c"]) == "a, b and c"
     assert style.duration(42) == "42 s" and style.duration(750) == "12.5 minutes"
     assert style.expert_color(1) != style.expert_color(8)
@@ -148,15 +150,113 @@ def test_load_sweep_checks_columns(tmp_path):
         premise.load_sweep(tmp_path / "s.csv")
 
 
+def crafted_sweep() -> pd.DataFrame:
+    """A sweep whose pairs are known: MoE better and worse than dense, a second seed, a router
+    variant without a dense run of its own, another token budget, and a width with no dense run."""
+    runs = [  # variant, n_expert, seed, n_embd, tokens, val_loss
+        ("base: d 64", 1, 0, 64, 1000, 5.00),
+        ("base: d 64", 4, 0, 64, 1000, 5.10),  # +0.10
+        ("base: d 64", 16, 0, 64, 1000, 4.90),  # -0.10
+        ("base, seed 1", 1, 1, 64, 1000, 5.04),
+        ("base, seed 1", 16, 1, 64, 1000, 4.98),  # -0.06 against the seed-1 dense run
+        ("router std 1.0", 16, 0, 64, 1000, 5.20),  # +0.20 against base's dense run (same shape)
+        ("long: 2000 tokens", 1, 0, 64, 2000, 4.80),
+        ("long: 2000 tokens", 16, 0, 64, 2000, 4.85),  # +0.05
+        ("wide: d 128", 16, 0, 128, 1000, 5.30),  # no dense run of width 128: no pair
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "variant": v,
+                "n_expert": n,
+                "seed": seed,
+                "n_embd": width,
+                "vocab_size": 2048,
+                "router_init_std": 1.0 if v.startswith("router") else 0.3,
+                "steps": tokens // 100,
+                "tokens": tokens,
+                "val_loss": loss,
+                "wall_time_s": 60.0,
+                "total_params": 10 * n,
+                "active_params": 10,
+                "git": "x",
+                "run": f"runs/{i}",
+            }
+            for i, (v, n, seed, width, tokens, loss) in enumerate(runs)
+        ]
+    )
+
+
+def test_sweep_pairs_each_moe_run_with_its_dense_reference():
+    gaps = premise.sweep_gaps(crafted_sweep())
+    got = {
+        (r.variant, r.seed, r.n_expert): (r.dense_variant, round(r.gap, 6))
+        for r in gaps.itertuples()
+    }
+    assert got == {
+        ("base: d 64", 0, 4): ("base: d 64", 0.1),
+        ("base: d 64", 0, 16): ("base: d 64", -0.1),
+        ("base, seed 1", 1, 16): ("base, seed 1", -0.06),
+        ("router std 1.0", 0, 16): ("base: d 64", 0.2),
+        ("long: 2000 tokens", 0, 16): ("long: 2000 tokens", 0.05),
+    }
+    assert (gaps["gap"] == gaps["moe_loss"] - gaps["dense_loss"]).all()
+
+
+def test_sweep_headline_counts_worse_pairs_and_the_seed_spread():
+    df = crafted_sweep()
+    values = premise.sweep_headline(df)
+    assert values["n_variants"] == 5 and values["n_runs"] == 9
+    # five pairs (the width-128 run has no dense reference), three with the MoE model worse
+    assert (values["n_pairs"], values["n_moe_worse"]) == (5, 3)
+    assert values["min_gap"] == pytest.approx(-0.1) and values["max_gap"] == pytest.approx(0.2)
+    # seeds 0 and 1 of "base": 0.04 apart dense, 0.08 apart with 16 experts; 4 experts ran once
+    assert values["seed_spread"] == "0.080"
+    assert "up to 0.080 nats" in values["seed_sentence"]
+    assert values["sweep_time"] == "9.0 minutes"
+    one_seed = premise.sweep_headline(df[df["seed"] == 0])
+    assert one_seed["seed_spread"] == "not measured"
+    assert one_seed["seed_sentence"].startswith("No setting ran with more than one seed")
+
+
 @pytest.mark.skipif(
     not (ROOT / "data/results/premise_sweep.csv").exists(),
     reason="the premise sweep's results are not committed yet",
 )
-def test_the_committed_sweep_loads_and_summarizes():
+def test_every_moe_run_of_the_committed_sweep_has_a_dense_reference():
     df = premise.load_sweep(ROOT / "data/results/premise_sweep.csv")
+    gaps = premise.sweep_gaps(df)
+    moe = df[df["n_expert"] > 1]
+    assert sorted(zip(gaps["variant"], gaps["seed"], gaps["n_expert"], strict=True)) == sorted(
+        zip(moe["variant"], moe["seed"], moe["n_expert"], strict=True)
+    )
+    shape = ["n_embd", "vocab_size", "tokens", "seed"]
+    dense = df[df["n_expert"] == 1].set_index("variant")
+    for r in gaps.itertuples():
+        ref = dense.loc[r.dense_variant]
+        run = moe[(moe["variant"] == r.variant) & (moe["n_expert"] == r.n_expert)].iloc[0]
+        assert list(ref[shape]) == list(run[shape]), r.variant
+        assert r.dense_loss == ref["val_loss"]
     values = premise.sweep_headline(df)
-    assert values["n_pairs"] >= 1
-    assert len(premise.sweep_gaps(df)) == values["n_pairs"]
+    # what the appendix's prose says of the sweep's last setting
+    assert values["below"] == "16, 32 and 64 experts" and values["above"] == "4 and 8 experts"
+    assert values["flips"] == "16 experts" and values["beyond_spread"] == "64 experts (1 seed)"
+
+
+def test_the_last_setting_without_an_advantage():
+    values = premise.last_setting(standin_sweep())
+    assert (values["below"], values["above"]) == ("no expert count", "16 experts")
+    assert values["flips"] == values["beyond_spread"] == "no expert count"
+    assert values["last_spread"] == "0.120 nats per token"
+
+
+def test_the_paper_setup_the_prose_states():
+    assert paper.headline() == {
+        "paper_backbone": "354M",
+        "paper_experts": "8 to 128",
+        "paper_tokens": "50B",
+    }
+    assert pretraining.reductions(get_profile("small")) == "32 to 8 experts by uncurl and greedy"
 
 
 def test_profiles_table_lists_every_profile():

@@ -5,21 +5,25 @@ runs the real study at the smoke profile.
 """
 
 import concurrent.futures
+import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import killed, sigkilled
 from nbformat.v4 import new_code_cell, new_notebook
 
-from uncurl import study
+from uncurl import layout, study
 from uncurl.config import Profile, get_profile
-from uncurl.study import Step, StudyError, load_steps, plan, run_study, runner
+from uncurl.study import Step, StudyError, build_book, load_steps, plan, run_study, runner
 from uncurl.study.__main__ import main
-from uncurl.study.cache import library_digest, notebook_digest
+from uncurl.study.cache import file_digest, notebook_digest, sha
 from uncurl.study.manifest import ROOT
 
 PROFILE = Profile(name="toy", expert_counts=(1, 2))
@@ -39,7 +43,8 @@ if crash:
     raise RuntimeError("asked to crash")
 time.sleep(pause)
 pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-pathlib.Path(out, "results.json").write_text(json.dumps({"x": x, "library": [lib]}))
+record = {"x": x, "library": [lib], "profile_fields": ["model"]}  # what it read
+pathlib.Path(out, "results.json").write_text(json.dumps(record))
 """,
 )
 USE = (
@@ -57,7 +62,8 @@ if fail:
     raise RuntimeError("asked to fail")
 xs = [json.loads(p.read_text())["x"] for p in pathlib.Path(root).glob("make__x=*/results.json")]
 pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-pathlib.Path(out, "results.json").write_text(json.dumps({"y": scale * sum(xs), "library": [lib]}))
+record = {"y": scale * sum(xs), "library": [lib], "profile_fields": ["train"]}
+pathlib.Path(out, "results.json").write_text(json.dumps(record))
 """,
 )
 
@@ -76,15 +82,22 @@ def write_notebook(path: Path, params: str, body: str) -> None:
 
 
 class Toy:
-    """Two toy steps: `make` once per expert count, then `use` reading what they wrote."""
+    """Two toy steps: `make` once per expert count, then `use` reading what they wrote. Each says
+    it imported one library module (standing in for uncurl's), `make` lib.py and `use` use_lib.py,
+    and read one profile field, `make` the profile's `model` and `use` its `train`."""
 
     def __init__(self, root: Path):
         self.root, self.notebooks, self.build = root, root / "notebooks", root / "build" / "toy"
-        self.lib, self.input = root / "lib.py", root / "input.txt"
+        self.lib, self.use_lib, self.input = (
+            root / "lib.py",
+            root / "use_lib.py",
+            root / "input.txt",
+        )
         self.notebooks.mkdir(parents=True)
         write_notebook(self.notebooks / "make.ipynb", *MAKE)
         write_notebook(self.notebooks / "use.ipynb", *USE)
         self.lib.write_text("VERSION = 1\n")
+        self.use_lib.write_text("VERSION = 1\n")
         self.input.write_text("input 1\n")
 
     def steps(self, **use_params) -> list[Step]:
@@ -94,7 +107,7 @@ class Toy:
             Step(
                 "use",
                 "use",
-                parameters={"root": str(self.build), "lib": lib, **use_params},
+                parameters={"root": str(self.build), "lib": str(self.use_lib), **use_params},
                 after=("make",),
                 inputs=(str(self.input),),
             ),
@@ -106,9 +119,9 @@ class Toy:
         parameters = {"lib": str(self.lib), **fields.pop("parameters", {})}
         return Step(name, name, parameters=parameters, **fields)
 
-    def run(self, steps=None, **kwargs) -> dict[str, str]:
+    def run(self, steps=None, profile=PROFILE, **kwargs) -> dict[str, str]:
         return run_study(
-            PROFILE,
+            profile,
             self.build,
             self.root / "runs",
             steps=steps or self.steps(),
@@ -152,8 +165,8 @@ def test_what_invalidates_a_run(toy):
 
     toy.lib.write_text("VERSION = 2\n")  # library code
     assert dry() == {
-        "make[x=1]": "would run (library changed)",
-        "make[x=2]": "would run (library changed)",
+        "make[x=1]": f"would run (library ({toy.lib}) changed)",
+        "make[x=2]": f"would run (library ({toy.lib}) changed)",
         "use": "would run (after make[x=1] and 1 more)",
     }
     toy.lib.write_text("VERSION = 1\n")
@@ -189,6 +202,48 @@ def test_a_parameter_change_reruns_only_that_run(toy):
     assert set(toy.run(steps=toy.steps(scale=3)).values()) == {"cached"}
     assert toy.run()["use"] == "ran (parameters changed)"  # and back
     assert toy.result("use")["y"] == 2 * (1 + 2)
+
+
+def test_only_the_runs_that_read_a_changed_module_or_profile_field_rerun(toy):
+    def dry(profile=PROFILE):
+        return toy.run(profile=profile, dry_run=True)
+
+    toy.use_lib.write_text("VERSION = 2\n")  # imported by `use` only
+    assert dry() == {
+        "make[x=1]": "cached",
+        "make[x=2]": "cached",
+        "use": f"would run (library ({toy.use_lib}) changed)",
+    }
+    toy.use_lib.write_text("VERSION = 1\n")
+    assert dry(dataclasses.replace(PROFILE, train={"lr": 0.1})) == {  # read by `use` only
+        "make[x=1]": "cached",
+        "make[x=2]": "cached",
+        "use": "would run (profile (train) changed)",
+    }
+    assert dry(dataclasses.replace(PROFILE, model={"n_layer": 2}))["make[x=2]"] == (
+        "would run (profile (model) changed)"
+    )
+    unread = dataclasses.replace(PROFILE, tasks=("drama",), data={"name": "elsewhere"})
+    assert set(dry(unread).values()) == {"cached"}
+
+
+def test_a_deleted_output_of_an_earlier_step_is_noticed_and_remade(toy):
+    result = toy.build / "make__x=1" / "results.json"
+    written = result.read_bytes()
+    result.unlink()
+    assert toy.run() == {
+        "make[x=1]": f"ran ({result} missing)",
+        "make[x=2]": "cached",
+        "use": "cached",  # what it reads is back, and the same
+    }
+    assert result.read_bytes() == written
+
+
+def test_a_second_study_on_a_build_folder_is_refused_and_a_dry_run_is_not(toy):
+    with layout.locked(toy.build):
+        with pytest.raises(layout.FolderInUse, match=f"is in use by pid {os.getpid()} "):
+            toy.run()
+        assert set(toy.run(dry_run=True).values()) == {"cached"}
 
 
 def test_a_failed_run_stops_the_study_and_keeps_finished_runs(toy):
@@ -304,14 +359,14 @@ def test_the_real_manifest_is_in_dependency_order():
     assert {r.step.chapter for r in runs} >= {"pretraining", "dense_equivalent", "premise_sweep"}
 
 
-def test_library_digest_follows_file_content(tmp_path):
+def test_file_digest_follows_file_content(tmp_path):
     lib = tmp_path / "lib.py"
     lib.write_text("a = 1\n")
-    first = library_digest([str(lib)])
+    first = file_digest(str(lib))
     lib.write_text("a = 2\n")
-    assert library_digest([str(lib)]) != first
+    assert file_digest(str(lib)) != first
     lib.unlink()
-    assert library_digest([str(lib)]) not in (first, library_digest([]))
+    assert file_digest(str(lib)) not in (first, sha(b""))  # a deleted file is a change
 
 
 def test_the_package_exports_what_others_use():
@@ -353,8 +408,154 @@ def test_python_m_uncurl_study_runs_the_cli(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == f"[1/10] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
-    assert lines[-1].startswith("[10/10] premise_sweep: would run")
+    assert lines[0] == f"[1/15] data: would run (never ran)  -> {tmp_path}/smoke/00_data.ipynb"
+    assert lines[-1].startswith("[15/15] premise_sweep: would run")
+
+
+# ------------------------------------------------------------------------ killed and rerun
+
+STUDY = """
+import sys
+from pathlib import Path
+from uncurl.config import Profile
+from uncurl.study import Step, run_study
+build, runs, notebooks, profile, steps, jobs = sys.argv[1:]
+run_study(eval(profile), Path(build), Path(runs), steps=eval(steps), notebooks=Path(notebooks),
+          jobs=int(jobs))
+"""
+DIE_WHILE_EXECUTING = """
+import concurrent.futures, os, signal, sys, time
+from pathlib import Path
+listing = sys.argv.pop()
+def descendants(pid):
+    parent = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(p)] = int(open(f"/proc/{p}/stat").read().rpartition(")")[2].split()[1])
+        except OSError:
+            pass
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        children = [c for c, p in parent.items() if p == pid]
+        found, todo = found + children, todo + children
+    return found
+def kernels(pids):
+    return [p for p in pids if b"ipykernel" in Path(f"/proc/{p}/cmdline").read_bytes()]
+def die_while_executing(*args, **kwargs):  # the study's first wait for its two workers
+    deadline = time.monotonic() + 60
+    while len(kernels(descendants(os.getpid()))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    Path(listing).write_text(" ".join(map(str, descendants(os.getpid()))))
+    os.kill(os.getpid(), signal.SIGKILL)
+concurrent.futures.wait = die_while_executing
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def all_gone(pids: list[int], seconds: float = 10) -> bool:
+    """Whether every process of `pids` ends within `seconds` (a zombie counts as ended)."""
+    deadline = time.monotonic() + seconds
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(map(_alive, pids))
+
+
+def test_a_study_killed_at_any_moment_and_rerun_ends_as_an_uninterrupted_one(tmp_path):
+    """SIGKILLed while two notebooks execute (its workers die with it), between two notebooks,
+    and while writing a cache record, the study reruns what had not finished, nothing else."""
+    toy = Toy(tmp_path)
+
+    def study(steps) -> list[str]:
+        argv = [toy.build, toy.root / "runs", toy.notebooks, repr(PROFILE), repr(steps)]
+        return ["-c", STUDY, *map(str, argv)]
+
+    slow = toy.steps()
+    slow[0] = dataclasses.replace(slow[0], parameters={**slow[0].parameters, "pause": 10.0})
+    listing = tmp_path / "descendants"
+    sigkilled(["-c", DIE_WHILE_EXECUTING + STUDY, *study(slow)[2:], "2", str(listing)])
+    pids = [int(pid) for pid in listing.read_text().split()]
+    assert len(pids) >= 4  # two workers, each with a kernel in the middle of its notebook
+    assert all_gone(pids, 5), (
+        "a worker or its kernel outlived the study"
+    )  # kernels poll each second
+    study = study(toy.steps())
+    killed("uncurl.study.cache.Cache.put", 1, [*study, "1"], after=True)  # between notebooks
+    killed("os.replace", 1, [*study, "1"], match="use.json")  # the last record, not renamed
+    assert toy.run(jobs=1) == {
+        "make[x=1]": "cached",
+        "make[x=2]": "cached",
+        "use": "ran (never ran)",
+    }
+    assert [toy.result(f"make__x={x}")["x"] for x in (1, 2)] == [1, 2]
+    assert toy.result("use")["y"] == 2 * (1 + 2)
+    assert sorted(p.name for p in (toy.build / ".cache").iterdir()) == [
+        "make__x=1.json",
+        "make__x=2.json",
+        "use.json",
+    ]
+
+
+BOOK_KILLED_WHILE_BUILDING = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from uncurl.study import build_book
+build, html, source, builder_pid = map(Path, sys.argv[1:])
+def build_then_die(cmd, preexec_fn, **kwargs):
+    builder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, preexec_fn=preexec_fn)
+    builder_pid.write_text(str(builder.pid))
+    while builder.poll() is None and not (html / "_build/.doctrees/environment.pickle").exists():
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)  # pages read, some perhaps written
+subprocess.run = build_then_die
+build_book([], build, html, source)
+"""
+
+
+def toy_book(root: Path) -> Path:
+    source = root / "source"
+    source.mkdir()
+    (source / "_config.yml").write_text('title: toy\nexecute:\n  execute_notebooks: "off"\n')
+    (source / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: page\n")
+    (source / "intro.md").write_text("# Intro\n\nThe toy book.\n")
+    (source / "page.md").write_text("# Page\n\nIts one page.\n")
+    return source
+
+
+def test_a_book_build_killed_and_rerun_rewrites_every_page(tmp_path, capsys):
+    source = toy_book(tmp_path)
+    whole = build_book([], tmp_path / "build-a", tmp_path / "a", source).parent
+    html, builder = tmp_path / "b", tmp_path / "builder"
+    sigkilled(
+        [
+            "-c",
+            BOOK_KILLED_WHILE_BUILDING,
+            str(tmp_path / "build-b"),
+            str(html),
+            str(source),
+            str(builder),
+        ],
+    )
+    assert all_gone([int(builder.read_text())], 1), "the book's builder outlived the study"
+    page = html / "_build" / "html" / "page.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(
+        "<html><body>half a pa"
+    )  # what a kill in mid-write leaves, newer than its source
+    index = build_book([], tmp_path / "build-b", html, source)
+    assert "interrupted: building every page afresh" in capsys.readouterr().out
+    for name in ("index.html", "intro.html", "page.html"):
+        assert (index.parent / name).read_bytes() == (whole / name).read_bytes(), name
+    assert sorted(p.name for p in (html / "_build").iterdir() if p.name.startswith(".")) == [
+        ".doctrees",
+        ".lock",
+    ]
 
 
 # ----------------------------------------------------------------------------- the scheduler

@@ -1,5 +1,6 @@
 """Task data: real readers on shipped samples, stable disjoint splits, prompt + answer batches."""
 
+import collections
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,56 @@ def test_examples_sharing_a_premise_share_a_split():
     where = {e.text.split(".")[0]: s for s, es in splits.items() for e in es}
     assert all(where[e.text.split(".")[0]] == s for s, es in splits.items() for e in es)
     assert tasks.get_task("winowhy").group is not None
+
+
+def _words(seed: int, n: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(f"w{i}" for i in rng.integers(0, 10**6, n))
+
+
+def test_near_duplicates_share_a_split_and_a_template_does_not_chain_them():
+    """Twins (one word changed, as Winograd twins and NLI minimal pairs) land in one split;
+    a sentence every example repeats is boilerplate and groups nothing."""
+    template = " ".join(f"t{i}" for i in range(30))  # longer than what tells examples apart
+    exs = []
+    for i in range(300):
+        text = f"{_words(i, 8)} {template}"
+        exs += [
+            tasks.Example(text + " big", "?", (" a", " b"), 0),
+            tasks.Example(text + " small", "?", (" a", " b"), 1),
+        ]
+    splits = tasks.examples(_task(lambda f: exs), SAMPLES)
+    where = {e.text: s for s, es in splits.items() for e in es}
+    assert all(where[a.text] == where[b.text] for a, b in zip(exs[::2], exs[1::2], strict=True))
+    assert 0.1 < len(splits["val"]) / len(exs) < 0.3  # pairs, not one chained group
+
+
+@pytest.mark.parametrize("name", [n for n, t in tasks.TASKS.items() if t.kind == "choice"])
+def test_no_validation_example_has_a_near_copy_in_training(name):
+    """At most 1% of a task's validation examples share half their distinctive shingles with
+    a training or held-out example (the shipped sample in CI; every fetched package here)."""
+    task = tasks.get_task(name)
+    root = SAMPLES if (SAMPLES / task.package.name).exists() else None
+    if (
+        root is None
+        and not (
+            data.DEFAULT_CACHE / task.package.registry / task.package.name / "fetched.json"
+        ).exists()
+    ):
+        pytest.skip(f"{task.package.name} is not fetched (python -m uncurl.data fetch)")
+    splits = tasks.examples(task, root)
+    seen = splits["train"] + splits["heldout"]
+    texts = [tasks.normal(e.text) for e in seen + splits["val"]]
+    sets = tasks.distinctive_shingles(texts, task.max_text_tokens)
+    postings = collections.defaultdict(set)
+    for i, s in enumerate(sets[: len(seen)]):
+        for sh in s:
+            postings[sh].add(i)
+    leaks = 0
+    for s in sets[len(seen) :]:
+        shared = collections.Counter(i for sh in s for i in postings[sh])
+        leaks += bool(shared) and max(shared.values()) >= tasks.NEAR_DUPLICATE * len(s)
+    assert leaks <= 0.01 * len(splits["val"]), f"{leaks} of {len(splits['val'])} leak"
 
 
 def test_rotten_tomatoes_reader_maps_fresh_and_rotten_to_answers():

@@ -5,6 +5,7 @@ One vocabulary everywhere (config, command line, notebooks, book): `n_expert`, `
 for every parameter a run uses.
 """
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -53,9 +54,14 @@ class ModelConfig:
                 f"{len(self.moe_layers)} MoE layers {self.moe_layers}; give one per MoE layer"
             )
         if min(counts) < 1:
-            raise ValueError(f"n_expert must be >= 1, got {self.n_expert}")
+            raise ValueError(
+                f"n_expert must be at least 1 (1 is the dense model), got {self.n_expert}"
+            )
         if not 1 <= self.top_k <= min(counts) and self.is_moe:
-            raise ValueError(f"top_k={self.top_k} must be between 1 and the expert count {counts}")
+            raise ValueError(
+                f"top_k={self.top_k} must be between 1 and the number of experts "
+                f"({min(counts)}): lower top_k or give more experts"
+            )
 
     @property
     def hidden(self) -> int:
@@ -98,7 +104,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """What pretraining and fine-tuning share: AdamW, linear warm-up and decay, gradient
-    clipping, the evaluation interval and torch threads."""
+    clipping, the evaluation interval, torch threads, and the device and precision
+    (`uncurl.device`: "auto" is a GPU in bf16 where there is one, else the CPU in fp32)."""
 
     max_steps: int = 400
     lr: float = 3e-3
@@ -111,6 +118,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     threads: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | bf16 | fp32
 
     def __post_init__(self):
         for name in ("max_steps", "lr", "eval_interval", "threads"):
@@ -118,14 +127,64 @@ class OptimConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr_warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError("lr_warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(
+                f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
 
 
 @dataclass(frozen=True)
 class TrainConfig(OptimConfig):
+    """Pretraining. `batch_size` is the global batch of a step; each device runs it in
+    micro-batches of `micro_batch_size` rows and accumulates their gradients, so accumulation
+    = batch_size / (micro_batch_size x data-parallel processes). An MoE layer's capacity and
+    load-balancing loss are those of a micro-batch on one device, as in DeepSpeed.
+
+    `engine` "deepspeed" trains under DeepSpeed (`uncurl.distributed`): ZeRO stage
+    `zero_stage`, each MoE layer's experts split over `ep_size` processes."""
+
     batch_size: int = 32
+    micro_batch_size: int = 0  # rows per device per forward pass; 0 = the device's whole share
     eval_batches: int = 20
     ckpt_interval: int = 100
     seed: int = 0
+    engine: str = "torch"  # torch (one process) | deepspeed
+    zero_stage: int = 2  # DeepSpeed's ZeRO stage: 1 or 2 (3 refuses MoE layers)
+    ep_size: int = 1  # processes each MoE layer's experts are split over (DeepSpeed)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(
+                f"zero_stage must be 1 or 2, got {self.zero_stage} (stage 3 refuses MoE layers; "
+                "stage 0 clips expert-parallel gradients by a mean of per-process norms)"
+            )
+        if self.ep_size < 1 or (self.ep_size > 1 and self.engine != "deepspeed"):
+            raise ValueError(f"ep_size={self.ep_size} needs engine 'deepspeed' (and must be >= 1)")
+        self.micro_batch(1)
+
+    def micro_batch(self, world: int) -> int:
+        """Rows each of `world` data-parallel processes runs per forward pass."""
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} does not split over {world} processes")
+        share = self.batch_size // world
+        micro = self.micro_batch_size or share
+        if micro < 0 or share % micro:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} must divide each process's share of "
+                f"the batch ({self.batch_size} / {world} = {share} rows)"
+            )
+        return micro
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches whose gradients each process accumulates per step."""
+        return self.batch_size // (world * self.micro_batch(world))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -143,8 +202,12 @@ class ReduceConfig:
     seed: int = 0
     max_tokens: int = 65536  # task tokens for the statistics (a seeded sample of windows)
     batch_size: int = 32  # windows per statistics batch
-    router_warmup_steps: int = 0  # router-only training steps after the reduction
+    # router-only training steps after the reduction, when the router is new (reinit, merge):
+    # scored as it is, a re-initialised router routes at random
+    router_warmup_steps: int = 50
     router_warmup_lr: float = 1e-3
+    kmeans_n_init: int = 10  # UNCURL's K-means: restarts (the best inertia is kept)
+    kmeans_max_iter: int = 300  # and iterations per restart
 
     @classmethod
     def from_dict(cls, d: dict) -> "ReduceConfig":
@@ -206,6 +269,9 @@ class DataConfig:
 
 
 TOKENIZERS = ("bpe", "gpt2")
+ENGINES = ("torch", "deepspeed")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N", one GPU
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -246,12 +312,22 @@ class Profile:
     inference_bench: dict = field(default_factory=dict)  # InferenceBenchConfig's fields
 
     def __post_init__(self):
-        """Build every config once, so that an unknown or mistyped key fails at load time."""
-        self.model_config(), self.train_config(), self.data_config(), self.bench_config()
-        for task in (None, *self.task_finetune):
-            self.finetune_config(task)
-        for spec in self.reductions:
-            checked(Reduction, spec, "reductions")
+        """Build every config once, so that an unknown or mistyped key fails at load time (these
+        reads are not the process reading its profile: see `profile_fields_read`)."""
+        checking = _recording.set(False)
+        try:
+            self.model_config(), self.train_config(), self.data_config(), self.bench_config()
+            for task in (None, *self.task_finetune):
+                self.finetune_config(task)
+            for spec in self.reductions:
+                checked(Reduction, spec, "reductions")
+        finally:
+            _recording.reset(checking)
+
+    def __getattribute__(self, name):
+        if name in PROFILE_FIELDS and _recording.get():
+            _fields_read.add(name)
+        return object.__getattribute__(self, name)
 
     @property
     def data_dir(self) -> Path:
@@ -282,6 +358,18 @@ class Profile:
         return InferenceBenchConfig.from_dict({**self.inference_bench, **overrides})
 
 
+PROFILE_FIELDS = frozenset(f.name for f in dataclasses.fields(Profile))
+_fields_read: set[str] = set()
+_recording = contextvars.ContextVar("recording", default=True)
+
+
+def profile_fields_read() -> list[str]:
+    """The fields of the profiles this process has read (beyond checking them when it loaded
+    them): a study run's record lists them, so that a change to any other field of its profile
+    leaves the run up to date."""
+    return sorted(_fields_read)
+
+
 @dataclass(frozen=True)
 class Reduction:
     """One entry of a profile's `reductions`: Z -> D experts per MoE layer by each method."""
@@ -302,7 +390,7 @@ def checked(cls, d: dict, what: str) -> dict:
     for key, value in d.items():
         if key not in hints:
             raise ValueError(
-                f"unknown {what} key {key!r}{_closest(key, hints)}; known: {', '.join(hints)}"
+                f"unknown {what} key {key!r}{closest(key, hints)}; known: {', '.join(hints)}"
             )
         if not _conforms(value, hints[key]):
             raise ValueError(f"{what} key {key!r} must be {_type_name(hints[key])}, got {value!r}")
@@ -310,7 +398,7 @@ def checked(cls, d: dict, what: str) -> dict:
     return out
 
 
-def _closest(key: str, known) -> str:
+def closest(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -339,7 +427,10 @@ def _is_tuple(tp) -> bool:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """`int`, `int | None`, `tuple[int, ...]` (a generic's __name__ would drop its items)."""
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 # ------------------------------------------------------------------------------ the manifest
@@ -366,7 +457,7 @@ def get_profile(name: str) -> Profile:
     profiles = load_profiles()
     if name not in profiles:
         raise ValueError(
-            f"unknown profile {name!r}{_closest(name, profiles)}; choose one of "
+            f"unknown profile {name!r}{closest(name, profiles)}; choose one of "
             f"{', '.join(sorted(profiles))}"
         )
     return profiles[name]

@@ -9,9 +9,10 @@ each validation window. Scoring is dropless (no expert capacity), so an example'
 depend on which other examples share its batch (`GPT.forward(dropless=True)`).
 
 Comparison: every (model, task) has a score per validation example per fine-tuning seed. Means get
-a 95% bootstrap interval over examples and seeds; a reduced model is compared with its from-scratch
-equivalent by a paired bootstrap (the same resampled examples and seeds for both), labelled (+) or
-(-) only when the interval of the difference excludes zero, (=) otherwise.
+a hierarchical bootstrap interval, seeds then examples (`uncurl.intervals`); a reduced model is
+compared with its from-scratch equivalent by the paired bootstrap (the same resampled seeds and
+examples for both), labelled (+) or (-) when the interval of the difference excludes zero, (=)
+otherwise, and again after Holm's adjustment over the reported family of comparisons.
 """
 
 import argparse
@@ -22,8 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from uncurl import layout
+from uncurl import intervals, layout
+from uncurl.cli import one_line_errors
 from uncurl.config import FinetuneConfig, get_profile
+from uncurl.device import model_device, to_device
 from uncurl.model import eval_mode, load_model
 from uncurl.model.checkpoint import load_tokenizer, read_info
 from uncurl.tasks import Encoded, TaskData, load_task, packed_batch
@@ -58,7 +61,7 @@ def candidate_logliks(
     with eval_mode(model):
         for i in range(0, len(packs), batch_size):
             rows = order[i : i + batch_size]
-            b = packed_batch([packs[j] for j in rows])
+            b = to_device(packed_batch([packs[j] for j in rows]), model_device(model))
             nll = _nll(
                 model,
                 model(
@@ -68,7 +71,7 @@ def candidate_logliks(
             candidates = torch.from_numpy(
                 np.concatenate([np.arange(first[j], first[j + 1]) for j in rows])
             )
-            out.index_add_(1, candidates[b.owner], -nll.double())
+            out.index_add_(1, candidates[b.owner.cpu()], -nll.double().cpu())
     return _as_model(model, out.numpy())
 
 
@@ -114,10 +117,11 @@ def window_losses(model, batches) -> np.ndarray:
     out = []
     with eval_mode(model):
         for b in batches:
+            b = to_device(b, model_device(model))
             nll = _nll(model, model(b.idx, b.targets, dropless=True))
-            loss = torch.zeros(len(nll), *b.idx.shape, dtype=nll.dtype)
+            loss = nll.new_zeros(len(nll), *b.idx.shape)
             loss[:, b.targets >= 0] = nll
-            out.append((loss.sum(-1) / b.mask.sum(1)).numpy())
+            out.append((loss.sum(-1) / b.mask.sum(1)).cpu().numpy())
     return _as_model(model, np.concatenate(out, axis=-1))
 
 
@@ -187,54 +191,22 @@ def score_checkpoint(
     return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
 
 
-# --------------------------------------------------------------------------------- statistics
-
-
-def _resample(rng, n_seeds: int, n_examples: int):
-    return rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_examples, n_examples)
-
-
-def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of a (seeds, examples) score matrix and its percentile interval, resampling both."""
-    values = np.atleast_2d(values)
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        s, e = _resample(rng, *values.shape)
-        boots[i] = values[np.ix_(s, e)].mean()
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(lo), float(hi)
-
-
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of a - b and its interval, resampling examples and seeds jointly for both (a and b
-    score the same validation examples; seed i of each saw the same data order)."""
-    a, b = np.atleast_2d(a), np.atleast_2d(b)
-    if a.shape != b.shape:
-        raise ValueError(
-            f"paired scores must have the same (seeds, examples) shape: {a.shape} vs {b.shape}"
-        )
-    return bootstrap_ci(a - b, n_boot, level, seed)
-
-
-def verdict(lo: float, hi: float, higher_is_better: bool = True) -> str:
-    """(+) when the interval of (reduced - reference) shows the reduced model better, (-) worse,
-    (=) when it includes zero."""
-    if lo <= 0 <= hi:
-        return "="
-    return "+" if (lo > 0) == higher_is_better else "-"
-
-
 # ------------------------------------------------------------------------------ result tables
 
 
 def load_results(root) -> list[dict]:
-    """Every fine-tuning result under `root` (any depth), in a stable order."""
-    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(RESULT))]
+    """Every fine-tuning result under `root` (any depth), in a stable order; an error if there
+    is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root} is not a folder of fine-tuning results: give the folder that "
+            f"python -m uncurl.finetune --out wrote into, or a parent of several"
+        )
+    results = [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT))]
+    if not results:
+        raise FileNotFoundError(f"no {RESULT} under {root}: run python -m uncurl.finetune first")
+    return results
 
 
 def tidy(results: list[dict]) -> pd.DataFrame:
@@ -268,11 +240,11 @@ def _seeds(results: list[dict], model: str, task: str) -> set[int]:
     return {r["seed"] for r in results if r["model"]["model"] == model and r["task"] == task}
 
 
-def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
-    """Mean and 95% interval of the main metric of every (model, task)."""
+def summary(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataFrame:
+    """Mean and interval (`intervals.bootstrap`) of the main metric of every (model, task)."""
     rows = []
     for (model, task), r in _groups(results).items():
-        mean, lo, hi = bootstrap_ci(score_matrix(results, model, task), n_boot)
+        mean, lo, hi, _ = intervals.bootstrap(score_matrix(results, model, task), n_boot=n_boot)
         rows.append(
             {
                 **r["model"],
@@ -287,9 +259,10 @@ def summary(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
+def comparisons(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataFrame:
     """Each reduced model against the from-scratch model of its target size, per task, on the
-    seeds both have (seed i of each saw the same data order)."""
+    seeds both have (seed i of each saw the same data order): the paired bootstrap's difference,
+    interval, p-value and raw verdict."""
     groups = _groups(results)
     rows = []
     for (model, task), r in groups.items():
@@ -307,8 +280,10 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
         if m["method"] == layout.SCRATCH or ref is None:
             continue
         seeds = sorted(_seeds(results, model, task) & _seeds(results, *ref))
-        diff, lo, hi = paired_bootstrap(
-            score_matrix(results, model, task, seeds), score_matrix(results, *ref, seeds), n_boot
+        diff, lo, hi, p = intervals.paired(
+            score_matrix(results, model, task, seeds),
+            score_matrix(results, *ref, seeds),
+            n_boot=n_boot,
         )
         rows.append(
             {
@@ -320,7 +295,8 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
                 "difference": diff,
                 "ci_low": lo,
                 "ci_high": hi,
-                "verdict": verdict(lo, hi, r["metric"] == "accuracy"),
+                "p": p,
+                "verdict": intervals.verdict(lo, hi, r["metric"] == "accuracy"),
             }
         )
     return pd.DataFrame(
@@ -334,9 +310,22 @@ def comparisons(results: list[dict], n_boot: int = 2000) -> pd.DataFrame:
             "difference",
             "ci_low",
             "ci_high",
+            "p",
             "verdict",
         ],
     )
+
+
+def adjust(comp: pd.DataFrame, family) -> pd.DataFrame:
+    """Holm's adjustment over the comparisons whose task is in `family` (the tasks whose
+    verdicts the study reports, fixed before seeing them): `p_holm` and `verdict_holm`, which is
+    the raw verdict where the adjusted p-value stays below 1 - LEVEL and (=) elsewhere."""
+    out = comp.assign(p_holm=np.nan, verdict_holm="")
+    rows = out["task"].isin(list(family))
+    out.loc[rows, "p_holm"] = intervals.holm(out.loc[rows, "p"])
+    significant = out["p_holm"] < 1 - intervals.LEVEL
+    out.loc[rows, "verdict_holm"] = np.where(significant[rows], out.loc[rows, "verdict"], "=")
+    return out
 
 
 def _groups(results: list[dict]) -> dict[tuple[str, str], dict]:
@@ -367,7 +356,7 @@ def main(argv=None):
     )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors(p.prog):
         if args.checkpoint:
             if not args.task:
                 raise ValueError("--checkpoint needs --task T (a registered task)")
@@ -378,10 +367,6 @@ def main(argv=None):
         if not args.runs:
             raise ValueError("give --runs DIR (fine-tuning results) or --checkpoint DIR --task T")
         results = load_results(args.runs)
-        if not results:
-            raise ValueError(f"no {RESULT} under {args.runs}: run python -m uncurl.finetune first")
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
     pd.set_option("display.width", 160)
     print(summary(results, args.bootstrap).round(4).to_string(index=False))
     comp = comparisons(results, args.bootstrap)
@@ -389,7 +374,7 @@ def main(argv=None):
         print("\nreduced vs from scratch (paired bootstrap, 95%):")
         print(comp.round(4).to_string(index=False))
     if args.out:
-        tidy(results).to_csv(args.out, index=False)
+        layout.write_text(args.out, tidy(results).to_csv(index=False))
         print(f"wrote {args.out}")
 
 

@@ -7,9 +7,9 @@ Choice tasks train on prompt + right answer with the loss on the answer tokens; 
 plain language modelling. A reduced checkpoint (one written by `uncurl.reduce`) first gets the
 router warm-up: router-only steps on the task (the book's Method chapter, UNCURL's last step).
 Early stopping watches the loss on a held-out part of the training split, never the validation
-split. The run writes
-`result.json` (parameters, metrics, per-example validation scores, timings, environment)
-atomically; a finished run with the same parameters is not redone.
+split. The run writes `result.json` (parameters, metrics, per-example validation scores, timings,
+environment) atomically; a finished run with the same parameters is not redone, and a second run
+into a folder that one is writing is refused.
 """
 
 import argparse
@@ -18,15 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from uncurl import cpu, evaluate, layout, population, tasks
+from uncurl.cli import one_line_errors
 from uncurl.config import FinetuneConfig, get_profile, parse_overrides
+from uncurl.device import resolve_device
 from uncurl.layout import write_json
-from uncurl.model.checkpoint import (
-    digest,
-    find_checkpoint,
-    load_model,
-    load_tokenizer,
-    save_checkpoint,
-)
+from uncurl.model.checkpoint import digest, load_model, load_tokenizer, save_checkpoint
 from uncurl.provenance import environment
 from uncurl.reduce import router_warmup
 from uncurl.tasks import TaskData, load_task, training_batches
@@ -59,27 +55,41 @@ def run(
     save_model: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Fine-tune and score one (checkpoint, task, seed); write out/result.json; return it."""
+    """Fine-tune and score one (checkpoint, task, seed); write out/result.json; return it.
+
+    A finished run with the same parameters is read back, not redone. The checkpoint and the task
+    are loaded before anything is written, so bad input leaves nothing behind; the run holds
+    `out`'s lock while it trains (a second run into it is refused).
+    """
     out = Path(out)
-    params = run_params(checkpoint, task, seed, cfg, data_dir, task_source)
+    params = {
+        "checkpoint": str(checkpoint),
+        "digest": digest(checkpoint),
+        "task": task,
+        "seed": seed,
+        "finetune": asdict(cfg),
+        "task_source": task_source,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
     if (done := finished(out, params)) is not None:
         return done
     started = time.time()
     cpu.configure(cfg.threads)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint).to(resolve_device(cfg.device))
     tok = load_tokenizer(checkpoint)
     data = load_task(task, tok, model.cfg.block_size, cfg, data_dir, task_source)
-    model_info = evaluate.describe(checkpoint)
-    warmup = warm_up_router(model, model_info, data, cfg, seed)
-    trained = finetune(model, data, cfg, seed, progress)
-    metrics, per_example = evaluate.score(model, data)
-    result = record(
-        model_info, data, seed, (metrics, per_example), warmup, trained, params, started
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    if save_model:
-        save_checkpoint(out / "model", model, tok, {"finetune": params})
-    write_json(out / evaluate.RESULT, result)
+    with layout.locked(out):
+        if (done := finished(out, params)) is not None:  # finished while this one loaded
+            return done
+        layout.remove_temporaries(out)
+        model_info = evaluate.describe(checkpoint)
+        warmup = warm_up_router(model, model_info, data, cfg, seed)
+        trained = finetune(model, data, cfg, seed, progress)
+        scores = evaluate.score(model, data)
+        result = record(model_info, data, seed, scores, warmup, trained, params, started)
+        if save_model:
+            save_checkpoint(out / "model", model, tok, {"finetune": params})
+        write_json(out / evaluate.RESULT, result)
     return result
 
 
@@ -97,12 +107,11 @@ def run_params(checkpoint, task: str, seed: int, cfg: FinetuneConfig, data_dir, 
 
 
 def finished(out, params: dict) -> dict | None:
-    """The run's result if it is there with these parameters."""
-    if (Path(out) / evaluate.RESULT).exists():
-        done = evaluate.load_results(out)[0]
-        if done["params"] == params:
-            return done
-    return None
+    """The result in `out` if it is one of a run with these parameters."""
+    if not (Path(out) / evaluate.RESULT).exists():
+        return None
+    done = layout.read_json(Path(out) / evaluate.RESULT)
+    return done if done["params"] == params else None
 
 
 def record(model_info, data: TaskData, seed, scores, warmup, trained, params, started) -> dict:
@@ -173,8 +182,7 @@ def main(argv=None):
     )
     p.add_argument("--save-model", action="store_true", help="also keep the fine-tuned weights")
     args = p.parse_args(argv)
-    try:
-        find_checkpoint(args.checkpoint)
+    with one_line_errors(p.prog):
         profile = get_profile(args.profile)
         cfg = profile.finetune_config(args.task, **parse_overrides(args.set))
         result = run(
@@ -188,8 +196,6 @@ def main(argv=None):
             args.save_model,
             progress=True,
         )
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
     print(
         f"{result['model']['model']} on {args.task} (seed {args.seed}): {metrics}; "

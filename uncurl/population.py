@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from uncurl import evaluate
 from uncurl.config import FinetuneConfig
+from uncurl.device import autocast, describe, model_device, resolve_precision, to_device
 from uncurl.model import GPT
 from uncurl.model.population import clip_grad_norms, member_state, select, stack
+from uncurl.optim import lr_at, make_optimizer
 from uncurl.tasks import TaskData, training_batches
-from uncurl.train import lr_at, make_optimizer
 
 
 def heldout_losses(model, data: TaskData) -> np.ndarray:
@@ -35,6 +36,7 @@ def task_losses(model, batches: list, kind: str) -> torch.Tensor:
     """Each member's training loss on its own batch, (members,). lm: the mean loss per token.
     choice: the answer's negative log-likelihood per example (its tokens summed), so that a
     many-token answer does not dilute the token that decides it."""
+    batches = [to_device(b, model_device(model)) for b in batches]
     out = model(
         [b.idx for b in batches], [b.targets for b in batches], loss_mask=[b.mask for b in batches]
     )
@@ -54,6 +56,8 @@ def train(
     fine-tuning the held-out loss can rise before it falls."""
     torch.manual_seed(seeds[0])  # as a run alone; no randomness is drawn without dropout
     model = models[0] if len(models) == 1 else stack(models)
+    device = model_device(model)
+    precision = resolve_precision(cfg.precision, device)
     members = [_Member(seed, data, cfg, model.cfg.block_size) for seed in seeds]
     for member, held in zip(members, heldout_losses(model, data), strict=True):
         member.curve.append({"step": 0, "heldout_loss": float(held)})
@@ -66,7 +70,8 @@ def train(
     for step in steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, cfg)
-        losses = task_losses(model, [next(m.batches) for m in active], data.task.kind)
+        with autocast(device, precision):
+            losses = task_losses(model, [next(m.batches) for m in active], data.task.kind)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         clip_grad_norms(model, cfg.grad_clip)
@@ -87,7 +92,8 @@ def train(
             active = [active[i] for i in keep]
     for member in active:
         member.steps = step
-    return _best(model, models, members), [m.record() for m in members]
+    where = describe(device, precision, accumulation=1)
+    return _best(model, models, members), [m.record() | {"device": where} for m in members]
 
 
 class _Member:

@@ -2,11 +2,14 @@
 
 1. the models: for every reduction of the profile (Z -> D by each method), the reduced models
    and the D-expert model trained from scratch that they are judged against;
-2. each reduced model is made once from the pretrained Z-expert model, on the task's training
-   split (`uncurl.reduce`);
-3. every model is fine-tuned with every seed (a reduced one after its router warm-up) and scored
-   on the task's validation split: all models of one target size D and all seeds as one
-   population (`uncurl.population`), each member exactly as `uncurl.finetune.run` alone.
+2. each reduced model is made once per seed from the pretrained Z-expert model, on the task's
+   training split (`uncurl.reduce`): the seed draws the sample of the task its statistics read,
+   the clustering's initialisation (UNCURL's K-means), `random`'s experts and the new router, so
+   that the seeds of a comparison cover the reduction's own variance;
+3. every model is fine-tuned with every seed (a reduced one, its own seed's reduction, after its
+   router warm-up) and scored on the task's validation split: all models of one target size D
+   and all seeds as one population (`uncurl.population`), each member exactly as
+   `uncurl.finetune.run` alone.
 
 The grid of a profile is one job per (task, D) (`grid_jobs`), which `run_grid` hands to an
 executor (`uncurl.executor`: the machine's cores or a Ray cluster). Finished reductions and
@@ -15,9 +18,11 @@ fine-tuning runs are found and reused, never redone.
 
 import copy
 import time
+from contextlib import ExitStack
 
 from uncurl import cpu, evaluate, layout, population, tasks
 from uncurl.config import ReduceConfig
+from uncurl.device import resolve_device
 from uncurl.executor import Job, run_jobs
 from uncurl.finetune import finished, record, run_params, warm_up_router
 from uncurl.model.checkpoint import digest, load_model, load_tokenizer, read_info
@@ -57,7 +62,7 @@ def run_job(profile, task: str, target_n_expert: int, runs, progress: bool = Fal
     folders, cfg = layout.Runs(runs, profile.name), profile.finetune_config(task)
     members = [
         (
-            starting_point(profile, task, model, folders),
+            starting_point(profile, task, model, seed, folders),
             seed,
             folders.finetuned(task, label(model), seed),
         )
@@ -71,34 +76,45 @@ def run_job(profile, task: str, target_n_expert: int, runs, progress: bool = Fal
 def run_members(members, task: str, cfg, data_dir=None, task_source="", progress=False):
     """Fine-tune and score (checkpoint, seed, out) members on `task`, those of the same shape as
     one population, and write each one's out/result.json as `uncurl.finetune.run` writes it;
-    finished members are read back. The task is loaded once for all; each member's time is
-    its share of the whole."""
+    finished members are read back. The members' folders are held while they train: a second
+    executor on the same runs waits for them, then reads their results back."""
     params = [run_params(c, task, seed, cfg, data_dir, task_source) for c, seed, _ in members]
     results = [finished(out, p) for (_, _, out), p in zip(members, params, strict=True)]
-    todo = [i for i, r in enumerate(results) if r is None]
-    if not todo:
-        return results
+    with ExitStack() as held:
+        todo = [out for (_, _, out), r in zip(members, results, strict=True) if r is None]
+        for out in sorted(todo):  # one order for every executor: none waits on another's
+            held.enter_context(layout.locked(out, wait=True))
+        results = [finished(out, p) for (_, _, out), p in zip(members, params, strict=True)]
+        todo = [i for i, r in enumerate(results) if r is None]
+        if todo:
+            trained = _train([members[i] for i in todo], task, cfg, data_dir, task_source, progress)
+            for i, result in zip(todo, trained, strict=True):
+                results[i] = result | {"params": params[i]}  # the same as run() records
+                layout.write_json(members[i][2] / evaluate.RESULT, results[i])
+    return results
+
+
+def _train(members, task: str, cfg, data_dir, task_source, progress: bool) -> list[dict]:
+    """The members' results, each group of one shape trained as a population; the task is
+    loaded once for all, and each member's time is its share of the whole."""
     started = time.time()
     cpu.configure(cfg.threads)
-    loaded = {members[i][0]: load_model(members[i][0]) for i in todo}
+    device = resolve_device(cfg.device)
+    loaded = {checkpoint: load_model(checkpoint).to(device) for checkpoint, _, _ in members}
     block_size = next(iter(loaded.values())).cfg.block_size
-    tok = _shared_tokenizer(loaded)
-    data = tasks.load_task(task, tok, block_size, cfg, data_dir, task_source)
+    data = tasks.load_task(task, _shared_tokenizer(loaded), block_size, cfg, data_dir, task_source)
     groups = {}
-    for i in todo:
-        groups.setdefault(shape_key(loaded[members[i][0]]), []).append(i)
+    for i, (checkpoint, _, out) in enumerate(members):
+        layout.remove_temporaries(out)
+        groups.setdefault(shape_key(loaded[checkpoint]), []).append(i)
+    results = [None] * len(members)
     for group in groups.values():
         trained = _population([members[i] for i in group], loaded, data, cfg, progress)
         for i, result in zip(group, trained, strict=True):
-            results[i] = result | {"params": params[i]}  # the same as run() records
-    share = (time.time() - started) / len(todo)
-    for i in todo:
-        results[i] |= {
-            "wall_s": share,
-            "population": {"members": len(todo), "wall_s": share * len(todo)},
-        }
-        layout.write_json(members[i][2] / evaluate.RESULT, results[i])
-    return results
+            results[i] = result
+    share = (time.time() - started) / len(members)
+    population = {"members": len(members), "wall_s": share * len(members)}
+    return [r | {"wall_s": share, "population": population} for r in results]
 
 
 def _population(members, loaded: dict, data, cfg, progress: bool) -> list[dict]:
@@ -129,18 +145,19 @@ def _shared_tokenizer(loaded: dict):
     return toks[0]
 
 
-def starting_point(profile, task: str, model: dict, folders: layout.Runs):
-    """The checkpoint a model's fine-tuning starts from: its pretrained run, or its reduction."""
+def starting_point(profile, task: str, model: dict, seed: int, folders: layout.Runs):
+    """The checkpoint a model's fine-tuning starts from: its pretrained run, or its reduction
+    with the run's seed."""
     if model["method"] == layout.SCRATCH:
         return folders.pretrained(model["target_n_expert"])
-    return reduce_on_task(profile, task, model, folders)
+    return reduce_on_task(profile, task, model, seed, folders)
 
 
-def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
-    """The pretrained source model reduced on the task's training split, made once: an earlier
-    reduction is reused only if it came from the same weights, task data and statistics
-    budget."""
-    if (done := current_reduction(profile, task, model, folders)) is not None:
+def reduce_on_task(profile, task: str, model: dict, seed: int, folders: layout.Runs):
+    """The pretrained source model reduced on the task's training split with `seed`, made once:
+    an earlier reduction is reused only if it came from the same weights, task data, statistics
+    budget and seed. Its router warm-up comes later, with the fine-tuning run's batches."""
+    if (done := current_reduction(profile, task, model, seed, folders)) is not None:
         return done
     cfg = profile.finetune_config(task)
     source = folders.pretrained(model["source_n_expert"])
@@ -155,31 +172,38 @@ def reduce_on_task(profile, task: str, model: dict, folders: layout.Runs):
     )
     return reduce_checkpoint(
         source,
-        _reduced(model, task, folders),
+        _reduced(model, task, seed, folders),
         model["method"],
         model["target_n_expert"],
         docs,
         _task_data(profile, task, source),
-        ReduceConfig(max_tokens=cfg.reduce_tokens),
+        _reduce_config(profile, task, seed),
+        force=True,  # the protocol owns this folder: a reduction with other settings is redone
     )
 
 
-def current_reduction(profile, task: str, model: dict, folders: layout.Runs):
-    """The model's reduction on the task if it is there from the current source weights, task
-    data and statistics budget, else None."""
-    out = _reduced(model, task, folders)
+def current_reduction(profile, task: str, model: dict, seed: int, folders: layout.Runs):
+    """The model's reduction on the task with `seed` if it is there from the current source
+    weights, task data, statistics budget and seed, else None."""
+    out = _reduced(model, task, seed, folders)
     source = folders.pretrained(model["source_n_expert"])
     if not (out / RECORD).exists() or not source.exists():
         return None
     done = layout.read_json(out / RECORD)
-    current = (_task_data(profile, task, source), profile.finetune_config(task).reduce_tokens)
-    return out if (done["task_data"], done["max_tokens"]) == current else None
+    cfg = _reduce_config(profile, task, seed)
+    current = (_task_data(profile, task, source), cfg.max_tokens, cfg.seed)
+    return out if (done["task_data"], done["max_tokens"], done["seed"]) == current else None
 
 
-def _reduced(model: dict, task: str, folders: layout.Runs):
+def _reduced(model: dict, task: str, seed: int, folders: layout.Runs):
     return folders.reduced(
-        model["source_n_expert"], model["method"], model["target_n_expert"], task
+        model["source_n_expert"], model["method"], model["target_n_expert"], task, seed
     )
+
+
+def _reduce_config(profile, task: str, seed: int) -> ReduceConfig:
+    cfg = profile.finetune_config(task)
+    return ReduceConfig(seed=seed, max_tokens=cfg.reduce_tokens, router_warmup_steps=0)
 
 
 def _task_data(profile, task: str, source) -> str:
@@ -225,8 +249,8 @@ def _job_done(profile, task: str, d: int, folders: layout.Runs) -> bool:
     for model in study_models(profile):
         if model["target_n_expert"] != d:
             continue
-        start = _current_start(profile, task, model, folders)
         for seed in range(cfg.seeds):
+            start = _current_start(profile, task, model, seed, folders)
             out = folders.finetuned(task, label(model), seed)
             if start is None or finished(out, _params(profile, task, start, seed)) is None:
                 return False
@@ -238,9 +262,9 @@ def _params(profile, task: str, checkpoint, seed: int) -> dict:
     return run_params(checkpoint, task, seed, cfg, profile.data_dir, profile.task_source)
 
 
-def _current_start(profile, task: str, model: dict, folders: layout.Runs):
+def _current_start(profile, task: str, model: dict, seed: int, folders: layout.Runs):
     """The starting point if it is there and up to date, else None (it is yet to be made)."""
     if model["method"] == layout.SCRATCH:
         path = folders.pretrained(model["target_n_expert"])
         return path if path.exists() else None
-    return current_reduction(profile, task, model, folders)
+    return current_reduction(profile, task, model, seed, folders)

@@ -46,12 +46,14 @@ VARIANTS = [
 
 
 def data_dir_for(vocab: int, profile) -> Path:
-    """The profile's data folder, or a sibling prepared at another vocabulary size."""
+    """The profile's data folder, or a sibling prepared as the profile's at another vocabulary
+    size (prepared again if it was prepared with other settings)."""
     if vocab == profile.data["vocab_size"]:
         return profile.data_dir
     out = layout.prepared_dir(profile.data_dir.name, vocab)
-    if not (out / layout.META).exists():
-        data.prepare(out, source=profile.data["source"], vocab_size=vocab)
+    fields = {**asdict(profile.data_config()), "vocab_size": vocab}
+    if not (out / layout.META).exists() or data.load_meta(out)["params"] != fields:
+        data.prepare(out, **fields)
     return out
 
 
@@ -107,8 +109,7 @@ def main(argv=None):
         }
         for j, s in zip(jobs, summaries, strict=True)
     ]
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(args.csv, index=False)
+    layout.write_text(args.csv, pd.DataFrame(rows).to_csv(index=False))
     print(pd.DataFrame(rows)[["variant", "n_expert", "seed", "val_loss", "wall_time_s"]])
 
 

@@ -2,16 +2,25 @@
 
     python -m uncurl.train --profile small --n-expert 16 --out runs/small/e16
 
+    torchrun --nproc_per_node=2 -m uncurl.train --engine deepspeed --ep-size 2 --profile smoke \
+        --n-expert 4 --out runs/smoke/e4-ds
+
 The run folder holds `checkpoint/` (weights, config, tokenizer, optimizer state; written
 atomically), `metrics.jsonl` (one line per step and per evaluation) and `summary.json`.
 Batches are a pure function of (seed, step), so a resumed run sees exactly the data it would have.
+A run holds its folder's lock while it trains (a second command on it is refused) and never
+resumes a folder that holds another model's run or anything that is not a run.
+A step runs on an engine (`uncurl.engine`: one process; `uncurl.distributed`: DeepSpeed over the
+processes a launcher started, experts split over `ep_size` of them).
 """
 
 import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,11 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncurl import cpu, data, layout
-from uncurl.config import ModelConfig, OptimConfig, TrainConfig, get_profile, parse_overrides
+from uncurl import cpu, data, distributed, layout
+from uncurl.cli import one_line_errors
+from uncurl.config import ModelConfig, TrainConfig, closest, get_profile, parse_overrides
+from uncurl.engine import Engine
 from uncurl.layout import write_json
-from uncurl.model import GPT, count_parameters, eval_mode
-from uncurl.model.checkpoint import load_train_state, save_checkpoint
+from uncurl.model import GPT, count_parameters
+from uncurl.model.checkpoint import read_info
+from uncurl.optim import lr_at
 from uncurl.provenance import environment
 
 
@@ -46,37 +58,10 @@ def _windows(tokens, starts, block_size):
     return torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])  # (B, T), (B, T)
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warm-up to cfg.lr, then linear decay to cfg.lr * cfg.min_lr_ratio."""
-    if step < cfg.lr_warmup_steps:
-        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
-    frac = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
-    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(frac, 1.0))
-
-
-def make_optimizer(model: GPT, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and stacked experts), none on biases and norms; a
-    population's parameters are told apart by their members' shapes."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    member_axis = int(getattr(model, "members", None) is not None)
-    decay = [p for p in params if p.dim() - member_axis >= 2]
-    no_decay = [p for p in params if p.dim() - member_axis < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # fused: one pass over each tensor instead of one per operation (3-4x faster here)
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
-    )
-
-
-@torch.no_grad()
-def evaluate(model: GPT, batches) -> float:
-    """Mean language-modelling loss (no aux loss) at evaluation capacity."""
-    with eval_mode(model):
-        return float(np.mean([model(x, y).lm_loss.item() for x, y in batches]))
+def make_engine(model: GPT, cfg: TrainConfig) -> Engine:
+    """The engine `cfg.engine` names: one process, or this process's part of a DeepSpeed run."""
+    engine = distributed.DeepSpeedEngine if cfg.engine == "deepspeed" else Engine
+    return engine(model, cfg)
 
 
 def train(
@@ -100,87 +85,73 @@ def train(
             f"model vocab_size {model_cfg.vocab_size} differs from the data's tokenizer "
             f"({meta['vocab_size']} tokens in {data_dir}); set vocab_size to match"
         )
+    writer = distributed.rank() == 0  # a launch's first process owns the folder
+    with layout.locked(out) if writer else nullcontext():
+        if writer:
+            layout.recover_dir(out / layout.CHECKPOINT)
+            layout.remove_temporaries(out)
+        check_run_folder(out, model_cfg, cfg)
+        done = _finished_summary(out)
+        if done is not None:
+            return done
+        return _train(out, model_cfg, cfg, data_dir, meta, stop_after, progress, position)
+
+
+def _train(out, model_cfg, cfg, data_dir, meta, stop_after, progress, position) -> dict:
     train_tokens = data.load_tokens(data_dir, "train")
     val = eval_batches(
         data.load_tokens(data_dir, "val"), cfg.eval_batches, cfg.batch_size, model_cfg.block_size
     )
     tokens_per_step = cfg.batch_size * model_cfg.block_size
-
-    done = _finished_summary(out, model_cfg, cfg)
-    if done is not None:
-        return done
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).train()
-    opt = make_optimizer(model, cfg)
-    step, elapsed = 0, 0.0
-    state = load_train_state(out)
+    engine = make_engine(GPT(model_cfg).train(), cfg)
+    step, elapsed, val_loss = 0, 0.0, None
+    state = engine.load_train_state(out)
     if state is not None:
-        _check_same_run(state, model_cfg, cfg)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed = state["step"], state["elapsed"]
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = _open_metrics(out / layout.METRICS, keep_until=step)
+        engine.restore(out / layout.CHECKPOINT, state)
+        step, elapsed, val_loss = state["step"], state["elapsed"], state.get("val_loss")
+    metrics = _open_metrics(out / layout.METRICS, keep_until=step) if engine.is_main else None
     tokenizer = data.load_tokenizer(data_dir)
 
     def checkpoint():
         state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
             "step": step,
             "elapsed": elapsed,
-            "torch_rng": torch.get_rng_state(),
-            "model_config": model_cfg.to_dict(),
-            "train_config": asdict(cfg),
+            "val_loss": val_loss,  # the summary's, should the run be stopped before writing it
         }
         info = {"train": asdict(cfg), "data": str(data_dir), "step": step}
-        save_checkpoint(out / layout.CHECKPOINT, model, tokenizer, info, state)
+        engine.save(out / layout.CHECKPOINT, tokenizer, info, state)
 
     end = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
-        disable=not progress,
+        disable=not (progress and engine.is_main),
         desc=out.name,
         unit="step",
         dynamic_ncols=True,
         position=position,
     )
-    val_loss = None
     while step < end:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
         x, y = get_batch(train_tokens, step, cfg.batch_size, model_cfg.block_size, cfg.seed)
-        res = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        opt.step()
+        losses = engine.step(x, y, lr)
         step += 1
         elapsed += time.perf_counter() - t0
-        record = {
-            "step": step,
-            "tokens": step * tokens_per_step,
-            "loss": res.loss.item(),
-            "lm_loss": res.lm_loss.item(),
-            "aux_loss": res.aux_loss.item(),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "elapsed": elapsed,
-        }
+        record = {"step": step, "tokens": step * tokens_per_step, **losses}
+        record.update(lr=lr, elapsed=elapsed)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val_loss = record["val_loss"] = evaluate(model, val)
-        metrics.write(json.dumps(record) + "\n")
+            val_loss = record["val_loss"] = engine.evaluate(val)
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", val=f"{val_loss or float('nan'):.3f}")
         if step % cfg.ckpt_interval == 0 or step == end:
-            metrics.flush()
             checkpoint()
     bar.close()
-    metrics.close()
+    if metrics:
+        metrics.close()
     summary = {
         "name": out.name,
         "step": step,
@@ -193,41 +164,93 @@ def train(
         "data": str(data_dir),
         "data_hash": meta.get("hash"),
         "finished": step >= cfg.max_steps,
+        "device": engine.describe(),
         "environment": environment(),
     }
-    write_json(out / layout.SUMMARY, summary)
+    if engine.is_main:
+        write_json(out / layout.SUMMARY, summary)
     return summary
 
 
-def _finished_summary(out: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> dict | None:
-    """The summary of a finished run with these very settings, if there is one."""
-    path = out / layout.SUMMARY
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    same = summary["model"] == model_cfg.to_dict() and summary["train"] == asdict(cfg)
-    return summary if same and summary["finished"] else None
+RUN_FILES = (layout.CHECKPOINT, layout.METRICS, layout.SUMMARY)  # and hidden ones (locks)
 
 
-def _check_same_run(state: dict, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Resuming with different settings would silently mix two runs: refuse."""
-    if state["model_config"] != model_cfg.to_dict() or state["train_config"] != asdict(cfg):
+def check_run_folder(out: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse a folder that holds anything but a run of this very model and recipe: resuming
+    another model's run would mix two runs, and other files are not a run's to overwrite."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    others = sorted(
+        p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".")
+    )
+    if others:
         raise ValueError(
-            "the run folder holds a checkpoint trained with other settings; "
-            "use a new --out folder or delete the old run to start over"
+            f"{out} is not a training run's folder (it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); give a new or empty folder as --out"
+        )
+    recorded = _recorded_settings(out)
+    wanted = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
+    if recorded is not None and recorded != wanted:
+        raise ValueError(
+            f"{out} holds a run with other settings ({_differences(recorded, wanted)}), which is "
+            f"never resumed into; give a new --out folder, or delete {out} to start over"
         )
 
 
+def _recorded_settings(out: Path) -> dict | None:
+    """The model and training settings of the run in `out`: its summary's, else its
+    checkpoint's; None before its first checkpoint (nothing there to resume)."""
+    if (out / layout.SUMMARY).exists():
+        summary = layout.read_json(out / layout.SUMMARY)
+        return {"model": summary["model"], "train": summary["train"]}
+    if (out / layout.CHECKPOINT).exists():
+        info = read_info(out / layout.CHECKPOINT)
+        return {"model": info["model"], "train": info["train"]}
+    return None
+
+
+def _differences(recorded: dict, wanted: dict, shown: int = 3) -> str:
+    """'n_expert 2 there, 4 asked; ...' for the settings that differ."""
+    diffs = [
+        f"{key} {recorded[part].get(key)} there, {value} asked"
+        for part in ("model", "train")
+        for key, value in wanted[part].items()
+        if recorded[part].get(key) != value
+    ]
+    return "; ".join(diffs[:shown]) + ("; ..." if len(diffs) > shown else "")
+
+
+def _finished_summary(out: Path) -> dict | None:
+    """The summary of a finished run whose final checkpoint is there (a run without it is
+    retrained: the same steps give the same weights)."""
+    path = out / layout.SUMMARY
+    if not path.exists() or not (out / layout.CHECKPOINT).exists():
+        return None
+    summary = layout.read_json(path)
+    return summary if summary["finished"] else None
+
+
 def _open_metrics(path: Path, keep_until: int):
-    """Open metrics.jsonl for appending, first dropping lines past the checkpoint being resumed."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_until]
-    path.write_text("".join(ln + "\n" for ln in kept))
-    return path.open("a")
+    """Open metrics.jsonl for appending line by line (whoever watches it sees each step), first
+    keeping only the lines up to the checkpoint being resumed; a last line without its newline,
+    torn by a kill, goes with the rest."""
+    kept = [ln for ln in _complete_lines(path) if json.loads(ln)["step"] <= keep_until]
+    layout.write_text(path, "".join(ln + "\n" for ln in kept))
+    return path.open("a", buffering=1)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of `path` that end with a newline (none if it does not exist)."""
+    text = path.read_text() if path.exists() else ""
+    return text[: text.rfind("\n") + 1].splitlines()
 
 
 def load_metrics(run_dir) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(run_dir) / layout.METRICS).read_text().splitlines()]
+    """Every whole line of a run's metrics.jsonl (a run in progress may be writing the last)."""
+    return [json.loads(ln) for ln in _complete_lines(Path(run_dir) / layout.METRICS)]
 
 
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -237,8 +260,9 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
     unknown = sorted(set(overrides) - model_keys - train_keys)
     if unknown:
         raise ValueError(
-            f"unknown parameter(s) {unknown}; model: {sorted(model_keys)}; "
-            f"train: {sorted(train_keys)}"
+            f"unknown --set key {unknown[0]!r}{closest(unknown[0], model_keys | train_keys)}; "
+            f"model keys: {', '.join(sorted(model_keys))}; "
+            f"train keys: {', '.join(sorted(train_keys))}"
         )
     return (
         {k: v for k, v in overrides.items() if k in model_keys},
@@ -252,6 +276,7 @@ def _train_job(job: dict) -> dict:
         ModelConfig.from_dict(job["model"]),
         TrainConfig.from_dict(job["train"]),
         job["data"],
+        stop_after=job.get("stop_after"),
         progress=job["progress"],
         position=job.get("position"),
     )
@@ -263,30 +288,43 @@ def train_all(jobs: list[dict], procs: int = 2) -> list[dict]:
     Each job is {"out", "model", "train", "data"} (configs as dicts). Finished runs are skipped,
     interrupted ones resume.
     """
+    procs = min(procs, len(jobs))
     todo = [dict(job, progress=True, position=i % procs) for i, job in enumerate(jobs)]
-    if procs <= 1:
+    if procs <= 1 or any(job["train"]["engine"] == "deepspeed" for job in jobs):  # launched
         return [_train_job(job) for job in todo]
     ctx = multiprocessing.get_context("spawn")  # a forked torch can deadlock its thread pools
-    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        procs, mp_context=ctx, initializer=cpu.die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         return list(pool.map(_train_job, todo))
 
 
 def _jobs(args) -> list[dict]:
     profile = get_profile(args.profile)
     model_over, train_over = split_overrides(parse_overrides(args.set))
-    if args.seed is not None:
-        train_over["seed"] = args.seed
+    for key in ("seed", "engine", "ep_size", "zero_stage", "device"):
+        if getattr(args, key) is not None:
+            train_over[key] = getattr(args, key)
+    for n in args.n_expert:  # a bad setting is named even where the data is not prepared yet
+        profile.model_config(n_expert=n, **model_over), profile.train_config(**train_over)
     data_dir = args.data or profile.data_dir
     vocab = data.load_meta(data_dir)["vocab_size"]
-    return [
-        {
-            "out": args.out if len(args.n_expert) == 1 else args.out / layout.model_label(n),
-            "model": profile.model_config(n_expert=n, vocab_size=vocab, **model_over).to_dict(),
-            "train": asdict(profile.train_config(**train_over)),
-            "data": data_dir,
-        }
-        for n in args.n_expert
-    ]
+    cfg = profile.train_config(**train_over)
+    jobs = []
+    for n in args.n_expert:  # every job checked before any starts
+        model_cfg = profile.model_config(n_expert=n, vocab_size=vocab, **model_over)
+        out = args.out if len(args.n_expert) == 1 else args.out / layout.model_label(n)
+        check_run_folder(out, model_cfg, cfg)
+        jobs.append(
+            {
+                "out": out,
+                "model": model_cfg.to_dict(),
+                "train": asdict(cfg),
+                "data": data_dir,
+                "stop_after": args.stop_after,
+            }
+        )
+    return jobs
 
 
 def main(argv=None):
@@ -307,6 +345,14 @@ def main(argv=None):
     )
     p.add_argument("--data", type=Path, help="prepared data folder (default: the profile's)")
     p.add_argument("--seed", type=int, help="override the profile's seed")
+    p.add_argument("--engine", choices=("torch", "deepspeed"), help="one process or DeepSpeed")
+    p.add_argument("--ep-size", type=int, help="DeepSpeed: processes each MoE layer's experts span")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed: ZeRO stage (1 or 2)")
+    p.add_argument("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--stop-after", type=int, help="end at this step, as an interruption would (rerun resumes)"
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument(
         "--set",
@@ -316,11 +362,9 @@ def main(argv=None):
         help="override model or training parameters, e.g. lr=1e-3 top_k=2",
     )
     args = p.parse_args(argv)
-    try:  # bad settings end with one line naming the problem, not a traceback
-        jobs = _jobs(args)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    for summary in train_all(jobs, args.jobs):
+    with one_line_errors(p.prog):
+        summaries = train_all(_jobs(args), args.jobs)
+    for summary in summaries if distributed.rank() == 0 else ():  # one report per launch
         print(
             f"{summary['name']}: step {summary['step']}, val_loss {summary['val_loss']:.4f}, "
             f"{summary['wall_time_s']:.0f} s"

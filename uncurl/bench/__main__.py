@@ -1,10 +1,11 @@
-"""python -m uncurl.bench {moe,reduce,inference,finetune} ...: each prints tables of times and
-ratios."""
+"""python -m uncurl.bench {moe,reduce,inference,finetune,gpu} ...: each prints tables of times
+and ratios."""
 
 import argparse
 import json
 
-from uncurl.bench import finetune, inference, moe, reduce
+from uncurl import layout
+from uncurl.bench import finetune, gpu, inference, moe, reduce
 
 
 def main(argv=None):
@@ -14,11 +15,13 @@ def main(argv=None):
     reduce.add_arguments(sub.add_parser("reduce", help=reduce.__doc__.split("\n")[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.split("\n")[0]))
     finetune.add_arguments(sub.add_parser("finetune", help=finetune.__doc__.split("\n")[0]))
+    gpu.add_arguments(sub.add_parser("gpu", help=gpu.__doc__.split("\n")[0]))
     args = p.parse_args(argv)
-    commands = {"moe": moe.run, "reduce": reduce.run, "inference": inference.run}
-    result = {**commands, "finetune": finetune.run}[args.bench](args)
+    runs = {"moe": moe.run, "reduce": reduce.run, "inference": inference.run}
+    runs |= {"gpu": gpu.run, "finetune": finetune.run}
+    result = runs[args.bench](args)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        layout.write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

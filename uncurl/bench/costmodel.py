@@ -116,10 +116,13 @@ PAPER_FIG4_CONFIG = ModelConfig(
 PAPER_FIG4 = {"tokens": 512, "world": 2, "dtype_bytes": 2}
 PAPER_FIG4_A2A_US = {8: 1920, 16: 2236, 32: 3916, 64: 3760, 128: 6591}
 PAPER_FIG4_COMPUTE_US = 693.56
-# Fig. 5: forward pass of 124M+32e, batch 1 x 256 tokens per GPU, against the number of GPUs.
+PAPER_SMALL_BACKBONE_PARAMS = 124e6  # Fig. 4 and 5: GPT-2's 124M, the shape of PAPER_FIG4_CONFIG
+# Fig. 5: forward pass (ms) of 124M+32e, batch 1 x 256 tokens per GPU, against the number of GPUs.
+PAPER_FIG5 = {"n_expert": 32, "batch_size": 1, "seq_len": 256}
 PAPER_FIG5_MS = {1: 124.5, 2: 129.0, 4: 133.3, 8: 141.9}
 # Fig. 2a: forward latency (ms) and validation loss of 354M+Xe on 8 A10 GPUs, batch 2 x 256
 # per GPU, expert parallelism 2 (losses read off the plot).
+PAPER_FIG2A_SETUP = {"gpus": 8, "batch_size": 2, "seq_len": 256, "world": 2}
 PAPER_FIG2A = {
     1: (21.32, 2.81),
     8: (39.82, 2.72),

@@ -22,7 +22,11 @@ def main(profile_name: str, task: str, n_expert: int, members: int, data_dir: st
     from uncurl.config import get_profile
     from uncurl.model import GPT
     from uncurl.tasks import load_task, training_batches
-    from uncurl.train import make_optimizer
+
+    try:
+        from uncurl.optim import make_optimizer
+    except ImportError:  # revisions before uncurl.optim
+        from uncurl.train import make_optimizer
 
     cpu.configure(1)
     profile = get_profile(profile_name)

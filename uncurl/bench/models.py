@@ -13,10 +13,11 @@ SEED = 0
 
 def find_models(runs, profile) -> list[dict]:
     """The profile's models: dense and each expert count (trained, else random init), then every
-    reduction under {runs}/{profile}/reduced/, with what it came from."""
+    reduction of seed 0 under {runs}/{profile}/reduced/ (the other seeds have the same shapes),
+    with what it came from."""
     folders = layout.Runs(runs, profile.name)
     models = [_trained_or_random(folders, profile, n) for n in profile.expert_counts]
-    for path in folders.reductions():
+    for path in folders.reductions(seed=0):
         try:
             ckpt = find_checkpoint(path)
         except FileNotFoundError:

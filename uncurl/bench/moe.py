@@ -43,18 +43,18 @@ def add_arguments(p):
     p.add_argument("--json", type=Path, help="also write the results here")
 
 
-def make_layers(cfg, n_expert: int) -> dict[str, nn.Module]:
-    """The four layers; each returns its output tensor from `layer(x)`."""
+def make_layers(cfg, n_expert: int, align: int = 4) -> dict[str, nn.Module]:
+    """The four layers; each returns its output tensor from `layer(x)`. Mixtral's width is a
+    multiple of `align` elements (torch's grouped_mm needs 16-byte strides: 4 floats, 8 bf16)."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     d, h, k = cfg.n_embd, cfg.hidden, cfg.top_k
     ds = deepspeed_moe(cfg, n_expert)
-    # gated experts have three matrices: 2/3 of d_ff (rounded to 4 floats, which torch's
-    # grouped_mm needs for its strides) matches FLOPs and parameters
+    # gated experts have three matrices: 2/3 of d_ff matches FLOPs and parameters
     mixtral_cfg = MixtralConfig(
         hidden_size=d,
-        intermediate_size=4 * round(2 * h / 3 / 4),
+        intermediate_size=align * round(2 * h / 3 / align),
         num_local_experts=n_expert,
         num_experts_per_tok=k,
     )

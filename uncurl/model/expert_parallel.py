@@ -10,7 +10,9 @@ In each MoE layer a rank routes its tokens exactly as `uncurl.model.MoE` does (t
 of that rank's experts (first all_to_all), runs its own experts on what it received from every
 rank (the padding rows too, as GShard and DeepSpeed do), sends the outputs back (second
 all_to_all) and combines them with the gates. So each rank's output equals the single-process
-layer's output on that rank's tokens. Forward only: the exchanges carry no gradients.
+layer's output on that rank's tokens. The exchanges carry gradients (`AllToAll`): an expert's
+weights receive the gradients of every rank's tokens routed to it, summed, which is what
+training under DeepSpeed (`uncurl.distributed`) reduces.
 """
 
 import os
@@ -73,7 +75,10 @@ class ExpertParallelMoE(nn.Module):
         self.phases = Phases()
         self.train(moe.training)  # the capacity factor depends on the mode
 
-    @torch.no_grad()
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's expert weights (the router is shared by every rank)."""
+        return [p for p in (self.w_fc, self.b_fc, self.w_proj, self.b_proj) if p is not None]
+
     def forward(self, x, dropless: bool = False, rows: Rows | None = None):
         if rows is not None and rows.stacked:
             raise ValueError("an expert-parallel layer serves one model, not a population")
@@ -93,16 +98,14 @@ class ExpertParallelMoE(nn.Module):
         with stopwatch(clock, "second_a2a"):
             returned = self._exchange(outputs)  # (P, E/P, C, d) = (E, C, d): my slots, computed
         with stopwatch(clock, "combine"):
-            y = returned.reshape(-1, width)[slot]
+            y = returned.reshape(-1, width).index_select(0, slot)
             out = torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
         ph.calls += 1
         return out.view(shape), d.routing
 
     def _exchange(self, t: torch.Tensor) -> torch.Tensor:
         """Block r of dim 0 goes to rank r; block r of the result came from rank r."""
-        t = t.contiguous()
-        out = torch.empty_like(t)
-        dist.all_to_all_single(out, t, group=self.group)
+        out = AllToAll.apply(t.contiguous(), self.group)
         self.phases.bytes_sent += t.numel() * t.element_size()
         return out.view(self.world, self.n_local, *t.shape[-2:])
 
@@ -111,6 +114,22 @@ class ExpertParallelMoE(nn.Module):
         largest = sizes.max().reshape(1).clone()
         dist.all_reduce(largest, dist.ReduceOp.MAX, group=self.group)
         return int(largest)
+
+
+class AllToAll(torch.autograd.Function):
+    """`all_to_all_single` in equal blocks along dim 0, with its gradient: the same exchange of
+    the output's gradient the other way (block r of the result came from rank r)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAll.apply(grad.contiguous(), ctx.group), None
 
 
 def scatter(
@@ -122,18 +141,21 @@ def scatter(
     expert = torch.repeat_interleave(torch.arange(n_expert, device=x.device), sizes)  # (M,)
     starts = sizes.cumsum(0) - sizes
     slot = expert * capacity + torch.arange(len(token), device=x.device) - starts[expert]
-    buffer = x.new_zeros(n_expert * capacity, x.shape[1])
-    buffer[slot] = x[token]
+    rows = x.new_zeros(n_expert * capacity, x.shape[1])
+    buffer = rows.index_copy(0, slot, x.index_select(0, token))
     return buffer.view(n_expert, capacity, x.shape[1]), slot
 
 
-def shard_model(model: GPT, rank: int, world: int, group=None) -> list[ExpertParallelMoE]:
-    """Replace each MoE layer of `model` (in place) by rank `rank`'s expert-parallel part; the
-    full expert tensors are released. Returns the new layers, whose `phases` time each call."""
+def shard_model(
+    model: GPT, rank: int, world: int, group=None, layer=ExpertParallelMoE
+) -> list[ExpertParallelMoE]:
+    """Replace each MoE layer of `model` (in place) by rank `rank`'s expert-parallel part (made
+    by `layer`); the full expert tensors are released. Returns the new layers, whose `phases`
+    time each call."""
     layers = []
     for block in model.h:
         if isinstance(block.mlp, MoE):
-            block.mlp = ExpertParallelMoE(block.mlp, rank, world, group)
+            block.mlp = layer(block.mlp, rank, world, group)
             layers.append(block.mlp)
     return layers
 

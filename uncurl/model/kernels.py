@@ -4,14 +4,16 @@ and causal attention of small heads (`CausalAttention`).
 Tokens arrive sorted by expert, `sizes[e]` rows each. On x86-64 CPUs with AVX2 and FMA, float32
 products on one torch thread (uncurl's training default) run through the C kernels in kernels.c,
 compiled on first use into a cache folder ($UNCURL_CACHE, else ~/.cache/uncurl); elsewhere
-(other dtypes, more threads, GPUs, other CPUs, no C compiler) they run as one torch.mm per
-expert, and top-k and the dispatch sort as torch ops. With 64 experts of about 60 rows
-each, torch.mm per expert costs 1.3-1.6x one torch.mm over all rows (MKL packs each expert's
-operands and pays its set-up each call); the grouped kernel costs 1.0-1.2x
-(`python -m uncurl.bench moe`). Where the CPU has AVX-512, the same products run on tiles of
-16-float registers, with the same bits. Attention of heads of 8k floats runs on its own kernel
-(torch's flash kernel pays its block set-up per 16-float head). `UNCURL_KERNELS=torch` forces
-the torch paths.
+(other dtypes, more threads, other CPUs, no C compiler) they run as one torch.mm per expert,
+and top-k and the dispatch sort as torch ops. With 64 experts of about 60 rows each, torch.mm per
+expert costs 1.3-1.6x one torch.mm over all rows (MKL packs each expert's operands and pays its
+set-up each call); the grouped kernel costs 1.0-1.2x (`python -m uncurl.bench moe`). Where the
+CPU has AVX-512, the same products run on tiles of 16-float registers, with the same bits.
+Attention of heads of 8k floats runs on its own kernel (torch's flash kernel pays its block
+set-up per 16-float head). On a GPU, bfloat16 products whose widths keep 16-byte strides run as
+one `torch._grouped_mm` call (`uses_grouped_mm`; `python -m uncurl.bench gpu` times it against
+one product per expert); everything else runs on the torch ops. `UNCURL_KERNELS=torch` forces
+one torch.mm per expert and the torch ops everywhere.
 """
 
 import ctypes
@@ -37,6 +39,8 @@ def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> 
         raise ValueError(
             f"bias has shape {tuple(bias.shape)}, not (experts, N) = {(len(b), b.shape[2])}"
         )
+    if uses_grouped_mm(a.device.type, a.dtype, (a.shape[1], b.shape[1], b.shape[2])):
+        return _grouped_expert_mm(a, b, sizes, bias)
     out = a.new_empty(len(a), b.shape[2])
     if _gemm_for(a, b, bias):
         bias = None if bias is None else bias.contiguous()  # the kernel reads its rows whole
@@ -73,6 +77,10 @@ def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None
     _check(sizes, rows=len(a), experts=len(sizes), inner=(len(a), len(b)))
     if b_sums is not None and b_sums.shape != (len(sizes), b.shape[1]):
         raise ValueError(f"b_sums has shape {tuple(b_sums.shape)}, not {(len(sizes), b.shape[1])}")
+    if uses_grouped_mm(a.device.type, a.dtype, (a.shape[1], b.shape[1])):
+        if b_sums is not None:
+            b_sums.copy_(_expert_sums(b, sizes))
+        return torch._grouped_mm(a.t(), b, offs=_offsets(sizes, a.device))
     out = a.new_empty(len(sizes), a.shape[1], b.shape[1])
     if _gemm_for(a, b, b_sums) and (b_sums is None or b_sums.is_contiguous()):
         _gemm(
@@ -99,6 +107,39 @@ def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None
     if b_sums is not None:
         torch.stack([b_e.sum(0) for b_e in b.split(sizes)], out=b_sums)
     return out
+
+
+def uses_grouped_mm(device_type: str, dtype: torch.dtype, widths) -> bool:
+    """Whether a grouped product runs as one `torch._grouped_mm` call: on a GPU, in bfloat16 (its
+    only dtype there), every width a multiple of 8 (16-byte strides), not switched off."""
+    return (
+        device_type == "cuda"
+        and dtype == torch.bfloat16
+        and all(w % 8 == 0 for w in widths)
+        and hasattr(torch, "_grouped_mm")
+        and os.environ.get("UNCURL_KERNELS") != "torch"
+    )
+
+
+def _grouped_expert_mm(a, b, sizes, bias):
+    """`expert_mm` as one grouped call; its bias is added per row (the call takes none)."""
+    out = torch._grouped_mm(a, b, offs=_offsets(sizes, a.device))
+    if bias is None:
+        return out
+    return out + bias.repeat_interleave(torch.tensor(sizes, device=a.device), dim=0)
+
+
+def _offsets(sizes, device) -> torch.Tensor:
+    """Where each expert's rows end, as the grouped call wants them."""
+    return torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+
+
+def _expert_sums(b, sizes) -> torch.Tensor:
+    """(E, Q): each expert's sum of its rows of b."""
+    expert = torch.repeat_interleave(
+        torch.arange(len(sizes), device=b.device), torch.tensor(sizes, device=b.device)
+    )
+    return b.new_zeros(len(sizes), b.shape[1]).index_add_(0, expert, b)
 
 
 class SoftmaxTopK(torch.autograd.Function):
@@ -234,9 +275,12 @@ def _status(code: int) -> None:
         raise MemoryError("uncurl.model.kernels: no memory for attention's scratch buffer")
 
 
-def backend() -> str:
-    """Which path float32 CPU products take here: 'avx512 kernel', 'avx2 kernel' or 'torch'
-    (the two kernels give the same bits; AVX-512 twice the floats per instruction)."""
+def backend(device_type: str = "cpu") -> str:
+    """Which path products take: float32 on a CPU, 'avx512 kernel', 'avx2 kernel' (the same
+    bits; AVX-512 twice the floats per instruction) or 'torch'; bfloat16 on a GPU (training's
+    precision there), 'grouped_mm' or 'torch'."""
+    if device_type != "cpu":
+        return "grouped_mm" if uses_grouped_mm(device_type, torch.bfloat16, ()) else "torch"
     if not _has_gemm():
         return "torch"
     return "avx512 kernel" if _library().uncurl_avx512(-1) else "avx2 kernel"

@@ -49,7 +49,10 @@ class Rows(NamedTuple):
 
 
 def linear(x: torch.Tensor, rows: Rows, weight, bias=None) -> torch.Tensor:
-    """x @ weight.T + bias for each member's rows with its own (out, in) weight."""
+    """x @ weight.T + bias for each member's rows with its own (out, in) weight. A model alone
+    makes F.linear's call (the same BLAS call, and one that autocast casts)."""
+    if not rows.stacked:
+        return F.linear(x, weight, bias)
     return MemberLinear.apply(x, rows.sizes, rows.stack(weight), rows.stack(bias))
 
 

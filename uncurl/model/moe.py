@@ -56,7 +56,8 @@ class MLP(nn.Module):
         rows = rows or Rows.of([len(flat)], False)
         w_fc, w_proj = (rows.stack(lin.weight).transpose(1, 2) for lin in (self.c_fc, self.c_proj))
         b_fc, b_proj = rows.stack(self.c_fc.bias), rows.stack(self.c_proj.bias)
-        y = GroupedMLP.apply(flat, rows.sizes, w_fc, b_fc, w_proj, b_proj)
+        flat, *weights = autocast_operands(flat, w_fc, b_fc, w_proj, b_proj)
+        y = GroupedMLP.apply(flat, rows.sizes, *weights)
         return y.view(*x.shape[:-1], -1)
 
 
@@ -124,8 +125,9 @@ class MoE(nn.Module):
         b_fc, b_proj = (
             None if b is None else b.reshape(-1, b.shape[-1]) for b in (self.b_fc, self.b_proj)
         )
-        y = GroupedMLP.apply(xs, d.sizes.tolist(), w_fc, b_fc, w_proj, b_proj)
-        return torch.zeros_like(x).index_add_(0, d.token, y * d.weight.to(y.dtype))
+        xs, *weights = autocast_operands(xs, w_fc, b_fc, w_proj, b_proj)
+        y = GroupedMLP.apply(xs, d.sizes.tolist(), *weights)
+        return x.new_zeros(x.shape, dtype=y.dtype).index_add_(0, d.token, y * d.weight.to(y.dtype))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on every row of x: gelu(x W_fc + b_fc) W_proj + b_proj."""
@@ -165,6 +167,16 @@ def _merge(parts: list[Dispatch], sizes: list[int]) -> Dispatch:
         torch.cat([p.weight for p in parts]),
         None,
     )
+
+
+def autocast_operands(*tensors):
+    """The operands of a grouped product in autocast's dtype where autocast is on, as it casts a
+    linear layer's (it leaves custom functions such as `GroupedMLP` alone)."""
+    device = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 class GroupedMLP(torch.autograd.Function):

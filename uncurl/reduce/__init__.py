@@ -1,18 +1,20 @@
 """Task-specific expert reduction: statistics -> plan -> aligned merge, each step usable alone.
 
     stats = collect_stats(model, batches, needs=NEEDS.get(method, ()), subset_size=D)
-    plan = make_plan(stats, method, D, seed)        # JSON-serializable
+    plan = make_plan(stats, method, D, cfg)         # JSON-serializable (cfg: a ReduceConfig)
     plan = align_plan(model, plan)                   # weight matching of merged members
     small = apply_plan(model, plan, router="reinit")
     router_warmup(small, batches, steps=50)
 
 `reduce_model` runs them in order; `python -m uncurl.reduce` does it for a checkpoint on disk.
+Each step takes our GPT or a transformers MoE causal LM (`hf.FAMILIES`): it sees the model
+through one interface, `adapter.MoEAdapter`.
 """
 
 import numpy as np
 
 from uncurl.config import ReduceConfig
-from uncurl.model import GPT
+from uncurl.reduce.adapter import MoEAdapter, adapt
 from uncurl.reduce.align import SOLVERS, align_plan, match_neurons, neuron_scores
 from uncurl.reduce.apply import ROUTERS, apply_plan, merge_group
 from uncurl.reduce.plan import NEEDS, PLANNERS, check_request, default_router, make_plan
@@ -29,9 +31,12 @@ __all__ = [
     "ROUTERS",
     "SOLVERS",
     "LayerStats",
+    "MoEAdapter",
+    "adapt",
     "align_plan",
     "apply_plan",
     "check_model",
+    "check_reduction",
     "check_request",
     "collect_stats",
     "default_router",
@@ -45,39 +50,45 @@ __all__ = [
 ]
 
 
-def check_model(model: GPT) -> None:
-    if not model.cfg.is_moe:
-        raise ValueError(
-            "the checkpoint is a dense model (n_expert=1); expert reduction needs an "
-            "SMoE checkpoint (trained with --n-expert > 1, e.g. runs/small/e16)"
-        )
+def check_model(model) -> None:
+    """Refuse a model no reduction applies to (a dense one, an unsupported architecture)."""
+    adapt(model)
+
+
+def check_reduction(adapter: MoEAdapter, method: str, target_n_expert: int) -> None:
+    """Refuse a method or target the model cannot be reduced with; the error names the fix."""
+    counts = [layer.n_expert for layer in adapter.layers]
+    check_request(method, target_n_expert, counts, adapter.top_k, adapter.cap_top_k)
+    adapter.check_target(method, target_n_expert)
 
 
 def reduce_model(
-    model: GPT, batches, method: str, target_n_expert: int, cfg: ReduceConfig = ReduceConfig()
-) -> tuple[GPT, dict]:
-    """Reduce every MoE layer of `model` to `target_n_expert` experts on task batches.
+    model, batches, method: str, target_n_expert: int, cfg: ReduceConfig = ReduceConfig()
+):
+    """Reduce every MoE layer of `model` (our GPT or a transformers MoE causal LM) to
+    `target_n_expert` experts on task batches.
 
     Returns the reduced model and a JSON-serializable record: the plan (with permutations),
     per-layer selection counts and similarity matrices, router warm-up losses and each step's
     time.
     """
     router = cfg.router or default_router(method)
-    check_model(model)
-    check_request(method, target_n_expert, [m.n_expert for m in model.moe_blocks], model.cfg.top_k)
+    adapter = adapt(model)
+    check_reduction(adapter, method, target_n_expert)
     if router not in ROUTERS or cfg.solver not in SOLVERS:
         raise ValueError(f"router must be one of {ROUTERS} and solver one of {SOLVERS}")
     times = {}
     with stopwatch(times, "stats"):
-        stats = collect_stats(model, batches, NEEDS.get(method, ()), target_n_expert)
+        stats = collect_stats(adapter, batches, NEEDS.get(method, ()), target_n_expert)
     with stopwatch(times, "plan"):
-        plan = make_plan(stats, method, target_n_expert, cfg.seed)
+        plan = make_plan(stats, method, target_n_expert, cfg)
     with stopwatch(times, "align"):
-        plan = align_plan(model, plan, cfg.solver)
+        plan = align_plan(adapter, plan, cfg.solver)
     with stopwatch(times, "apply"):
-        reduced = apply_plan(model, plan, router, cfg.seed)
+        reduced = apply_plan(adapter, plan, router, cfg.seed)
+    steps = cfg.router_warmup_steps if router != "keep" else 0  # kept rows already route
     with stopwatch(times, "router_warmup"):
-        losses = router_warmup(reduced, batches, cfg.router_warmup_steps, cfg.router_warmup_lr)
+        losses = router_warmup(reduced, batches, steps, cfg.router_warmup_lr)
     record = {
         "method": method,
         "target_n_expert": target_n_expert,
@@ -88,7 +99,7 @@ def reduce_model(
         "plan": plan,
         "layers": [_layer_record(st) for st in stats],
         "router_warmup": {
-            "steps": cfg.router_warmup_steps,
+            "steps": steps,
             "lr": cfg.router_warmup_lr,
             "losses": losses,
         },

@@ -3,7 +3,10 @@
 Sarkar et al. 2024, section 5.1, after Ainsworth et al. 2023 (Git Re-Basin): the permutation P
 maximising <W_in^a, P W_in^y>_F + <W_out^a, W_out^y P^T>_F, a linear assignment over the d_ff
 hidden neurons. Here w_fc = W_in^T (C, H) and w_proj = W_out^T (H, C), so anchor neuron i and
-member neuron j score  w_fc^a[:, i] . w_fc^y[:, j] + w_proj^a[i] . w_proj^y[j].
+member neuron j score  w_fc^a[:, i] . w_fc^y[:, j] + w_proj^a[i] . w_proj^y[j]. Gated (SwiGLU)
+experts score the sum over their three matrices, gate rows, up rows and down columns, which the
+permutation moves together. In general every matrix of an expert with a neuron dim
+(`MoELayer.neuron_dims`) adds its inner products; biases follow the permutation, unscored.
 
 Solvers:
 - "hungarian": exact, scipy's linear_sum_assignment (shortest augmenting paths, O(H^3) worst case).
@@ -19,12 +22,34 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from uncurl.reduce.adapter import GPTLayer, adapt
+
 SOLVERS = ("hungarian", "greedy")
 
 
 def neuron_scores(w_fc_a, w_proj_a, w_fc_y, w_proj_y) -> torch.Tensor:
-    """(H, H) score of placing member neuron j in anchor neuron i's slot."""
-    return w_fc_a.t() @ w_fc_y + w_proj_a @ w_proj_y.t()
+    """(H, H) score of placing member neuron j in anchor neuron i's slot (our experts)."""
+    anchor, member = {"w_fc": w_fc_a, "w_proj": w_proj_a}, {"w_fc": w_fc_y, "w_proj": w_proj_y}
+    return expert_scores(anchor, member, GPTLayer.neuron_dims)
+
+
+def expert_scores(anchor: dict, member: dict, neuron_dims: dict) -> torch.Tensor:
+    """(H, H) score of placing member neuron j in anchor neuron i's slot: the sum over the
+    experts' matrices of the inner products of neuron i's and neuron j's weights (in float32 at
+    least, on the experts' device)."""
+    scores = None
+    for name, a in anchor.items():
+        dim = neuron_dims[name]
+        if dim is None or a is None or a.dim() < 2:
+            continue
+        rows_a, rows_y = (t.movedim(dim, 0).flatten(1) for t in (a, member[name]))  # (H, rest)
+        part = _at_least_float32(rows_a) @ _at_least_float32(rows_y).t()
+        scores = part if scores is None else scores + part
+    return scores
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def match_neurons(scores, solver: str = "hungarian", candidates: int = 16) -> np.ndarray:
@@ -60,13 +85,16 @@ def _greedy_matching(scores: np.ndarray, m: int) -> np.ndarray:
 
 @torch.no_grad()
 def align_plan(model, plan: dict, solver: str = "hungarian") -> dict:
-    """A copy of `plan` with a permutation for every non-anchor member that has none yet."""
+    """A copy of `plan` with a permutation for every non-anchor member that has none yet
+    (`model`: our GPT, a transformers MoE model or their adapter)."""
     plan = copy.deepcopy(plan)
-    for moe, layer in zip(model.moe_blocks, plan["layers"], strict=True):
-        for group in layer["groups"]:
+    for layer, planned in zip(adapt(model).layers, plan["layers"], strict=True):
+        for group in planned["groups"]:
             a = group["anchor"]
             for i, m in enumerate(group["members"]):
                 if m != a and group["perms"][i] is None:
-                    scores = neuron_scores(moe.w_fc[a], moe.w_proj[a], moe.w_fc[m], moe.w_proj[m])
-                    group["perms"][i] = match_neurons(scores, solver).tolist()
+                    scores = expert_scores(
+                        layer.expert_params(a), layer.expert_params(m), layer.neuron_dims
+                    )
+                    group["perms"][i] = match_neurons(scores.cpu(), solver).tolist()
     return plan

@@ -1,96 +1,105 @@
 """Apply a plan: a new model that physically holds only the planned experts (the book's Method
 chapter: UNCURL's alignment, merge and new router). Each group's members, aligned to its anchor,
 are averaged with the plan's weights (a singleton is copied exactly); the router is
-re-initialised, kept, or merged."""
+re-initialised, kept, or merged. Works on any model `uncurl.reduce.adapter` adapts."""
 
 import torch
 
-from uncurl.config import ModelConfig
-from uncurl.model import GPT, MoE
+from uncurl.reduce.adapter import MoEAdapter, MoELayer, adapt, expert_layer
+from uncurl.reduce.adapter import reduced_config as reduced_config  # the book names it here
 from uncurl.reduce.align import align_plan
 
 ROUTERS = ("reinit", "keep", "merge")
-EXPERT_PARAMS = ("w_fc", "b_fc", "w_proj", "b_proj")
 
 
-def apply_plan(
-    model: GPT, plan: dict, router: str = "keep", seed: int = 0, solver: str = "hungarian"
-) -> GPT:
+def apply_plan(model, plan: dict, router: str = "keep", seed: int = 0, solver: str = "hungarian"):
     """The reduced model. Members the plan has not aligned yet are aligned first (`solver`).
 
-    router: "reinit" a fresh router with D outputs (seeded), "keep" each group's anchor row,
-    "merge" the members' rows averaged with the group's weights.
+    router: "reinit" a fresh router with D outputs (seeded; biases zero), "keep" each group's
+    anchor row, "merge" the members' rows averaged with the group's weights; a layer whose plan
+    names its own handling gets that.
     """
     if router not in ROUTERS:
         raise ValueError(f"unknown router handling {router!r}; choose one of {ROUTERS}")
-    check_plan_fits(model, plan)
-    plan = align_plan(model, plan, solver)
-    reduced = GPT(reduced_config(model.cfg, plan["target_n_expert"])).eval()
-    shared = {k: v for k, v in model.state_dict().items() if not _is_expert_param(k)}
-    reduced.load_state_dict(shared, strict=False)
+    adapter = adapt(model)
+    check_plan_fits(adapter, plan)
+    plan = align_plan(adapter, plan, solver)
     gen = torch.Generator().manual_seed(seed)
+    experts, routers = [], []
     with torch.no_grad():
-        for old, new, layer in zip(
-            model.moe_blocks, reduced.moe_blocks, plan["layers"], strict=True
-        ):
-            merged = [merge_group(old, g) for g in layer["groups"]]
-            for name in EXPERT_PARAMS:
-                if getattr(new, name) is not None:
-                    getattr(new, name).copy_(torch.stack([m[name] for m in merged]))
-            new.router.weight.copy_(_router_rows(old, layer["groups"], router, gen))
-    return reduced
+        for layer, planned in zip(adapter.layers, plan["layers"], strict=True):
+            merged = [merge_group(layer, g) for g in planned["groups"]]
+            experts.append({name: _stack([m[name] for m in merged]) for name in merged[0]})
+            own = planned.get("router", router)
+            routers.append(_router_rows(layer, planned["groups"], own, gen))
+        return adapter.reduced(experts, routers)
 
 
-def reduced_config(cfg: ModelConfig, counts: list[int]) -> ModelConfig:
-    """cfg with `counts` experts per MoE layer: one number when all layers agree (and exceed 1,
-    since n_expert=1 would mean the dense backbone)."""
-    n_expert = counts[0] if len(set(counts)) == 1 and counts[0] > 1 else list(counts)
-    return ModelConfig.from_dict({**cfg.to_dict(), "n_expert": n_expert})
-
-
-def check_plan_fits(model: GPT, plan: dict) -> None:
-    found = [moe.n_expert for moe in model.moe_blocks]
+def check_plan_fits(adapter: MoEAdapter, plan: dict) -> None:
+    found = [layer.n_expert for layer in adapter.layers]
     planned = [layer["source_n_expert"] for layer in plan["layers"]]
     if found != planned:
         raise ValueError(f"the plan is for MoE layers of {planned} experts, the model has {found}")
 
 
-def merge_group(moe: MoE, group: dict) -> dict:
-    """Weighted average of the group's aligned members: {param name: tensor for one expert}."""
+def merge_group(layer, group: dict) -> dict:
+    """Weighted average of the group's aligned members of `layer` (a MoELayer or one of our MoE
+    modules): {tensor name: tensor for one expert}, in at least float32, then the experts' dtype."""
+    layer = expert_layer(layer)
     parts = [
-        expert_params(moe, m, p) for m, p in zip(group["members"], group["perms"], strict=True)
+        expert_params(layer, m, p) for m, p in zip(group["members"], group["perms"], strict=True)
     ]
-    weights = torch.tensor(group["weights"], dtype=moe.w_fc.dtype)
     return {
-        name: None
-        if parts[0][name] is None
-        else torch.einsum("m,m...->...", weights, torch.stack([p[name] for p in parts]))
-        for name in EXPERT_PARAMS
+        name: None if value is None else _average(group["weights"], [p[name] for p in parts])
+        for name, value in parts[0].items()
     }
 
 
-def expert_params(moe: MoE, e: int, perm=None) -> dict:
-    """Expert e's parameters with its hidden neurons in order `perm` (None: unpermuted)."""
-    idx = slice(None) if perm is None else torch.as_tensor(perm)
+def expert_params(layer, e: int, perm=None) -> dict:
+    """Expert e's tensors with its hidden neurons in order `perm` (None: unpermuted)."""
+    layer = expert_layer(layer)
+    params = layer.expert_params(e)
+    if perm is None:
+        return params
+    return {name: _permuted(t, layer.neuron_dims[name], perm) for name, t in params.items()}
+
+
+def _permuted(t, dim: int | None, perm) -> torch.Tensor | None:
+    if t is None or dim is None:
+        return t
+    return t.index_select(dim, torch.as_tensor(perm, device=t.device))
+
+
+def _average(weights: list[float], tensors: list[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.stack(tensors)
+    dtype = torch.promote_types(stacked.dtype, torch.float32)
+    w = torch.tensor(weights, dtype=dtype, device=stacked.device)
+    return torch.einsum("m,m...->...", w, stacked.to(dtype)).to(stacked.dtype)
+
+
+def _stack(tensors: list) -> torch.Tensor | None:
+    return None if tensors[0] is None else torch.stack(tensors)
+
+
+def _router_rows(layer: MoELayer, groups: list[dict], router: str, gen) -> dict:
+    """Each router tensor's D rows; a fresh router draws its weight and zeroes its biases."""
     return {
-        "w_fc": moe.w_fc[e][:, idx],  # (C, H)
-        "b_fc": None if moe.b_fc is None else moe.b_fc[e][idx],  # (H,)
-        "w_proj": moe.w_proj[e][idx],  # (H, C)
-        "b_proj": None if moe.b_proj is None else moe.b_proj[e],  # (C,) not permuted
+        name: _rows(t, groups, router, gen, layer.router_init_std if name == "weight" else 0.0)
+        for name, t in layer.router_params().items()
     }
 
 
-def _router_rows(old: MoE, groups: list[dict], router: str, gen) -> torch.Tensor:
-    rows = old.router.weight  # (Z, C)
+def _rows(t: torch.Tensor, groups: list[dict], router: str, gen, std: float) -> torch.Tensor:
     if router == "keep":
-        return rows[[g["anchor"] for g in groups]]
+        return t[[g["anchor"] for g in groups]]
     if router == "merge":
         return torch.stack(
-            [torch.tensor(g["weights"], dtype=rows.dtype) @ rows[g["members"]] for g in groups]
+            [
+                torch.tensor(g["weights"], dtype=t.dtype, device=t.device) @ t[g["members"]]
+                for g in groups
+            ]
         )
-    fresh = torch.empty(len(groups), rows.shape[1])
-    return fresh.normal_(0.0, old.cfg.router_init_std, generator=gen)
-
-
-def _is_expert_param(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in EXPERT_PARAMS or key.endswith("mlp.router.weight")
+    if std == 0.0:
+        return t.new_zeros((len(groups), *t.shape[1:]))
+    fresh = torch.empty(len(groups), *t.shape[1:])
+    return fresh.normal_(0.0, std, generator=gen).to(t)

@@ -4,9 +4,11 @@ A plan is JSON-serializable:
     {"method", "seed", "target_n_expert": [D per MoE layer],
      "layers": [{"layer", "source_n_expert", "groups": [group, ...], ...method details}]}
 and a group is {"members", "anchor", "weights", "perms"}: the original experts merged into one
-new expert; the anchor, its most-selected member on T (kept as is); merge weights proportional to
-the members' selection counts on T (uniform if all are zero); and per member the hidden-neuron
-order aligning it to the anchor (None until `align.align_plan` fills it; the anchor stays None).
+new expert; the anchor, its member most often chosen first on T (kept as is); merge weights
+proportional to the members' first-choice counts on T (uniform if all are zero), the paper's
+selection frequency, which is every choice's count when top_k = 1; and per member the
+hidden-neuron order aligning it to the anchor (None until `align.align_plan` fills it; the anchor
+stays None).
 
 Methods (the book's Method chapter; each written from its paper):
 - uncurl: spectral clustering of (1 + cos) / 2 of the router-logit columns, exactly D clusters
@@ -24,7 +26,12 @@ Methods (the book's Method chapter; each written from its paper):
 - naee: the D-subset whose layer output on T is closest to the original, by enumeration (Lu et
   al. 2024, arXiv 2402.14800); layers of at most 16 experts.
 - hcsmoe: average-linkage hierarchical clustering of the experts' mean outputs over all tokens,
-  squared Euclidean distance, cut at exactly D groups (Chen et al. 2025, arXiv 2410.08589).
+  Euclidean distance, cut at exactly D groups (Chen et al. 2025, arXiv 2410.08589), merged as
+  every other merging method here (aligned, frequency-weighted, a new router).
+- greedy-first: the paper's suggestion (Sarkar et al. 2024, Section 6.3): greedy pruning in the
+  first MoE layer, whose router logits show no clusters, and UNCURL in the others.
+
+A layer's plan may name its own router handling ("router"), which `apply_plan` prefers.
 """
 
 import numpy as np
@@ -32,6 +39,7 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.manifold import spectral_embedding
 
+from uncurl.config import ReduceConfig
 from uncurl.reduce.stats import LayerStats
 
 # statistics each method needs beyond counts and router logits (stats.collect_stats' `needs`)
@@ -44,26 +52,30 @@ def default_router(method: str) -> str:
     return "keep" if method in PRUNING else "reinit"
 
 
-def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: int = 0) -> dict:
+def make_plan(
+    stats: list[LayerStats], method: str, target_n_expert: int, cfg: ReduceConfig = ReduceConfig()
+) -> dict:
     """Plan the reduction of every MoE layer to `target_n_expert` experts (on average for
-    mcsmoe)."""
-    check_request(method, target_n_expert, [st.n_expert for st in stats], stats[0].top_k)
+    mcsmoe), with `cfg`'s seed and clustering settings."""
+    counts = [st.n_expert for st in stats]
+    check_request(method, target_n_expert, counts, stats[0].top_k, stats[0].cap_top_k)
     if not all(_has(st, need, target_n_expert) for st in stats for need in NEEDS.get(method, ())):
         raise ValueError(
             f"{method} needs statistics {NEEDS[method]}: collect them with "
             f"collect_stats(model, batches, needs={NEEDS[method]}, subset_size=D)"
         )
-    layers = PLANNERS[method](stats, target_n_expert, seed)
+    layers = PLANNERS[method](stats, target_n_expert, cfg)
     return {
         "method": method,
-        "seed": seed,
+        "seed": cfg.seed,
+        "kmeans": {"n_init": cfg.kmeans_n_init, "max_iter": cfg.kmeans_max_iter},
         "target_n_expert": [len(clusters) for clusters, _ in layers],
         "layers": [
             {
                 "layer": st.layer,
                 "source_n_expert": st.n_expert,
                 "groups": sorted(
-                    (make_group(m, st.counts) for m in clusters), key=lambda g: g["anchor"]
+                    (make_group(m, st.top1) for m in clusters), key=lambda g: g["anchor"]
                 ),
                 **details,
             }
@@ -72,14 +84,19 @@ def make_plan(stats: list[LayerStats], method: str, target_n_expert: int, seed: 
     }
 
 
-def check_request(method: str, target_n_expert: int, counts: list[int], top_k: int) -> None:
-    """Refuse an unknown method or a target D outside [top_k, Z): each error names the fix."""
+def check_request(
+    method: str, target_n_expert: int, counts: list[int], top_k: int, cap_top_k: bool = False
+) -> None:
+    """Refuse an unknown method or a target D outside [top_k, Z) (outside [1, Z) when the
+    reduced model routes to min(top_k, D) experts, `cap_top_k`): each error names the fix."""
     if method not in PLANNERS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(PLANNERS)}")
-    if target_n_expert < max(1, top_k):
+    least = 1 if cap_top_k else max(1, top_k)
+    if target_n_expert < least:
+        needs = f"{least} expert(s)" if cap_top_k else f"top_k={top_k} expert(s)"
         raise ValueError(
             f"target_n_expert={target_n_expert} is too small: each MoE layer needs "
-            f"at least top_k={top_k} expert(s); choose D >= {max(1, top_k)}"
+            f"at least {needs}; choose D >= {least}"
         )
     if target_n_expert >= min(counts):
         raise ValueError(
@@ -114,17 +131,18 @@ def top(values, d: int) -> list[int]:
 
 
 def _per_layer(fn):
-    return lambda stats, d, seed: [fn(st, d, seed) for st in stats]
+    return lambda stats, d, cfg: [fn(st, d, cfg) for st in stats]
 
 
-def _uncurl(st: LayerStats, d: int, seed: int):
+def _uncurl(st: LayerStats, d: int, cfg: ReduceConfig):
     """Spectral clustering as sklearn's SpectralClustering(affinity="precomputed"), in its two
     steps so that the embedding F (Z x D eigenvectors of the normalised Laplacian) is kept."""
-    rng = np.random.RandomState(seed)  # one stream for both steps, as SpectralClustering
+    rng = np.random.RandomState(cfg.seed)  # one stream for both steps, as SpectralClustering
     embedding = spectral_embedding(
         st.similarity(), n_components=d, drop_first=False, random_state=rng
     )
-    labels = KMeans(d, n_init=10, random_state=rng).fit_predict(embedding)
+    kmeans = KMeans(d, n_init=cfg.kmeans_n_init, max_iter=cfg.kmeans_max_iter, random_state=rng)
+    labels = kmeans.fit_predict(embedding)
     return _clusters(_split_to(labels, embedding, d)), {"embedding": embedding.tolist()}
 
 
@@ -153,20 +171,20 @@ def _join(st: LayerStats, centres: list[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _greedy(st: LayerStats, d: int, seed: int):
+def _greedy(st: LayerStats, d: int, cfg: ReduceConfig):
     return [[e] for e in top(st.counts, d)], {}
 
 
-def _random(st: LayerStats, d: int, seed: int):
-    keep = np.random.default_rng([seed, st.layer]).choice(st.n_expert, d, replace=False)
+def _random(st: LayerStats, d: int, cfg: ReduceConfig):
+    keep = np.random.default_rng([cfg.seed, st.layer]).choice(st.n_expert, d, replace=False)
     return [[e] for e in sorted(keep.tolist())], {}
 
 
-def _freq_merge(st: LayerStats, d: int, seed: int):
+def _freq_merge(st: LayerStats, d: int, cfg: ReduceConfig):
     return _join(st, top(st.counts, d)), {}
 
 
-def _mcsmoe(stats: list[LayerStats], d: int, seed: int):
+def _mcsmoe(stats: list[LayerStats], d: int, cfg: ReduceConfig):
     """D x n_layers dominant experts by frequency across all layers, top_k of them per layer."""
     freqs = [st.frequency() for st in stats]
     dominant = [set(top(f, st.top_k)) for st, f in zip(stats, freqs, strict=True)]
@@ -178,12 +196,12 @@ def _mcsmoe(stats: list[LayerStats], d: int, seed: int):
     return [(_join(st, sorted(s)), {}) for st, s in zip(stats, dominant, strict=True)]
 
 
-def _reap(st: LayerStats, d: int, seed: int):
+def _reap(st: LayerStats, d: int, cfg: ReduceConfig):
     scores = st.reap_score()
     return [[e] for e in top(scores, d)], {"scores": scores.tolist()}
 
 
-def _naee(st: LayerStats, d: int, seed: int):
+def _naee(st: LayerStats, d: int, cfg: ReduceConfig):
     best = int(np.argmin(st.subset_error))
     mse = st.subset_error[best] / max(1, st.n_tokens)
     return [[int(e)] for e in st.subsets[best]], {
@@ -192,12 +210,21 @@ def _naee(st: LayerStats, d: int, seed: int):
     }
 
 
-def _hcsmoe(st: LayerStats, d: int, seed: int):
-    distance = cdist(st.mean_output(), st.mean_output(), "sqeuclidean")
+def _hcsmoe(st: LayerStats, d: int, cfg: ReduceConfig):
+    # Euclidean, as HC-SMoE: average linkage on squared distances groups differently
+    distance = cdist(st.mean_output(), st.mean_output(), "euclidean")
     labels = AgglomerativeClustering(d, metric="precomputed", linkage="average").fit_predict(
         distance
     )
     return _clusters(labels), {}
+
+
+def _greedy_first(stats: list[LayerStats], d: int, cfg: ReduceConfig):
+    """The paper's suggestion: the first MoE layer, which shows no cluster structure, pruned
+    greedily (its router rows kept); UNCURL in the others."""
+    first, *rest = stats
+    clusters, details = _greedy(first, d, cfg)
+    return [(clusters, {**details, "router": "keep"}), *(_uncurl(st, d, cfg) for st in rest)]
 
 
 PLANNERS = {
@@ -209,4 +236,5 @@ PLANNERS = {
     "reap": _per_layer(_reap),
     "naee": _per_layer(_naee),
     "hcsmoe": _per_layer(_hcsmoe),
+    "greedy-first": _greedy_first,
 }

@@ -1,10 +1,12 @@
 """Reduce a checkpoint on disk and write the result as a checkpoint plus its record, atomically.
 
-The output folder loads like a trained checkpoint (`uncurl.model.load_model`); its config.json
-records, under "reduction", which original experts each new expert came from. reduction.json holds
-the plan, per-layer selection counts, frequencies and similarity matrices, spectral embeddings
-(uncurl), and timings. The folder is written under a temporary name and renamed at the end, so a
-failure leaves nothing at `out`.
+Our checkpoints (`reduce_checkpoint`): the output folder loads like a trained checkpoint
+(`uncurl.model.load_model`); its config.json records, under "reduction", which original experts
+each new expert came from. Transformers checkpoints (`reduce_hf_checkpoint`): the output folder
+loads with `AutoModelForCausalLM.from_pretrained` (safetensors, config with the new expert count,
+generation config, tokenizer). Either way reduction.json holds the plan, per-layer selection
+counts, frequencies and similarity matrices, spectral embeddings (uncurl), and timings. The folder
+is written under a temporary name and renamed at the end, so a failure leaves nothing at `out`.
 """
 
 from pathlib import Path
@@ -21,7 +23,7 @@ from uncurl.model.checkpoint import (
     write_checkpoint,
 )
 from uncurl.provenance import environment
-from uncurl.reduce import check_model, check_request, reduce_model
+from uncurl.reduce import adapt, check_reduction, hf, reduce_model
 from uncurl.tasks import make_batches
 
 RECORD = layout.REDUCTION
@@ -35,15 +37,16 @@ def reduce_checkpoint(
     docs: list[np.ndarray],
     task_data: str,
     cfg: ReduceConfig = ReduceConfig(),
+    force: bool = False,
 ) -> Path:
     """Reduce `checkpoint` to `target_n_expert` experts per MoE layer on task documents `docs`
-    (token arrays; `task_data` names them in the record) and write it to `out`."""
+    (token arrays; `task_data` names them in the record) and write it to `out`, replacing a
+    reduction there only if `force`."""
     checkpoint, out = Path(checkpoint), Path(out)
-    check_out(out, checkpoint)
+    check_out(out, find_checkpoint(checkpoint), force)
     model = load_model(checkpoint)
-    check_model(model)
+    check_reduction(adapt(model), method, target_n_expert)
     source = [m.n_expert for m in model.moe_blocks]
-    check_request(method, target_n_expert, source, model.cfg.top_k)
     batches = make_batches(docs, model.cfg.block_size, cfg.batch_size, cfg.max_tokens, cfg.seed)
     reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
     parent = {k: v for k, v in read_info(checkpoint).items() if k != "model"}
@@ -61,8 +64,67 @@ def reduce_checkpoint(
             "parent": parent,
         }
     }
+    tok = load_tokenizer(checkpoint)
+    return _write(
+        out,
+        lambda tmp: write_checkpoint(tmp, reduced, tok, info),
+        _record(checkpoint, task_data, docs, cfg, record),
+    )
+
+
+def reduce_hf_checkpoint(
+    source,
+    out,
+    method: str,
+    target_n_expert: int,
+    docs: list[np.ndarray],
+    task_data: str,
+    cfg: ReduceConfig = ReduceConfig(),
+    block_size: int | None = None,
+    device: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Reduce a transformers MoE checkpoint (a `save_pretrained` folder) to `target_n_expert`
+    experts per MoE layer on task documents `docs`, tokenized with its tokenizer, in windows of
+    `block_size` tokens, on `device` (default: a GPU if there is one), and write it to `out`."""
+    source, out = Path(source), Path(out)
+    check_out(out, source, force)
+    model = hf.load_checkpoint(source, device)
+    check_reduction(adapt(model), method, target_n_expert)
+    window = hf.window(model.config, block_size)
+    batches = make_batches(docs, window, cfg.batch_size, cfg.max_tokens, cfg.seed)
+    reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
+    experts = {"family": model.config.model_type, "activation": adapt(model).layers[0].activation}
     record = {
-        "checkpoint": str(checkpoint),
+        "block_size": window,
+        "experts": experts,
+        **_record(source, task_data, docs, cfg, record),
+    }
+    tok = hf.load_tokenizer(source)
+    return _write(out, lambda tmp: hf.write_checkpoint(tmp, reduced, tok), record)
+
+
+def check_out(out: Path, source: Path, force: bool = False) -> None:
+    """Refuse an `out` inside the source checkpoint (the folder `source`), one that holds
+    anything but a reduction, and one that holds a finished reduction unless `force`."""
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(
+            f"--out {out} is inside the source checkpoint {source}; choose a folder outside it"
+        )
+    if out.exists() and not (out / RECORD).exists():
+        raise ValueError(f"{out} exists and is not an earlier reduction; choose a new --out")
+    if (out / RECORD).exists() and not force:
+        done = layout.read_json(out / RECORD)
+        raise ValueError(
+            f"{out} holds a finished reduction ({done.get('method')} to "
+            f"{done.get('target_n_expert')} experts on {done.get('task_data')}); "
+            "choose a new --out, or give --force to replace it"
+        )
+
+
+def _record(source: Path, task_data: str, docs, cfg: ReduceConfig, record: dict) -> dict:
+    return {
+        "checkpoint": str(source),
         "task_data": task_data,
         "n_documents": len(docs),
         "max_tokens": cfg.max_tokens,
@@ -70,20 +132,11 @@ def reduce_checkpoint(
         **record,
         "environment": environment(),
     }
-    return _write(out, reduced, load_tokenizer(checkpoint), info, record)
 
 
-def check_out(out: Path, checkpoint: Path) -> None:
-    """Refuse to overwrite anything but an earlier reduction (never the source checkpoint)."""
-    if out.exists() and not (out / RECORD).exists():
-        raise ValueError(f"{out} exists and is not an earlier reduction; choose a new --out")
-    if out.exists() and out.resolve() == find_checkpoint(checkpoint).resolve():
-        raise ValueError("--out is the source checkpoint; choose a new folder")
-
-
-def _write(out: Path, model, tok, info: dict, record: dict) -> Path:
+def _write(out: Path, write_model, record: dict) -> Path:
     """Checkpoint and record in one folder, swapped in whole (replacing an earlier reduction)."""
     with layout.atomic_dir(out) as tmp:
-        write_checkpoint(tmp, model, tok, info)
+        write_model(tmp)
         layout.write_json(tmp / RECORD, record)
     return out

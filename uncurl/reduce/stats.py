@@ -16,8 +16,10 @@ import itertools
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from uncurl.model import GPT, MoE, eval_mode
+from uncurl.model import eval_mode
+from uncurl.reduce.adapter import LayerIO, MoEAdapter, MoELayer, adapt
 
 NAEE_MAX_EXPERTS = 16  # C(16, 8) = 12,870 subsets per layer is the most we enumerate
 
@@ -34,6 +36,7 @@ class LayerStats:
     output_sum: np.ndarray | None = None  # (Z, C) sum over all tokens of E(x)
     subsets: np.ndarray | None = None  # (S, D) every D-subset of experts, for NAEE
     subset_error: np.ndarray | None = None  # (S,) sum over tokens of ||y - y_subset||^2
+    cap_top_k: bool = False  # the reduced model routes to min(top_k, D) experts (transformers)
 
     @property
     def n_expert(self) -> int:
@@ -57,35 +60,32 @@ class LayerStats:
 
 
 def collect_stats(
-    model: GPT, batches, needs=(), subset_size: int | None = None, dropless: bool = True
+    model, batches, needs=(), subset_size: int | None = None, dropless: bool = True
 ) -> list[LayerStats]:
-    """One pass of `batches` (tasks.Batch) through `model`; `needs` adds "reap", "outputs",
-    "naee" (the last with `subset_size` = D)."""
+    """One pass of `batches` (tasks.Batch) through `model` (our GPT, a transformers MoE model or
+    their adapter, `uncurl.reduce.adapter`), on the model's device; `needs` adds "reap",
+    "outputs", "naee" (the last with `subset_size` = D)."""
     if "naee" in needs and subset_size is None:
         raise ValueError("NAEE statistics need subset_size, the D of the subsets to enumerate")
-    stats = [
-        _empty(model, layer, moe, needs, subset_size)
-        for layer, moe in zip(model.cfg.moe_layers, model.moe_blocks, strict=True)
-    ]
-    with torch.no_grad(), eval_mode(model):
-        for batch in batches:
-            mask = batch.mask.reshape(-1)
-            routing = model(batch.idx, return_routing=True, dropless=dropless).routing
-            for st, moe, r in zip(stats, model.moe_blocks, routing, strict=True):
-                _update(
-                    st,
-                    moe,
-                    r.inputs[mask],
-                    r.outputs[mask],
-                    (r.logits[mask], r.experts[mask], r.gates[mask]),
-                )
+    adapter = adapt(model)
+    stats = [_empty(adapter, layer, needs, subset_size) for layer in adapter.layers]
+    with torch.no_grad(), eval_mode(adapter.model):
+        for batch in tqdm(batches, desc="statistics", unit="batch", disable=None, leave=False):
+            adapter.visit_layers(
+                batch, lambda i, io: _update(stats[i], adapter.layers[i], io), dropless
+            )
     return stats
 
 
-def _empty(model: GPT, layer: int, moe: MoE, needs, subset_size) -> LayerStats:
-    z, c = moe.n_expert, model.cfg.n_embd
+def _empty(adapter: MoEAdapter, layer: MoELayer, needs, subset_size) -> LayerStats:
+    z, c = layer.n_expert, adapter.width
     st = LayerStats(
-        layer, model.cfg.top_k, np.zeros(z, np.int64), np.zeros(z, np.int64), np.zeros((z, z))
+        layer.index,
+        adapter.top_k,
+        np.zeros(z, np.int64),
+        np.zeros(z, np.int64),
+        np.zeros((z, z)),
+        cap_top_k=adapter.cap_top_k,
     )
     if "reap" in needs:
         st.reap_sum = np.zeros(z)
@@ -102,37 +102,38 @@ def _empty(model: GPT, layer: int, moe: MoE, needs, subset_size) -> LayerStats:
     return st
 
 
-def _update(st: LayerStats, moe: MoE, x, y, routing) -> None:
-    logits, experts, gates = routing  # (N, Z), (N, k), (N, k)
+def _update(st: LayerStats, layer: MoELayer, io: LayerIO) -> None:
+    x, y, logits, experts, gates = io  # (N, C), (N, C), (N, Z), (N, k), (N, k)
     z = st.n_expert
     st.n_tokens += len(x)
-    st.counts += torch.bincount(experts.reshape(-1), minlength=z).numpy()
-    st.top1 += torch.bincount(experts[:, 0], minlength=z).numpy()
+    st.counts += torch.bincount(experts.reshape(-1), minlength=z).cpu().numpy()
+    st.top1 += torch.bincount(experts[:, 0], minlength=z).cpu().numpy()
     h = logits.double()
-    st.gram += (h.t() @ h).numpy()
+    st.gram += (h.t() @ h).cpu().numpy()
     if st.reap_sum is not None:
-        st.reap_sum += _reap_sums(moe, x, experts, gates)
+        st.reap_sum += _reap_sums(layer, x, experts, gates)
     if st.output_sum is None and st.subsets is None:
         return
-    outs = torch.stack([moe.expert(e, x) for e in range(z)])  # (Z, N, C)
+    outs = torch.stack([layer.expert(e, x) for e in range(z)])  # (Z, N, C)
     if st.output_sum is not None:
-        st.output_sum += outs.double().sum(1).numpy()
+        st.output_sum += outs.double().sum(1).cpu().numpy()
     if st.subsets is not None:
-        st.subset_error += _subset_errors(logits, outs, y, st.subsets, st.top_k)
+        st.subset_error += _subset_errors(layer, logits, outs, y, st.subsets)
 
 
-def _reap_sums(moe: MoE, x, experts, gates) -> np.ndarray:
-    sums = np.zeros(moe.n_expert)
+def _reap_sums(layer: MoELayer, x, experts, gates) -> np.ndarray:
+    sums = np.zeros(layer.n_expert)
     for e in experts.unique().tolist():
         rows, slot = (experts == e).nonzero(as_tuple=True)
-        norms = moe.expert(e, x[rows]).norm(dim=-1)
+        norms = layer.expert(e, x[rows]).norm(dim=-1)
         sums[e] = (gates[rows, slot] * norms).double().sum().item()
     return sums
 
 
-def _subset_errors(logits, outs, y, subsets: np.ndarray, k: int) -> np.ndarray:
+def _subset_errors(layer: MoELayer, logits, outs, y, subsets: np.ndarray) -> np.ndarray:
     """sum_t ||y_t - y_t(S)||^2 for each subset S, where y(S) is the layer's output with only S's
-    experts and router rows kept: top-k of S's logits, gates softmax over S (router 'keep').
+    experts and router rows kept (router 'keep'): the layer's own gating over S's logits (ours:
+    top-k of the softmax over S).
 
     Expanded as ||y||^2 - 2 sum_j g_j <y, E_j> + sum_jl g_j g_l <E_j, E_l> over the k chosen
     experts, from per-token dot products, so no subset's output is ever materialised."""
@@ -141,16 +142,16 @@ def _subset_errors(logits, outs, y, subsets: np.ndarray, k: int) -> np.ndarray:
     dots = torch.einsum("nzc,nc->nz", per_token, y)  # (N, Z)
     gram = per_token @ per_token.transpose(1, 2)  # (N, Z, Z)
     n, d = len(y), subsets.shape[1]
-    rows = torch.arange(n)[:, None, None]
+    rows = torch.arange(n, device=y.device)[:, None, None]
     chunk = max(1, 2**22 // (n * d))  # bounds the (N, chunk, D) gathered logits
     errors = []
     for i in range(0, len(subsets), chunk):
-        s = torch.from_numpy(subsets[i : i + chunk])  # (S, D)
-        gates, pos = logits[:, s].float().softmax(-1).topk(k, dim=-1)  # (N, S, k)
+        s = torch.from_numpy(subsets[i : i + chunk]).to(logits.device)  # (S, D)
+        gates, pos = layer.route(logits[:, s], s)  # (N, S, k)
         gates = gates.double()
-        chosen = s[torch.arange(len(s))[:, None], pos]  # (N, S, k) expert ids
+        chosen = s[torch.arange(len(s), device=s.device)[:, None], pos]  # (N, S, k) expert ids
         cross = (gates * dots[rows, chosen]).sum((0, 2))  # (S,)
         pairs = gram[rows[..., None], chosen[..., :, None], chosen[..., None, :]]  # (N, S, k, k)
         quad = (gates[..., :, None] * gates[..., None, :] * pairs).sum((0, 2, 3))  # (S,)
-        errors.append(((y * y).sum() - 2 * cross + quad).numpy())
+        errors.append(((y * y).sum() - 2 * cross + quad).cpu().numpy())
     return np.concatenate(errors)

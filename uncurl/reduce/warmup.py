@@ -4,18 +4,19 @@ the whole model is fine-tuned."""
 
 import torch
 
-from uncurl.model import GPT
+from uncurl.reduce.adapter import adapt
 
 
 def router_warmup(
-    model: GPT, batches, steps: int, lr: float = 1e-3, grad_clip: float = 1.0
+    model, batches, steps: int, lr: float = 1e-3, grad_clip: float = 1.0
 ) -> list[float]:
-    """Train the routers in place for `steps` steps, cycling through `batches` (tasks.Batch);
-    returns the loss (LM + weighted load-balancing) of each step. Training mode, so capacity and
-    dropping are as in fine-tuning."""
+    """Train the routers of `model` (our GPT, a transformers MoE model or their adapter) in place
+    for `steps` steps, cycling through `batches` (tasks.Batch); returns the loss (LM + weighted
+    load-balancing) of each step. Training mode, so capacity and dropping are as in fine-tuning."""
     if steps == 0:
         return []
-    routers = [moe.router.weight for moe in model.moe_blocks]
+    adapter = adapt(model)
+    model, routers = adapter.model, adapter.router_parameters()
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(any(p is r for r in routers))
@@ -25,7 +26,7 @@ def router_warmup(
     try:
         for step in range(steps):
             batch = batches[step % len(batches)]
-            loss = model(batch.idx, batch.targets, loss_mask=batch.mask).loss
+            loss = adapter.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(routers, grad_clip)

@@ -20,7 +20,8 @@ from uncurl.report.style import (
 
 
 def plot_dense_equivalent(comparison: pd.DataFrame, fitted: dict, total_params: dict) -> Figure:
-    """N' of 354M+Xe: the paper's read-off values, Clark et al.'s law, a fit to the paper."""
+    """N' of the paper's backbone with X experts: its read-off values, Clark et al.'s law, a fit
+    to the paper."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     e = comparison["n_expert"]
@@ -56,7 +57,7 @@ def plot_dense_equivalent(comparison: pd.DataFrame, fitted: dict, total_params: 
         "-",
         color="0.6",
         linewidth=1,
-        label="total parameters of 354M+Xe",
+        label=f"total parameters of {human(paper.BACKBONE_PARAMS)}+Xe",
     )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -209,6 +210,7 @@ def dense_equivalent_headline(
             "our_ratio_max_hi": float(top["ratio_hi"]),
             "clark_ratio_max": float(law.effective_params(n_ours, top["n_expert"]) / n_ours),
             "our_sign": sign,
+            **paper.headline(),
         }
     )
 

@@ -6,23 +6,29 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from uncurl import cpu
 from uncurl.bench import costmodel
 from uncurl.bench.inference_tables import (
     comparison_world,
     forward_table,
     layer_table,
 )
+from uncurl.report import paper
+from uncurl.report.records import setting
 from uncurl.report.style import (
     LOSS_LABEL,
     display_table,
     expert_color,
     expert_label,
+    expert_range,
     human,
     plain_axis,
     plain_values,
 )
 
 A2A, COMPUTE = "All2All (both exchanges)", "expert computation"
+PAPER_SMALL = human(costmodel.PAPER_SMALL_BACKBONE_PARAMS)  # the backbone of Fig. 4 and 5
+FIG2A, FIG4, FIG5 = costmodel.PAPER_FIG2A_SETUP, costmodel.PAPER_FIG4, costmodel.PAPER_FIG5
 
 
 def _experts(n_expert) -> int:
@@ -77,7 +83,9 @@ def plot_loss_vs_latency(result: dict) -> Figure:
         ax.set_xlabel("forward latency (ms)")
         ax.set_ylabel(LOSS_LABEL)
     ours.set_title(f"(a) this study, {result['profile']} profile, one process")
-    theirs.set_title("(b) Sarkar et al. Fig. 2a: 354M, 8 A10 GPUs")
+    theirs.set_title(
+        f"(b) Sarkar et al. Fig. 2a: {human(paper.BACKBONE_PARAMS)}, {FIG2A['gpus']} A10 GPUs"
+    )
     return fig
 
 
@@ -103,7 +111,7 @@ def plot_a2a_vs_compute(result: dict) -> Figure:
         paper["experts"],
         paper["a2a"],
         paper["compute"],
-        "Sarkar et al. Fig. 4: 124M, GPUs, EP 2",
+        f"Sarkar et al. Fig. 4: {PAPER_SMALL}, GPUs, EP {FIG4['world']}",
     )
     axes[0].legend(fontsize="small")
     return fig
@@ -142,8 +150,8 @@ def plot_latency_vs_procs(result: dict) -> Figure:
         list(costmodel.PAPER_FIG5_MS),
         list(costmodel.PAPER_FIG5_MS.values()),
         marker="o",
-        color=expert_color(32),
-        label="124M+32e",
+        color=expert_color(FIG5["n_expert"]),
+        label=f"{PAPER_SMALL}+{FIG5['n_expert']}e",
     )
     ours.set_xlabel(f"processes P on {result['environment']['cpus']} cores")
     theirs.set_xlabel("GPUs")
@@ -153,7 +161,9 @@ def plot_latency_vs_procs(result: dict) -> Figure:
         ax.set_ylabel("forward latency (ms)")
         ax.legend(fontsize="small")
     ours.set_title("(a) this study: each process its own batch")
-    theirs.set_title("(b) Sarkar et al. Fig. 5: 1 x 256 tokens per GPU")
+    theirs.set_title(
+        f"(b) Sarkar et al. Fig. 5: {FIG5['batch_size']} x {FIG5['seq_len']} tokens per GPU"
+    )
     return fig
 
 
@@ -269,5 +279,29 @@ def headline(result: dict) -> dict:
                 f"{result['runs']}/{result['profile']}/reduced/ when this copy was "
                 "built, so this section has nothing to compare yet."
             ),
+            **paper_setups(),
         }
     )
+
+
+def paper_setups() -> dict:
+    """The setups of the paper's measurements and of the cost model, as the prose states them,
+    and the allocator setting of our memory measurement."""
+    cfg = costmodel.PAPER_FIG4_CONFIG
+    return {
+        **paper.headline(),
+        "fig2a_experts": expert_range(costmodel.PAPER_FIG2A),
+        **{f"fig2a_{k}": v for k, v in FIG2A.items()},
+        "fig4_backbone": PAPER_SMALL,
+        **{f"fig4_{k}": v for k, v in FIG4.items()},
+        "fig4_d": cfg.n_embd,
+        "fig4_capacity_factor": cfg.eval_capacity_factor,
+        "fig4_min_capacity": cfg.min_capacity,
+        "fig5_model": f"{PAPER_SMALL}+{FIG5['n_expert']}e",
+        **{f"fig5_{k}": v for k, v in FIG5.items()},
+        "links": "; ".join(
+            f"{link.name}: {link.bandwidth / 1e9:g} GB/s ({link.source})"
+            for link in costmodel.LINKS
+        ),
+        "mmap_threshold_kib": setting(cpu.map_large_blocks_afresh, "threshold") >> 10,
+    }

@@ -5,7 +5,11 @@ Inefficiencies with Task Specific Expert Pruning", NeurIPS 2024 ENLSP workshop, 
 Values marked "read off the plot" carry the reading error of a figure (a few per cent).
 """
 
+import numpy as np
 import pandas as pd
+
+from uncurl import layout
+from uncurl.report.style import expert_range, human
 
 CITATION = (
     "Sarkar, Lausen, Cevher, Zha, Brox, Karypis. Revisiting SMoE Language Models by Evaluating "
@@ -27,6 +31,7 @@ PRETRAINING_VAL_LOSS = {
     64: (3.64, 3.28, 3.10, 2.95, 2.80, 2.59),
     128: (3.63, 3.25, 3.08, 2.91, 2.75, 2.56),
 }
+TOKENS = PRETRAINING_TOKENS[-1]  # section 4: each model is pretrained for 50B tokens, Fig. 6's end
 
 # Fig. 2b: performance-equivalent dense size of 354M+Xe by Clark et al.'s law (read off the plot).
 DENSE_EQUIVALENT = {
@@ -39,6 +44,15 @@ DENSE_EQUIVALENT = {
     512: 7.8e9,
     1024: 13.5e9,
 }
+
+
+def headline() -> dict:
+    """The paper's pretraining setup as the chapters' prose states it."""
+    return {
+        "paper_backbone": human(BACKBONE_PARAMS),
+        "paper_experts": expert_range(PRETRAINING_VAL_LOSS),
+        "paper_tokens": human(TOKENS),
+    }
 
 
 def pretraining_curves() -> pd.DataFrame:
@@ -90,3 +104,56 @@ def superglue(models=None) -> pd.DataFrame:
             for t, a in zip(SUPERGLUE_TASKS, accs, strict=True)
         ]
     )
+
+
+# Sarkar et al. 2024, Section 6.2: the largest pruning factor at which UNCURL's reduction beats
+# the smaller SMoE trained from scratch on most tasks, per pretraining expert count
+THRESHOLD = {32: 4, 64: 2, 128: 2}
+
+
+def advantages(method: str) -> pd.DataFrame:
+    """The paper's reduced models against its from-scratch model of the target size (Table 1):
+    accuracy points by which the reduction is better, per SuperGLUE task, and the share of
+    tasks it wins."""
+    rows = []
+    for model, accs in SUPERGLUE.items():
+        label = layout.parse_label(model)
+        if label["method"] != method:
+            continue
+        reference = SUPERGLUE[layout.model_label(label["target_n_expert"])]
+        diffs = [a - b for a, b in zip(accs, reference, strict=True)]
+        rows.append(
+            {
+                "model": model,
+                "factor": label["source_n_expert"] // label["target_n_expert"],
+                **dict(zip(SUPERGLUE_TASKS, diffs, strict=True)),
+                "tasks won (%)": 100 * np.mean([d > 0 for d in diffs]),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["factor", "model"], ignore_index=True)
+
+
+# Sarkar et al. 2024, Tables 3 and 4: merging baselines, accuracy on RTE, BoolQ and COPA only
+BASELINE_TASKS = ("RTE", "BoolQ", "COPA")
+BASELINES = {
+    "e32-freq-merge-d8": (64.54, 65.12, 56.19),
+    "e32-mcsmoe-d8": (66.91, 67.83, 59.01),
+    "e64-mcsmoe-d32": (67.07, 67.96, 58.62),
+    "e128-mcsmoe-d64": (67.41, 68.47, 59.14),
+}
+
+
+def baselines() -> pd.DataFrame:
+    """The paper's merging baselines beside its UNCURL reduction of the same source and target
+    (accuracy %, the three tasks it reports them on)."""
+    rows = []
+    for model, accs in BASELINES.items():
+        label = layout.parse_label(model)
+        uncurl = SUPERGLUE.get(
+            layout.model_label(label["target_n_expert"], "uncurl", label["source_n_expert"])
+        )
+        row = {"model": model, **dict(zip(BASELINE_TASKS, accs, strict=True))}
+        for task in BASELINE_TASKS:
+            row[f"{task}, UNCURL"] = uncurl[SUPERGLUE_TASKS.index(task)] if uncurl else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

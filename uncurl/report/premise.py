@@ -11,8 +11,11 @@ from uncurl.report.style import (
     duration,
     expert_color,
     expert_label,
+    listing,
     plain_values,
 )
+
+SWEEP_PROFILE = "small"  # the profile `uncurl.sweep` varies; its last variant is the profile itself
 
 SWEEP_COLUMNS = (
     "variant",
@@ -20,6 +23,8 @@ SWEEP_COLUMNS = (
     "seed",
     "n_embd",
     "vocab_size",
+    "router_init_std",
+    "steps",
     "tokens",
     "val_loss",
     "wall_time_s",
@@ -186,5 +191,51 @@ def sweep_headline(df: pd.DataFrame) -> dict:
                 "seed alone is not measured."
             ),
             "sweep_time": duration(df["wall_time_s"].sum()),
+            **router_settings(df),
+            **last_setting(df),
         }
     )
+
+
+def router_settings(df: pd.DataFrame) -> dict:
+    """The router initialisations the appendix contrasts, as the sweep ran them: GPT-2's (its
+    first variant) and the one the profile adopted (its last: the profile itself), with that
+    one's training steps."""
+    first, last = (
+        df[df["variant"] == v].iloc[0] for v in (df["variant"].iloc[0], df["variant"].iloc[-1])
+    )
+    return {
+        "old_router_std": float(first["router_init_std"]),
+        "sweep_profile": SWEEP_PROFILE,
+        "router_std": float(last["router_init_std"]),
+        "profile_steps": int(last["steps"]),
+    }
+
+
+def last_setting(df: pd.DataFrame) -> dict:
+    """The sweep's last setting (the profile's own) against dense, per expert count: where it
+    ends below or above dense (mean over seeds), where the sign flips between seeds, and which
+    advantages exceed the spread between seeds at that setting."""
+    last = sweep_base(df["variant"].iloc[-1])
+    gaps = sweep_gaps(df)
+    by_count = gaps[gaps["variant"].map(sweep_base) == last].groupby("n_expert")["gap"]
+    mean, seeds = by_count.mean(), by_count.size()
+    flips = by_count.agg(lambda g: g.min() < 0 < g.max())
+    spread = seed_spread(df)
+    noise = spread[spread.index.get_level_values(0) == last].max()
+    beyond = [
+        f"{n} experts ({seeds[n]} seed{'' if seeds[n] == 1 else 's'})"
+        for n in mean.index
+        if -mean[n] > noise
+    ]
+    return {
+        "below": _experts(mean.index[mean < 0]),
+        "above": _experts(mean.index[mean > 0]),
+        "flips": _experts(flips.index[flips]),
+        "last_spread": "not measured" if pd.isna(noise) else f"{noise:.3f} nats per token",
+        "beyond_spread": listing(beyond) if beyond else "no expert count",
+    }
+
+
+def _experts(counts) -> str:
+    return f"{listing(counts)} experts" if len(counts) else "no expert count"

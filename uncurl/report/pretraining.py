@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from uncurl import data, layout
 from uncurl.config import Profile, load_profiles
+from uncurl.report import paper
 from uncurl.report.style import (
     LOSS_LABEL,
     display_table,
@@ -167,7 +168,7 @@ def plot_loss_curves(curves: pd.DataFrame, paper_curves: pd.DataFrame, profile: 
         ax.set_ylabel(LOSS_LABEL)
         ax.legend(fontsize="small")
     ours.set_title(f"(a) this study, {profile} profile")
-    theirs.set_title("(b) Sarkar et al. 2024, 354M backbone")
+    theirs.set_title(f"(b) Sarkar et al. 2024, {human(paper.BACKBONE_PARAMS)} backbone")
     return fig
 
 
@@ -211,6 +212,8 @@ def pretraining_headline(models: pd.DataFrame, profile: Profile) -> dict:
         "total_train_time": duration(models["wall_time_s"].sum()),
         "longest_train_time": duration(models["wall_time_s"].max()),
         "hardware": hardware(models),
+        "reductions": reductions(profile),
+        **paper.headline(),
     }
     if len(dense) and len(moe):
         d = float(dense["val_loss"].iloc[0])
@@ -227,6 +230,17 @@ def pretraining_headline(models: pd.DataFrame, profile: Profile) -> dict:
             "moe_vs_dense": _moe_vs_dense(worse, len(moe)),
         }
     return plain_values(values)
+
+
+def reductions(profile: Profile) -> str:
+    """The profile's reductions: '32 to 8 experts by uncurl and greedy; ...', or 'none'."""
+    return (
+        "; ".join(
+            f"{r['source_n_expert']} to {r['target_n_expert']} experts by {listing(r['methods'])}"
+            for r in profile.reductions
+        )
+        or "none"
+    )
 
 
 def _moe_vs_dense(worse: int, total: int) -> str:

@@ -1,14 +1,20 @@
 """A study step's record: its tables as CSV and `results.json` with parameters, values and
-provenance, which the study runner reads to decide whether the step is up to date."""
+provenance, which the study runner reads to decide whether the step is up to date: the library
+modules and profile fields the step read decide when it must run again."""
 
 import datetime
+import inspect
 import platform
 import sys
 import time
 from pathlib import Path
 
 from uncurl import layout
+from uncurl.config import profile_fields_read
 from uncurl.provenance import git_revision, package_versions
+
+# what differs between two executions of the same step with the same inputs: not what it wrote
+VOLATILE = ("git", "wall_time_s", "finished")
 
 
 def write_results(
@@ -29,7 +35,7 @@ def write_results(
     files = {}
     for name, table in (tables or {}).items():
         files[name] = f"{name}.csv"
-        table.to_csv(out / files[name], index=False)
+        layout.write_text(out / files[name], table.to_csv(index=False))
     record = {
         "parameters": parameters,
         "values": values or {},
@@ -39,6 +45,7 @@ def write_results(
         "python": platform.python_version(),
         "packages": package_versions(),
         "library": library_modules(),
+        "profile_fields": profile_fields_read(),
         "wall_time_s": time.time() - started,
         "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -55,3 +62,9 @@ def library_modules() -> list[str]:
         if (name == "uncurl" or name.startswith("uncurl.")) and getattr(m, "__file__", None)
     }
     return sorted(str(f.relative_to(root)) for f in files)
+
+
+def setting(fn, parameter: str):
+    """The default of `fn`'s `parameter`: a fixed setting of the library that the prose states
+    (glued from the code, so that the book follows the code)."""
+    return inspect.signature(fn).parameters[parameter].default

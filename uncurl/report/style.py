@@ -4,8 +4,8 @@ Figures are `matplotlib.figure.Figure` objects (no pyplot state, so nothing is s
 `save_figure` writes a PNG and returns an image that MyST-NB's `glue` can paste into the book.
 """
 
+import io
 import math
-from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
@@ -14,6 +14,8 @@ import seaborn as sns
 from IPython.display import Image
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from uncurl import layout
 
 LOSS_LABEL = "validation loss (nats per token)"
 
@@ -33,6 +35,27 @@ def expert_color(n_expert: int):
     if n_expert == 1:
         return (0.1, 0.1, 0.1)
     return mpl.colormaps["viridis"](min(math.log2(n_expert), 7) / 7 * 0.9)
+
+
+# one colour per method in every chapter (seaborn's colourblind palette, in a fixed order)
+METHODS = (
+    "scratch",
+    "uncurl",
+    "greedy",
+    "greedy-first",
+    "freq-merge",
+    "mcsmoe",
+    "hcsmoe",
+    "reap",
+    "naee",
+    "random",
+)
+
+
+def method_color(method: str):
+    """The same colour for a reduction method in every figure (from scratch first)."""
+    palette = sns.color_palette("colorblind", len(METHODS))
+    return palette[METHODS.index(method)] if method in METHODS else (0.5, 0.5, 0.5)
 
 
 def human(n: float) -> str:
@@ -55,17 +78,31 @@ def listing(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def expert_range(counts) -> str:
+    """The range of the MoE expert counts among `counts`: (1, 8, 32, 128) -> '8 to 128'."""
+    moe = sorted(n for n in counts if n > 1)
+    return f"{moe[0]} to {moe[-1]}"
+
+
 def display_table(df: pd.DataFrame, formats: dict | str | None = None):
-    """A table for the book: no index; `formats` as for pandas' `Styler.format`."""
-    return df.style.hide(axis="index").format(formats or {})
+    """A table for the book: no index, no column that is empty throughout, missing values as a
+    dash, and every float column not given a format in `formats` (as for pandas'
+    `Styler.format`) at four significant digits; the book's stylesheet scrolls a wide table
+    instead of letting it overflow the text column."""
+    df = df.dropna(axis="columns", how="all")
+    if isinstance(formats, str):
+        formats = dict.fromkeys(df.columns, formats)
+    floats = df.select_dtypes("float").columns
+    formats = {**dict.fromkeys(floats, "{:.4g}"), **(formats or {})}
+    formats = {c: f for c, f in formats.items() if c in df.columns}
+    return df.style.hide(axis="index").format(formats, na_rep="–")
 
 
 def save_figure(fig: Figure, path) -> Image:
     """Write `fig` as PNG and return it as an image for `glue`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return Image(filename=str(path))
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return Image(filename=str(layout.write_bytes(path, png.getvalue())))
 
 
 def plain_values(values: dict) -> dict:

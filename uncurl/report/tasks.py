@@ -1,12 +1,16 @@
 """Tables and figures of the tasks chapter: which tasks the models learn, and how reduced models
-compare with their from-scratch equivalents, every number with its 95% interval."""
+compare with their from-scratch equivalents, every number with its bootstrap interval at
+`LEVEL`."""
+
+import tempfile
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from uncurl import evaluate, layout, tasks
+from uncurl import data, evaluate, harness, layout, tasks
+from uncurl.intervals import LEVEL
 from uncurl.protocol import label, study_models
 from uncurl.report import paper
 
@@ -68,13 +72,13 @@ def readable_tasks(table: pd.DataFrame, scratch: pd.DataFrame) -> list[str]:
 def appendix_table(scratch: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
     """Labelled tasks left out of the verdicts: the paper-like appendix tasks and any main task
     the from-scratch models did not learn, with chance, majority and their accuracy."""
-    rows = scratch[~scratch["task"].isin(readable)].copy()
-    rows["accuracy (95% CI)"] = [
+    rows, accuracy = scratch[~scratch["task"].isin(readable)].copy(), f"accuracy ({LEVEL:.0%} CI)"
+    rows[accuracy] = [
         interval(m, lo, hi, 100.0)
         for m, lo, hi in zip(rows["mean"], rows["ci_low"], rows["ci_high"], strict=True)
     ]
     rows["chance"], rows["majority"] = rows["chance"] * 100, rows["majority"] * 100
-    return rows[["task", "model", "chance", "majority", "accuracy (95% CI)", "learned"]]
+    return rows[["task", "model", "chance", "majority", accuracy, "learned"]]
 
 
 def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int = 1) -> str:
@@ -82,7 +86,7 @@ def interval(mean: float, lo: float, hi: float, scale: float = 1.0, digits: int 
 
 
 def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
-    """Model x task: accuracy (%) or validation loss, mean [95% interval] (seeds and examples)."""
+    """Model x task: accuracy (%) or validation loss, mean [interval] (seeds and examples)."""
     df = summary.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
     digits = np.where(df["metric"] == "accuracy", 1, 3)
@@ -102,7 +106,8 @@ def results_table(summary: pd.DataFrame, profile) -> pd.DataFrame:
 
 
 def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
-    """Reduced minus from-scratch, per task: difference [95% interval] and the verdict."""
+    """Reduced minus from-scratch, per task: difference [interval], the raw verdict and the
+    verdict after Holm's adjustment."""
     df = comp.copy()
     scale = np.where(df["metric"] == "accuracy", 100.0, 1.0)
     df["difference"] = [
@@ -110,19 +115,33 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
         for m, lo, hi, s in zip(df["difference"], df["ci_low"], df["ci_high"], scale, strict=True)
     ]
     df["unit"] = np.where(df["metric"] == "accuracy", "accuracy points", "loss")
-    return df[["model", "reference", "task", "unit", "seeds", "difference", "verdict"]]
+    df["p"] = [f"{p:.3f}" for p in df["p"]]
+    df = df.rename(columns={"verdict": "verdict (raw)", "verdict_holm": "verdict (Holm)"})
+    return df[
+        [
+            "model",
+            "reference",
+            "task",
+            "unit",
+            "seeds",
+            "difference",
+            "p",
+            "verdict (raw)",
+            "verdict (Holm)",
+        ]
+    ]
 
 
 def verdict_counts(comp: pd.DataFrame, readable: list[str]) -> pd.DataFrame:
     """How often each reduced model wins (+), ties (=) or loses (-) against from scratch, on the
-    readable tasks."""
+    readable tasks, after Holm's adjustment."""
     rows = comp[comp["task"].isin(readable)]
-    counts = rows.groupby(["model", "verdict"]).size().unstack(fill_value=0)
+    counts = rows.groupby(["model", "verdict_holm"]).size().unstack(fill_value=0)
     return counts.reindex(columns=["+", "=", "-"], fill_value=0).reset_index()
 
 
 def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
-    """One panel per task: every model's mean and 95% interval; chance and majority marked."""
+    """One panel per task: every model's mean and interval; chance and majority marked."""
     task_order = list(table["task"])
     n = len(task_order)
     cols = min(3, n)
@@ -198,6 +217,7 @@ def headline(results, table, scratch, comp, profile) -> dict:
     walls = wall_times(results)
     readable = comp[comp["task"].isin(readable_tasks(table, scratch))]
     counts = readable["verdict"].value_counts()
+    adjusted = readable["verdict_holm"].value_counts()
     return {
         "n_tasks": len(table),
         "n_lm_tasks": int((table["kind"] == "lm").sum()),
@@ -223,6 +243,9 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "n_equal": int(counts.get("=", 0)),
         "n_minus": int(counts.get("-", 0)),
         "n_comparisons": len(readable),
+        "n_plus_holm": int(adjusted.get("+", 0)),
+        "n_equal_holm": int(adjusted.get("=", 0)),
+        "n_minus_holm": int(adjusted.get("-", 0)),
         "lr_warmup_steps": cfg.lr_warmup_steps,
         "threads": cfg.threads,
         "task_adjustments": "; ".join(
@@ -231,15 +254,46 @@ def headline(results, table, scratch, comp, profile) -> dict:
             if t in profile.all_tasks
         )
         or "none",
+        "level_pct": f"{LEVEL:.0%}",
+        "window_tokens": profile.model_config().block_size,
+        "val_documents": val_documents(table, profile),
+        **paper.headline(),
     }
+
+
+def harness_check(runs, profile) -> tuple[str, pd.DataFrame]:
+    """lm-evaluation-harness's accuracy beside ours on every labelled task of the profile
+    (`uncurl.harness.cross_check`), for the pretrained model the reductions start from, before
+    any fine-tuning; lm-eval's files in a temporary folder."""
+    n_expert = profile.reductions[0]["source_n_expert"]
+    checkpoint = layout.Runs(runs, profile.name).pretrained(n_expert)
+    with tempfile.TemporaryDirectory() as tmp:
+        return layout.model_label(n_expert), harness.cross_check(checkpoint, profile, out=tmp)
+
+
+def harness_values(model: str, checked: pd.DataFrame) -> dict:
+    """What the chapter says of `harness_check`: examples, agreements, and per task lm-eval's
+    accuracy beside ours."""
+    return {
+        "harness_model": model,
+        "harness_examples": int(checked["examples"].sum()),
+        "harness_agree": int(checked["agree"].sum()),
+        "harness_tasks": "; ".join(
+            f"{r.task} {r.lm_eval:.1%} and {r.ours:.1%}" for r in checked.itertuples()
+        ),
+        "harness_retokenised": int(checked["tokenised_otherwise"].sum()),
+        "harness_their_ids_agree": int(checked["ours_on_their_ids_agree"].sum()),
+    }
+
+
+def val_documents(table: pd.DataFrame, profile) -> str:
+    """Validation documents of each lm task's domain: 'drama 2, scripture 6'."""
+    domains = data.load_meta(profile.data_dir)["splits"]["val"]["domains"]
+    lm = [tasks.get_task(t).domain for t in table.loc[table["kind"] == "lm", "task"]]
+    return ", ".join(f"{d} {domains[d]['documents']}" for d in lm) or "none"
 
 
 def load(runs, profile) -> list[dict]:
     """Every fine-tuning result of the profile (`layout.Runs.finetune`)."""
-    folder = layout.Runs(runs, profile.name).finetune
-    results = evaluate.load_results(folder)
-    if not results:
-        raise FileNotFoundError(
-            f"no fine-tuning results under {folder}: run the study's finetune step first"
-        )
+    results = evaluate.load_results(layout.Runs(runs, profile.name).finetune)
     return [r for r in results if r["task"] in profile.all_tasks]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from uncurl.config import get_profile, parse_overrides
 from uncurl.executor import ADDRESS_ENV, EXECUTOR_ENV, EXECUTORS
+from uncurl.layout import FolderInUse
 from uncurl.study import StudyError, build_book, load_steps, plan, run_study
-from uncurl.study.manifest import absolute
+from uncurl.study.book import missing_chapters
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         )
         if not (args.dry_run or args.no_book):
             _book(profile, build, args)
-    except (StudyError, ValueError) as exc:
+    except (StudyError, ValueError, FolderInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not args.dry_run:
@@ -114,9 +115,9 @@ def main(argv=None) -> int:
 
 
 def _book(profile, build: Path, args) -> None:
-    """Build the book, unless --only left some chapter unexecuted."""
+    """Build the book, unless --only left some chapter without a successful run."""
     all_runs = plan(profile, load_steps(), build, args.runs, parse_sets(args.set))
-    if args.only and any(not absolute(r.executed).exists() for r in all_runs if r.step.chapter):
+    if args.only and missing_chapters(all_runs, build):
         print("book not built: some chapters have not been executed yet")
     else:
         print(f"book: {build_book(all_runs, build, args.book_out)}")

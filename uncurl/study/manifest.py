@@ -152,7 +152,7 @@ def plan(
                 f"[{','.join(f'{k}={v}' for k, v in values.items())}]" if values else ""
             )
             params = {"profile": profile.name, "out": str(build / stem), **values}
-            context = {"runs": str(runs), "profile": profile.name, **params}
+            context = {"runs": str(runs), "build": str(build), "profile": profile.name, **params}
             for key, value in step.parameters.items():
                 params[key] = _fill(value, context, label)
                 context[key] = params[key]
@@ -208,7 +208,7 @@ def _fill(value, context: dict, label: str):
     except KeyError as exc:
         raise StudyError(
             f"{label}: {value!r} refers to {exc.args[0]!r}, which is neither "
-            f"'runs', 'profile' nor one of its parameters"
+            f"'runs', 'build', 'profile' nor one of its parameters"
         ) from None
 
 

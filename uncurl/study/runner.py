@@ -1,13 +1,17 @@
 """Executing the study: what is not up to date goes through papermill, in dependency order,
-in `jobs` spawned worker processes (or in this one)."""
+in `jobs` spawned worker processes (or in this one), while the study holds its build folder's
+lock (a second study on it is refused). Workers die with the study, so a killed study leaves no
+notebook executing that its rerun would execute again."""
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import time
 import traceback
 from pathlib import Path
 
+from uncurl import cpu, layout
 from uncurl.config import Profile
 from uncurl.study.cache import Cache, produced_files, run_key, staleness
 from uncurl.study.manifest import (
@@ -36,16 +40,17 @@ def execute(notebook: str, executed: str, parameters: dict, cwd: str) -> dict:
     os.environ.setdefault("MPLBACKEND", "Agg")
     Path(executed).parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(
-            notebook,
-            executed,
-            parameters=parameters,
-            cwd=cwd,
-            kernel_name=KERNEL["name"],
-            progress_bar=False,
-            log_output=False,
-            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
-        )
+        with _job(f"python -m uncurl.study, executing {executed}"):  # what its locks say
+            papermill.execute_notebook(
+                notebook,
+                executed,
+                parameters=parameters,
+                cwd=cwd,
+                kernel_name=KERNEL["name"],
+                progress_bar=False,
+                log_output=False,
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+            )
     except PapermillExecutionError as exc:
         return {
             "ok": False,
@@ -61,6 +66,20 @@ def execute(notebook: str, executed: str, parameters: dict, cwd: str) -> dict:
             "traceback": traceback.format_exc(),
         }
     return {"ok": True, "seconds": time.perf_counter() - start}
+
+
+@contextlib.contextmanager
+def _job(description: str):
+    """`layout.JOB` set to `description` for the kernels started in the block."""
+    before = os.environ.get(layout.JOB)
+    os.environ[layout.JOB] = description
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[layout.JOB]
+        else:
+            os.environ[layout.JOB] = before
 
 
 class Progress:
@@ -98,24 +117,25 @@ def run_study(
     )
     todo = select(all_runs, list(only))
     cache = Cache(build)
-    records = {r.label: cache.get(r) for r in all_runs}
-    selected = {r.label for r in todo}
-    for run in todo:
-        for dep in run.after:
-            if dep not in selected and records[dep] is None:
-                raise StudyError(
-                    f"{run.label} reads what {dep} writes, which has not run; "
-                    f"run without --only first"
-                )
-    if dry_run:
-        return _print_plan(todo, records, profile, force)
-    execution = Execution(todo, records, cache, profile, force)
-    if jobs > 1 and len(todo) > 1:
-        execution.in_pool(jobs)
-    else:
-        execution.in_process()
-    execution.raise_failure()
-    return execution.outcome
+    with contextlib.nullcontext() if dry_run else layout.locked(absolute(build)):
+        records = {r.label: cache.get(r) for r in all_runs}
+        selected = {r.label for r in todo}
+        for run in todo:
+            for dep in run.after:
+                if dep not in selected and records[dep] is None:
+                    raise StudyError(
+                        f"{run.label} reads what {dep} writes, which has not run; "
+                        f"run without --only first"
+                    )
+        if dry_run:
+            return _print_plan(todo, records, profile, force)
+        execution = Execution(todo, records, cache, profile, force)
+        if jobs > 1 and len(todo) > 1:
+            execution.in_pool(jobs)
+        else:
+            execution.in_process()
+        execution.raise_failure()
+        return execution.outcome
 
 
 class Execution:
@@ -140,7 +160,9 @@ class Execution:
     def in_pool(self, jobs: int) -> None:
         """Execute in `jobs` spawned worker processes, starting each run once it may."""
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=cpu.die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             running: dict[concurrent.futures.Future, tuple[Run, dict]] = {}
             while True:
                 while started := self._start([r for r, _ in running.values()], jobs):

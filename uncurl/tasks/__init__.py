@@ -23,9 +23,19 @@ from uncurl.tasks.encoding import (
 )
 from uncurl.tasks.loading import TaskData, load_task, training_batches, training_documents
 from uncurl.tasks.registry import TASKS, Example, Task, get_task, register, registry_table
-from uncurl.tasks.splits import SPLITS, chance, domain_docs, examples, majority, normal
+from uncurl.tasks.splits import (
+    NEAR_DUPLICATE,
+    SPLITS,
+    chance,
+    distinctive_shingles,
+    domain_docs,
+    examples,
+    majority,
+    normal,
+)
 
 __all__ = [
+    "NEAR_DUPLICATE",
     "SPLITS",
     "TASKS",
     "Batch",
@@ -35,6 +45,7 @@ __all__ = [
     "Task",
     "TaskData",
     "answer_batch",
+    "distinctive_shingles",
     "answered",
     "chance",
     "domain_docs",

