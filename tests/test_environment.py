@@ -15,12 +15,12 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def extra(name: str) -> set[str]:
-    """The requirements of one of the project's extras, another extra it names ("uncurl[eval]")
-    by that extra's own."""
+    """The requirements of one of the project's extras, the extras it names ("uncurl[eval,ray]")
+    by their own."""
     found = set()
     for requirement in PROJECT["optional-dependencies"][name]:
-        own = re.fullmatch(rf"{PROJECT['name']}\[(\w+)\]", requirement)
-        found |= extra(own.group(1)) if own else {requirement}
+        own = re.fullmatch(rf"{PROJECT['name']}\[([\w,]+)\]", requirement)
+        found |= set().union(*map(extra, own.group(1).split(","))) if own else {requirement}
     return found
 
 
