@@ -295,5 +295,5 @@ def test_a_deleted_checkpoint_of_a_pretrained_model_is_noticed(smoke):
     finally:
         aside.rename(weights)
     assert outcome["pretrain[n_expert=4]"] == f"would run ({weights} missing)"
-    assert outcome["finetune[task=drama]"].startswith("would run (after pretrain[n_expert=4]")
+    assert outcome["finetune"].startswith("would run (after pretrain[n_expert=4]")
     assert outcome["premise_sweep"] == "cached"
