@@ -287,3 +287,17 @@ def test_write_results_records_provenance(tmp_path):
     assert record["outputs"] == [str(tmp_path / "o.txt")]
     assert {"git", "packages", "python", "wall_time_s", "finished"} <= set(record)
     assert "uncurl/report/records.py" in record["library"]
+
+
+def test_a_figure_wider_than_the_column_has_its_text_enlarged_to_read_at_column_width(tmp_path):
+    """Shrunk to the text column by the page, every label still shows at its theme size."""
+    style.use_style()
+    sizes = {}
+    for width in (style.COLUMN_IN / 2, 2 * style.COLUMN_IN):
+        fig = Figure(figsize=(width, 3))
+        ax = fig.subplots()
+        ax.set_xlabel("x")
+        before = ax.xaxis.label.get_fontsize()
+        style.save_figure(fig, tmp_path / f"{width}.png")
+        sizes[width] = ax.xaxis.label.get_fontsize() / before
+    assert sizes == {style.COLUMN_IN / 2: 1.0, 2 * style.COLUMN_IN: 2.0}

@@ -98,8 +98,17 @@ def display_table(df: pd.DataFrame, formats: dict | str | None = None):
     return df.style.hide(axis="index").format(formats, na_rep="–")
 
 
+COLUMN_IN = 7.5  # the book's text column, in inches at the browser's 96-100 px per inch
+
+
 def save_figure(fig: Figure, path) -> Image:
-    """Write `fig` as PNG and return it as an image for `glue`."""
+    """Write `fig` as PNG and return it as an image for `glue`. The page shrinks a figure wider
+    than the text column to fit it; its text is enlarged by as much first, so that every label
+    reads at the theme's size on the page."""
+    scale = fig.get_figwidth() / COLUMN_IN
+    if scale > 1:
+        for text in fig.findobj(mpl.text.Text):
+            text.set_fontsize(text.get_fontsize() * scale)
     png = io.BytesIO()
     fig.savefig(png, format="png")
     return Image(filename=str(layout.write_bytes(path, png.getvalue())))
