@@ -238,11 +238,14 @@ class FinetuneConfig(OptimConfig):
     max_val: int = 1000  # validation examples scored (a stable subset)
     max_val_windows: int = 256  # lm tasks: validation windows of block_size tokens scored
     # lm tasks: consecutive windows of a validation document that form one bootstrap unit; with
-    # max_val_windows, 32 units per domain (the bootstrap needs many units, not many windows)
+    # max_val_windows, at least 32 units per domain (the bootstrap needs units, not windows:
+    # drama's windows come from 2 documents)
     val_unit_windows: int = 8
     # held-out examples (lm: windows) for early stopping and, for labelled tasks, for deciding
-    # whether a task is learned: at 128 the interval of accuracy was about +-8 points, as wide as
-    # the margin over the majority share it had to show (rotten_tomatoes: 65% against 57%)
+    # whether a task is learned: at 128 a binomial interval of accuracy is about +-8 points, as
+    # wide as the margin over the majority share it has to show (rotten_tomatoes: 65-67% against
+    # 57%); at 256 about +-6, at twice the cost of each held-out evaluation (for an lm task at
+    # small, estimated from tokens: about a fifth of the training work between evaluations)
     max_heldout: int = 256
     router_warmup_steps: int = 20  # reduced models: router-only steps on the task first
     router_warmup_lr: float = ReduceConfig.router_warmup_lr
