@@ -247,6 +247,6 @@ def test_statistics_and_router_warmup_stay_on_the_device(standin, task_data):
 
 @pytest.mark.parametrize("task", ["drama", "rotten_tomatoes"])
 def test_scoring_stays_on_the_device(standin, task_data, task):
-    metrics, per_example = evaluate.score(standin_model(), task_data[task])
-    assert len(per_example) == len(task_data[task].val) or task == "drama"
-    assert all(v == v for v in metrics.values())  # no NaN
+    scores = evaluate.score(standin_model(), task_data[task])
+    assert len(scores.per_example) == len(task_data[task].val) or task == "drama"
+    assert all(v == v for v in scores.metrics.values())  # no NaN

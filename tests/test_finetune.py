@@ -14,6 +14,7 @@ from uncurl.config import get_profile
 from uncurl.model import GPT, Output
 from uncurl.model.checkpoint import save_checkpoint
 from uncurl.reduce.save import reduce_checkpoint
+from uncurl.report import threshold
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = str(ROOT / "tests" / "fixtures" / "tasks")
@@ -145,6 +146,11 @@ def test_a_run_records_per_example_scores_and_is_not_redone(smoke_ckpt, smoke_da
     }
     assert len(first["per_example"]) == first["sizes"]["val"]
     assert first["metrics"]["accuracy"] == pytest.approx(np.mean(first["per_example"]))
+    assert first["units"] is None  # each example its own unit
+    held = first["heldout_per_example"]
+    assert len(held) == first["sizes"]["heldout"] and set(held) <= {0.0, 1.0}
+    assert first["metrics"]["heldout_accuracy"] == pytest.approx(np.mean(held))
+    assert 0 < first["metrics"]["heldout_majority"] <= 1
     assert finetune.run(*args)["wall_s"] == first["wall_s"]  # read back, not retrained
     again = finetune.run(*args[:4], _cfg(lr=1e-4), *args[5:])  # other parameters: redone
     assert again["params"]["finetune"]["lr"] == 1e-4
@@ -156,6 +162,9 @@ def test_same_seed_same_numbers(smoke_ckpt, smoke_data, tmp_path):
         for i in range(2)
     ]
     assert runs[0]["per_example"] == runs[1]["per_example"]
+    units, windows = runs[0]["units"], runs[0]["sizes"]["val"]
+    assert len(units) == windows and len(set(units)) == windows // _cfg().val_unit_windows
+    assert runs[0]["heldout_per_example"] is None
 
 
 def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_data, tmp_path):
@@ -212,6 +221,34 @@ def test_tables_pair_each_reduced_model_with_its_from_scratch_size():
     assert row["reference"] == "e2" and row["verdict"] == "+" and row["seeds"] == 3
     ones = evaluate.score_matrix(results, "e2", "t", seeds=[7, 0])
     assert ones[0].sum() == 0 and ones[1].tolist() == results[0]["per_example"]
+
+
+def test_lm_intervals_and_comparisons_resample_the_units():
+    """Windows of one unit share its offset: the intervals over units are the wider ones, and
+    a difference that is real in every unit stays a win."""
+    rng = np.random.default_rng(4)
+    units = [f"0:doc:{u}" for u in np.repeat(np.arange(20), 10)]  # 20 units of 10 windows
+    offsets = rng.normal(size=20).repeat(10)
+    results = [
+        {
+            **_result(m, s, 2, method, seed, offsets + 0.1 * rng.normal(size=200) - gain),
+            "kind": "lm",
+        }
+        | {"metric": "loss", "units": units}
+        for seed in range(3)
+        for m, s, method, gain in (("e2", 2, "scratch", 0.0), ("e4-uncurl-d2", 4, "uncurl", 0.2))
+    ]
+    alone = [r | {"units": [str(i) for i in range(200)]} for r in results]  # windows as units
+    by_unit, by_window = (evaluate.summary(r, n_boot=400) for r in (results, alone))
+    assert (
+        (by_unit["ci_high"] - by_unit["ci_low"]) > 2 * (by_window["ci_high"] - by_window["ci_low"])
+    ).all()
+    (row,) = evaluate.comparisons(results, n_boot=400).to_dict("records")
+    assert row["verdict"] == "+" and row["ci_high"] < 0  # the loss fell by 0.2 everywhere
+    (adv,) = threshold.advantages(results, n_boot=400).to_dict("records")
+    assert adv["ci_low"] > 0
+    with pytest.raises(ValueError, match="no validation units"):
+        evaluate.summary([r | {"units": None} for r in results], n_boot=10)
 
 
 def finetune_command(checkpoint, out, smoke_data, task="drama", *extra) -> list[str]:

@@ -40,7 +40,8 @@ def _copy_pretrained(grid, tmp_path):
 
 def _comparable(result: dict) -> dict:
     """What a run computed (not when, where or how long)."""
-    keep = ("model", "task", "seed", "metrics", "per_example", "router_warmup", "training")
+    keep = ("model", "task", "seed", "metrics", "per_example", "units", "heldout_per_example")
+    keep += ("router_warmup", "training")
     return {k: result[k] for k in keep}
 
 

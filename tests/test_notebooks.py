@@ -53,6 +53,7 @@ PROMISED = {
     "tasks_report": [
         "results.csv",
         "summary.csv",
+        "heldout_summary.csv",
         "comparisons.csv",
         "tasks.csv",
         "from_scratch.csv",

@@ -9,8 +9,10 @@ import pytest
 from conftest import standin_sweep
 from matplotlib.figure import Figure
 
+from uncurl import evaluate
 from uncurl.config import Profile, get_profile
 from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
+from uncurl.report import tasks as tasks_report
 from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,3 +303,51 @@ def test_a_figure_wider_than_the_column_has_its_text_enlarged_to_read_at_column_
         style.save_figure(fig, tmp_path / f"{width}.png")
         sizes[width] = ax.xaxis.label.get_fontsize() / before
     assert sizes == {style.COLUMN_IN / 2: 1.0, 2 * style.COLUMN_IN: 2.0}
+
+
+def _labelled_result(task: str, seed: int, val: np.ndarray, heldout: np.ndarray) -> dict:
+    """A from-scratch e2 run of a labelled task as result.json holds it."""
+    model = {"model": "e2", "source_n_expert": 2, "target_n_expert": 2, "method": "scratch"}
+    metrics = {"accuracy": val.mean(), "heldout_accuracy": heldout.mean()}
+    return {"model": model, "task": task, "seed": seed, "kind": "choice", "metric": "accuracy"} | {
+        "metrics": metrics,
+        "per_example": val.tolist(),
+        "heldout_per_example": heldout.tolist(),
+        "units": None,
+    }
+
+
+def _right(rng, share: float) -> np.ndarray:
+    return (rng.random(400) < share).astype(float)
+
+
+def test_a_task_is_learned_by_its_heldout_accuracy_not_its_validation_accuracy():
+    rng = np.random.default_rng(5)
+    results = [
+        r
+        for seed in range(3)
+        for r in (
+            _labelled_result("val_only", seed, _right(rng, 0.9), _right(rng, 0.5)),
+            _labelled_result("heldout_too", seed, _right(rng, 0.5), _right(rng, 0.9)),
+        )
+    ]
+    table = pd.DataFrame(
+        {
+            "task": ["val_only", "heldout_too", "doc"],
+            "kind": ["choice", "choice", "lm"],
+            "chance": [0.5, 0.5, np.nan],
+            "majority": [0.5, 0.5, np.nan],
+            "heldout_majority": [0.5, 0.5, np.nan],
+            "appendix": [False, False, False],
+        }
+    )
+    summary = evaluate.summary(results, n_boot=200)
+    heldout = evaluate.summary(results, n_boot=200, split="heldout")
+    scratch = tasks_report.from_scratch(summary, heldout, table)
+    assert dict(zip(scratch["task"], scratch["learned"], strict=True)) == {
+        "val_only": False,
+        "heldout_too": True,
+    }
+    assert tasks_report.readable_tasks(table, scratch) == ["heldout_too", "doc"]
+    val_only = scratch.set_index("task").loc["val_only"]
+    assert val_only["ci_low"] > 0.8 and val_only["heldout_mean"] < 0.6  # both kept for the table

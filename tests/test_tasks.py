@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from uncurl import data, tasks
+from uncurl.config import get_profile
 from uncurl.tasks.catalogue import SCATTERTEXT
+from uncurl.tasks.encoding import document_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "fixtures" / "tasks"
@@ -158,6 +160,79 @@ def test_domain_task_uses_the_corpus_splits_without_leaks(smoke_data):
     val = data.load_tokens(smoke_data, "val")
     rows = [r for r in data.load_docs(smoke_data, "val") if r["domain"] == "drama"]
     assert [tuple(val[r["start"] : r["end"] + 1]) for r in rows] == tokens["val"]
+
+
+def _windows(batches) -> list[tuple]:
+    """The windows of block_size + 1 tokens that batches of documents hold, in order."""
+    out = []
+    for b in batches:
+        for idx, targets, mask in zip(b.idx, b.targets, b.mask, strict=True):
+            n = int(mask.sum())
+            out.append((*idx[:n].tolist(), int(targets[n - 1])))
+    return out
+
+
+def _unit_documents(d: tasks.TaskData, docs: list, block_size: int, unit_windows: int) -> dict:
+    """Each scored unit's document (its index in `docs`); fails unless unit "i:title:k" holds,
+    in order, the consecutive windows of the k-th block of document i and nothing else."""
+    by_unit = collections.defaultdict(list)
+    for unit, window in zip(d.val_units, _windows(d.val), strict=True):
+        by_unit[unit].append(window)
+    for unit, windows in by_unit.items():
+        i, k = int(unit.split(":", 1)[0]), int(unit.rsplit(":", 1)[1])
+        block = document_windows(docs[i], block_size)[k * unit_windows : (k + 1) * unit_windows]
+        assert windows == [tuple(w.tolist()) for w in block][: len(windows)], unit
+    return {unit: int(unit.split(":", 1)[0]) for unit in by_unit}
+
+
+@pytest.mark.parametrize("task", ["drama", "scripture", "novels"])
+def test_lm_windows_are_scored_in_units_of_one_document(smoke_data, task):
+    profile = get_profile("smoke")
+    cfg, block = profile.finetune_config(task), profile.model_config().block_size
+    d = tasks.load_task(task, None, block, cfg, smoke_data)
+    docs = tasks.domain_docs(tasks.get_task(task), smoke_data)["val"]
+    units = _unit_documents(d, docs, block, cfg.val_unit_windows)
+    assert len(d.val_units) == min(
+        cfg.max_val_windows, sum(len(document_windows(x, block)) for x in docs)
+    )
+    assert len(units) >= cfg.max_val_windows // cfg.val_unit_windows
+    titles = tasks.val_titles(tasks.get_task(task), smoke_data)
+    assert {u.split(":")[1] for u in units} <= set(titles) and len(titles) == len(docs)
+
+
+def test_the_scored_windows_are_whole_units_spread_over_the_documents():
+    docs = [np.arange(1000) + 1000 * i for i in range(10)]  # 10 documents of 100 windows
+    batches, units = tasks.unit_batches(docs, [f"d{i}" for i in range(10)], 10, 8, 40, 4)
+    windows = _windows(batches)
+    assert len(windows) == len(units) == 40 and len(set(units)) == 10
+    assert len({u.split(":")[0] for u in units}) >= 5  # not the first document's first windows
+    for unit in set(units):
+        first = [w for w, u in zip(windows, units, strict=True) if u == unit]
+        i, k = int(unit.split(":")[0]), int(unit.split(":")[2])
+        assert first[0][0] == 1000 * i + 40 * k and len(first) == 4  # its block, whole
+    again = tasks.unit_batches(docs, [f"d{i}" for i in range(10)], 10, 8, 40, 4)[1]
+    assert again == units  # a stable sample
+
+
+BUNDLED = ROOT / "data" / "prepared" / "bundled"
+
+
+@pytest.mark.skipif(
+    not (BUNDLED / "val_docs.json").exists(),
+    reason="the prepared bundled corpus is absent: python -m uncurl.data prepare --profile small",
+)
+def test_every_domain_task_has_20_units_at_the_small_profile():
+    profile = get_profile("small")
+    block = profile.model_config().block_size
+    lm = [t for t, task in sorted(tasks.TASKS.items()) if task.kind == "lm"]
+    assert {"drama", "scripture", "technical"} <= set(lm)
+    for name in lm:
+        cfg = profile.finetune_config(name)
+        d = tasks.load_task(name, None, block, cfg, BUNDLED)
+        docs = tasks.domain_docs(tasks.get_task(name), BUNDLED)["val"]
+        units = _unit_documents(d, docs, block, cfg.val_unit_windows)
+        assert len(units) >= 20, f"{name}: {len(units)} units"
+        assert len(set(units.values())) >= min(len(docs), 5), f"{name}: units of few documents"
 
 
 def test_unknown_task_and_missing_domain_name_the_fix(smoke_data):

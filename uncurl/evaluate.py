@@ -5,19 +5,24 @@
 
 Scoring: a choice task ranks each example's candidate answers by the summed log-likelihood of
 their tokens after the prompt (lm-evaluation-harness's `acc`); an lm task takes the mean loss of
-each validation window. Scoring is dropless (no expert capacity), so an example's score does not
-depend on which other examples share its batch (`GPT.forward(dropless=True)`).
+each validation window. A labelled task's held-out examples (part of the training split) are
+scored the same way, to decide whether the task is learned at all. Scoring is dropless (no expert
+capacity), so an example's score does not depend on which other examples share its batch
+(`GPT.forward(dropless=True)`).
 
 Comparison: every (model, task) has a score per validation example per fine-tuning seed. Means get
-a hierarchical bootstrap interval, seeds then examples (`uncurl.intervals`); a reduced model is
-compared with its from-scratch equivalent by the paired bootstrap (the same resampled seeds and
-examples for both), labelled (+) or (-) when the interval of the difference excludes zero, (=)
-otherwise, and again after Holm's adjustment over the reported family of comparisons.
+a hierarchical bootstrap interval, seeds then units (`uncurl.intervals`: an lm task's unit is a
+block of consecutive windows of one validation document, a labelled example is its own unit); a
+reduced model is compared with its from-scratch equivalent by the paired bootstrap (the same
+resampled seeds and units for both), labelled (+) or (-) when the interval of the difference
+excludes zero, (=) otherwise, and again after Holm's adjustment over the reported family of
+comparisons.
 """
 
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -32,7 +37,8 @@ from uncurl.model.checkpoint import load_tokenizer, read_info
 from uncurl.tasks import Encoded, TaskData, load_task, packed_batch
 
 RESULT = layout.RESULT
-TASK_LEVELS = ("chance", "majority")  # recorded with each labelled result, for the report
+# recorded with each labelled result, for the report
+TASK_LEVELS = ("chance", "majority", "heldout_majority")
 COLUMNS = [
     "model",
     "source_n_expert",
@@ -125,26 +131,49 @@ def window_losses(model, batches) -> np.ndarray:
     return _as_model(model, np.concatenate(out, axis=-1))
 
 
-def member_scores(model, data: TaskData) -> list[tuple[dict, list[float]]]:
-    """Validation metrics and the per-example scores the bootstrap resamples, per member (one
-    for a model)."""
+class Scores(NamedTuple):
+    """A model's metrics and the per-example scores the bootstrap resamples."""
+
+    metrics: dict
+    per_example: list[float]  # validation: accuracy (0/1) or loss per example (lm: window)
+    heldout_per_example: list[float] | None  # labelled: accuracy per held-out example; lm: None
+    units: list[str] | None  # lm: each validation window's unit; labelled: None (each its own)
+
+
+def member_scores(model, data: TaskData) -> list[Scores]:
+    """Validation metrics (labelled: with held-out accuracy) and the per-example scores, per
+    member (one for a model)."""
+    members = model_members(model)
     if data.task.kind == "lm":
-        per = window_losses(model, data.val).reshape(model_members(model), -1)
+        per = window_losses(model, data.val).reshape(members, -1)
         return [
-            ({"loss": float(p.mean()), "perplexity": float(np.exp(p.mean()))}, p.tolist())
+            Scores(
+                {"loss": float(p.mean()), "perplexity": float(np.exp(p.mean()))},
+                p.tolist(),
+                None,
+                data.val_units,
+            )
             for p in per
         ]
-    per = correct(model, data.val).reshape(model_members(model), -1)
+    per = correct(model, data.val).reshape(members, -1)
+    held = correct(model, data.heldout).reshape(members, -1)
+    levels = {
+        "majority": data.majority,
+        "chance": data.chance,
+        "heldout_majority": data.heldout_majority,
+    }
     return [
-        (
-            {"accuracy": float(p.mean()), "majority": data.majority, "chance": data.chance},
+        Scores(
+            {"accuracy": float(p.mean()), "heldout_accuracy": float(h.mean()), **levels},
             p.tolist(),
+            h.tolist(),
+            None,
         )
-        for p in per
+        for p, h in zip(per, held, strict=True)
     ]
 
 
-def score(model, data: TaskData) -> tuple[dict, list[float]]:
+def score(model, data: TaskData) -> Scores:
     """Validation metrics and the per-example scores the bootstrap resamples."""
     return member_scores(model, data)[0]
 
@@ -188,7 +217,7 @@ def score_checkpoint(
     data = load_task(
         task, load_tokenizer(checkpoint), model.cfg.block_size, cfg, data_dir, task_source
     )
-    return {"model": describe(checkpoint), "task": task, "metrics": score(model, data)[0]}
+    return {"model": describe(checkpoint), "task": task, "metrics": score(model, data).metrics}
 
 
 # ------------------------------------------------------------------------------ result tables
@@ -227,24 +256,52 @@ def tidy(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def score_matrix(results: list[dict], model: str, task: str, seeds=None) -> np.ndarray:
-    """Per-example validation scores of one (model, task), shape (seeds, examples), in the order
-    of `seeds` (default: every seed it has, ascending)."""
+SPLIT_SCORES = {"val": "per_example", "heldout": "heldout_per_example"}  # result keys
+
+
+def score_matrix(
+    results: list[dict], model: str, task: str, seeds=None, split: str = "val"
+) -> np.ndarray:
+    """Per-example validation (or held-out) scores of one (model, task), shape (seeds,
+    examples), in the order of `seeds` (default: every seed it has, ascending)."""
     runs = {r["seed"]: r for r in results if r["model"]["model"] == model and r["task"] == task}
     if not runs:
         raise ValueError(f"no results for model {model!r} on task {task!r}")
-    return np.array([runs[s]["per_example"] for s in (sorted(runs) if seeds is None else seeds)])
+    key = SPLIT_SCORES[split]
+    return np.array([runs[s][key] for s in (sorted(runs) if seeds is None else seeds)])
+
+
+def score_units(results: list[dict], task: str):
+    """The unit of each validation example of `task`, for the bootstrap (None: each example its
+    own), the same in every result of the task since all are scored on the same windows."""
+    units = {tuple(r["units"]) if r.get("units") else None for r in results if r["task"] == task}
+    if len(units) > 1:
+        raise ValueError(f"the results of {task!r} were scored on different validation units")
+    (units,) = units
+    if units is None and any(r["task"] == task and r.get("kind") == "lm" for r in results):
+        raise ValueError(
+            f"lm results of {task!r} carry no validation units: they predate them; fine-tune again"
+        )
+    return None if units is None else list(units)
 
 
 def _seeds(results: list[dict], model: str, task: str) -> set[int]:
     return {r["seed"] for r in results if r["model"]["model"] == model and r["task"] == task}
 
 
-def summary(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataFrame:
-    """Mean and interval (`intervals.bootstrap`) of the main metric of every (model, task)."""
+def summary(
+    results: list[dict], n_boot: int = intervals.N_BOOT, split: str = "val"
+) -> pd.DataFrame:
+    """Mean and interval (`intervals.bootstrap`, over units) of the main metric of every (model,
+    task) on the validation split; on the held-out split, of the labelled tasks' accuracy."""
     rows = []
     for (model, task), r in _groups(results).items():
-        mean, lo, hi, _ = intervals.bootstrap(score_matrix(results, model, task), n_boot=n_boot)
+        if split == "heldout" and r.get(SPLIT_SCORES[split]) is None:
+            continue
+        units = score_units(results, task) if split == "val" else None
+        mean, lo, hi, _ = intervals.bootstrap(
+            score_matrix(results, model, task, split=split), units, n_boot=n_boot
+        )
         rows.append(
             {
                 **r["model"],
@@ -283,6 +340,7 @@ def comparisons(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataF
         diff, lo, hi, p = intervals.paired(
             score_matrix(results, model, task, seeds),
             score_matrix(results, *ref, seeds),
+            score_units(results, task),
             n_boot=n_boot,
         )
         rows.append(

@@ -7,9 +7,10 @@ Choice tasks train on prompt + right answer with the loss on the answer tokens; 
 plain language modelling. A reduced checkpoint (one written by `uncurl.reduce`) first gets the
 router warm-up: router-only steps on the task (the book's Method chapter, UNCURL's last step).
 Early stopping watches the loss on a held-out part of the training split, never the validation
-split. The run writes `result.json` (parameters, metrics, per-example validation scores, timings,
-environment) atomically; a finished run with the same parameters is not redone, and a second run
-into a folder that one is writing is refused.
+split. The run writes `result.json` (parameters, metrics, per-example validation scores with their
+bootstrap units, labelled tasks' per-example held-out accuracy, timings, environment) atomically;
+a finished run with the same parameters is not redone, and a second run into a folder that one is
+writing is refused.
 """
 
 import argparse
@@ -115,9 +116,8 @@ def finished(out, params: dict) -> dict | None:
 
 
 def record(model_info, data: TaskData, seed, scores, warmup, trained, params, started) -> dict:
-    """A run's result.json: the scores (metrics, per-example) of a model trained since
-    `started`."""
-    metrics, per_example = scores
+    """A run's result.json: the scores (`evaluate.Scores`) of a model trained since `started`."""
+    metrics, per_example, heldout_per_example, units = scores
     return {
         "model": model_info,
         "task": data.task.name,
@@ -126,6 +126,8 @@ def record(model_info, data: TaskData, seed, scores, warmup, trained, params, st
         "metric": data.task.metric,
         "metrics": metrics,
         "per_example": per_example,
+        "units": units,
+        "heldout_per_example": heldout_per_example,
         "router_warmup": warmup,
         "training": trained,
         "params": params,

@@ -36,7 +36,8 @@ def over_uncurl(results: list[dict]) -> pd.DataFrame:
         metric = next(r["metric"] for r in results if r["task"] == task)
         sign, scale = (1.0, 100.0) if metric == "accuracy" else (-1.0, 1.0)
         a, b = (evaluate.score_matrix(results, m, task, seeds) for m in (model, uncurl))
-        mean, lo, hi, p = intervals.paired(sign * scale * a, sign * scale * b)
+        units = evaluate.score_units(results, task)
+        mean, lo, hi, p = intervals.paired(sign * scale * a, sign * scale * b, units)
         rows.append(
             {
                 "model": model,

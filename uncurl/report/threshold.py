@@ -6,7 +6,7 @@ below, the reference's) is positive. A factor is won when the reduction wins mor
 the tasks; the threshold of a source model is the largest factor such that it and every smaller
 factor are won (1: no reduction wins). Its uncertainty comes from the same hierarchical
 bootstrap as every interval (`uncurl.intervals`): each draw resamples every comparison's seeds
-and examples, and the threshold is read off each draw.
+and units (an lm task's: blocks of windows), and the threshold is read off each draw.
 """
 
 import numpy as np
@@ -44,7 +44,7 @@ def advantages(
                 - evaluate.score_matrix(results, ref, task, seeds)
             )
         )
-        boots = intervals.draws(diff, n_boot=n_boot)
+        boots = intervals.draws(diff, evaluate.score_units(results, task), n_boot=n_boot)
         lo, hi = np.quantile(boots, [(1 - intervals.LEVEL) / 2, (1 + intervals.LEVEL) / 2])
         rows.append(
             {

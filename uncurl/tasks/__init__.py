@@ -20,6 +20,7 @@ from uncurl.tasks.encoding import (
     make_batches,
     packed_batch,
     train_batches,
+    unit_batches,
 )
 from uncurl.tasks.loading import TaskData, load_task, training_batches, training_documents
 from uncurl.tasks.registry import TASKS, Example, Task, get_task, register, registry_table
@@ -32,6 +33,7 @@ from uncurl.tasks.splits import (
     examples,
     majority,
     normal,
+    val_titles,
 )
 
 __all__ = [
@@ -61,6 +63,8 @@ __all__ = [
     "register",
     "registry_table",
     "train_batches",
+    "unit_batches",
     "training_batches",
     "training_documents",
+    "val_titles",
 ]

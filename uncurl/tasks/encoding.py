@@ -160,7 +160,7 @@ def make_batches(
     (reduction statistics, an lm task's evaluation) sees a seeded sample rather than the first
     documents.
     """
-    windows = [d[s : s + block_size + 1] for d in docs for s in range(0, len(d) - 1, block_size)]
+    windows = [w for d in docs for w in document_windows(d, block_size)]
     order = np.random.default_rng(seed).permutation(len(windows))
     chosen, total = [], 0
     for i in order:
@@ -169,6 +169,45 @@ def make_batches(
         chosen.append(windows[i])
         total += len(windows[i]) - 1
     return [_pad(chosen[i : i + batch_size], block_size) for i in range(0, len(chosen), batch_size)]
+
+
+def document_windows(doc: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """A document's windows of block_size + 1 tokens, stride block_size, the last one short."""
+    return [doc[s : s + block_size + 1] for s in range(0, len(doc) - 1, block_size)]
+
+
+def unit_batches(
+    docs: list[np.ndarray],
+    titles: list[str],
+    block_size: int,
+    batch_size: int,
+    max_windows: int,
+    unit_windows: int,
+    seed: int = 0,
+) -> tuple[list[Batch], list[str]]:
+    """Up to `max_windows` windows of documents, batched, and each window's unit: a block of
+    `unit_windows` consecutive windows of one document, named "i:title:k" (the k-th block of
+    the i-th document). Neighbouring windows of a text are correlated, so the bootstrap resamples
+    units; they are taken whole, in an order fixed by `seed`, so that the windows spread over
+    many units of many documents rather than filling up from the first."""
+    units = []
+    for i, (doc, title) in enumerate(zip(docs, titles, strict=True)):
+        windows = document_windows(doc, block_size)
+        units += [
+            (f"{i}:{title}:{k}", windows[start : start + unit_windows])
+            for k, start in enumerate(range(0, len(windows), unit_windows))
+        ]
+    chosen = []
+    for u in np.random.default_rng(seed).permutation(len(units)):
+        chosen += [(units[u][0], w) for w in units[u][1]]
+        if len(chosen) >= max_windows:
+            break
+    chosen = chosen[:max_windows]
+    batches = [
+        _pad([w for _, w in chosen[i : i + batch_size]], block_size)
+        for i in range(0, len(chosen), batch_size)
+    ]
+    return batches, [name for name, _ in chosen]
 
 
 def _pad(windows: list[np.ndarray], block_size: int) -> Batch:

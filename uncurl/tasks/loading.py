@@ -2,8 +2,9 @@
 
 A choice task trains on prompt + right answer (the loss on the answer tokens) and is scored on its
 validation examples; an lm task trains on its documents as plain language modelling and is scored
-on windows of its validation documents. Validation and held-out are stable subsets, so every model
-is scored on the same examples.
+on windows of its validation documents, each window tagged with its unit (a block of consecutive
+windows of one document) for the bootstrap. Validation and held-out are stable subsets, so every
+model is scored on the same examples.
 """
 
 from dataclasses import dataclass
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from uncurl.config import FinetuneConfig
-from uncurl.tasks.encoding import answered, encode, make_batches, train_batches
+from uncurl.tasks.encoding import answered, encode, make_batches, train_batches, unit_batches
 from uncurl.tasks.registry import Task, get_task
-from uncurl.tasks.splits import chance, domain_docs, examples, majority
+from uncurl.tasks.splits import chance, domain_docs, examples, majority, val_titles
 
 
 @dataclass
@@ -25,6 +26,8 @@ class TaskData:
     batch_size: int  # examples (lm: windows) per training batch
     majority: float = float("nan")  # choice: share of the most frequent answer in val
     chance: float = float("nan")  # choice: expected accuracy of a uniform guess
+    heldout_majority: float = float("nan")  # choice: as majority, in heldout
+    val_units: list[str] | None = None  # lm: each val window's unit; choice: None (each its own)
 
 
 def load_task(
@@ -39,29 +42,32 @@ def load_task(
             )
         docs = domain_docs(task, data_dir, cfg.heldout_frac)
         size = max(1, cfg.batch_tokens // block_size)
-        return TaskData(
-            task,
-            docs["train"],
-            *[
-                make_batches(docs[s], block_size, size, n * block_size)
-                for s, n in (("heldout", cfg.max_heldout), ("val", cfg.max_val_windows))
-            ],
+        val, units = unit_batches(
+            docs["val"],
+            val_titles(task, data_dir),
+            block_size,
             size,
+            cfg.max_val_windows,
+            cfg.val_unit_windows,
         )
+        heldout = make_batches(docs["heldout"], block_size, size, cfg.max_heldout * block_size)
+        return TaskData(task, docs["train"], heldout, val, size, val_units=units)
     if tok is None:
         raise ValueError(
             f"labelled task {name!r} needs the model's tokenizer, but the checkpoint "
             "has none (tokenizer.json); save the checkpoint with its tokenizer"
         )
     exs = examples(task, task_source or None, cfg.val_frac, cfg.heldout_frac)
-    val = _subset(exs["val"], cfg.max_val)
+    heldout, val = _subset(exs["heldout"], cfg.max_heldout), _subset(exs["val"], cfg.max_val)
     encoded = [
         encode(tok, split, block_size, task.max_text_tokens)
-        for split in (exs["train"], _subset(exs["heldout"], cfg.max_heldout), val)
+        for split in (exs["train"], heldout, val)
     ]
     length = np.mean([len(e.prompt) + len(e.choices[e.label]) for e in encoded[0]])
     size = min(len(encoded[0]), max(1, int(cfg.batch_tokens // length)))
-    return TaskData(task, *encoded, size, majority(val)[1], chance(val))
+    return TaskData(
+        task, *encoded, size, majority(val)[1], chance(val), heldout_majority=majority(heldout)[1]
+    )
 
 
 def _subset(items: list, n: int) -> list:

@@ -169,3 +169,8 @@ def domain_docs(task: Task, data_dir: Path, heldout_frac: float = 0.1) -> dict[s
     if not out["heldout"]:  # a domain of very few documents: hold out the last training one
         out["heldout"].append(out["train"].pop())
     return out
+
+
+def val_titles(task: Task, data_dir: Path) -> list[str]:
+    """Titles of the domain's validation documents, in the order of `domain_docs`' val."""
+    return [r["title"] for r in data.load_docs(data_dir, "val") if r["domain"] == task.domain]
