@@ -167,18 +167,21 @@ def test_same_seed_same_numbers(smoke_ckpt, smoke_data, tmp_path):
     assert runs[0]["heldout_per_example"] is None
 
 
-def test_reduced_model_gets_the_router_warmup_and_its_label(smoke_ckpt, smoke_data, tmp_path):
+@pytest.mark.parametrize("method", ["uncurl", "hcsmoe-tied"])  # a new router; a kept, tied one
+def test_reduced_model_gets_the_router_warmup_and_its_label(
+    smoke_ckpt, smoke_data, tmp_path, method
+):
     tok = data.load_tokenizer(smoke_data)
     docs = tasks.answered(
         tasks.encode(tok, tasks.examples(tasks.get_task("rotten_tomatoes"), SAMPLES)["train"])
     )
-    red = reduce_checkpoint(smoke_ckpt, tmp_path / "red", "uncurl", 2, docs, "rotten_tomatoes")
+    red = reduce_checkpoint(smoke_ckpt, tmp_path / "red", method, 2, docs, "rotten_tomatoes")
     result = finetune.run(red, "rotten_tomatoes", 0, tmp_path / "ft", _cfg(), None, SAMPLES)
     assert result["model"] == {
-        "model": "e4-uncurl-d2",
+        "model": f"e4-{method}-d2",
         "source_n_expert": 4,
         "target_n_expert": 2,
-        "method": "uncurl",
+        "method": method,
     }
     assert len(result["router_warmup"]) == FAST["router_warmup_steps"]
 

@@ -10,6 +10,7 @@ from sklearn.cluster import SpectralClustering
 from uncurl.config import ModelConfig, ReduceConfig
 from uncurl.model import GPT
 from uncurl.model.checkpoint import load_model, save_checkpoint
+from uncurl.model.population import stack
 from uncurl.reduce import (
     align_plan,
     apply_plan,
@@ -501,3 +502,132 @@ def test_router_warmup_trains_the_routers_only():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) != k.endswith("router.weight"), k
     assert all(p.requires_grad for p in model.parameters())
+
+
+# HC-SMoE's own merge: tied experts
+
+
+def tied(top_k=1, d=3, **kw):
+    """A source model, its task batches, and its hcsmoe-tied reduction to d experts."""
+    model, batches = tiny(top_k=top_k, **kw), task()
+    reduced, record = reduce_model(model, batches, "hcsmoe-tied", d)
+    return model, batches, reduced, record
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_token_routed_to_expert_e_lands_on_the_merged_expert_of_es_cluster(top_k):
+    model, batches, reduced, record = tied(top_k)
+    for moe, planned, (x, _, _, experts, gates) in zip(
+        reduced.moe_blocks, record["plan"]["layers"], layer_io(model, batches), strict=True
+    ):
+        cluster = {m: i for i, g in enumerate(planned["groups"]) for m in g["members"]}
+        assert moe.ties == tuple(cluster[e] for e in range(8))
+        assert moe.router.weight.shape == (8, 16) and moe.w_fc.shape[0] == 3
+        with torch.no_grad():
+            d = moe.route(x, dropless=True)
+        # the original decisions among the 8 experts, gates included
+        torch.testing.assert_close(d.routing.experts, experts, rtol=0, atol=0)
+        torch.testing.assert_close(d.routing.gates, gates)
+        for m, tokens in enumerate(d.token.split(d.sizes.tolist())):
+            landed = sorted(tokens.tolist())
+            chose = [(n, j) for n in range(len(x)) for j in range(top_k)]
+            assert landed == sorted(n for n, j in chose if cluster[int(experts[n, j])] == m)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_tied_experts_are_the_source_with_each_member_replaced_by_its_merge(top_k):
+    """Capacity and drops too: a tied layer routes per original expert, as its source did."""
+    model, batches, reduced, _ = tied(top_k, eval_capacity_factor=1.0, min_capacity=1)
+    replaced = GPT(model.cfg).eval()
+    replaced.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for moe, small in zip(replaced.moe_blocks, reduced.moe_blocks, strict=True):
+            for name in ("w_fc", "b_fc", "w_proj", "b_proj"):
+                getattr(moe, name).copy_(getattr(small, name)[list(small.ties)])
+        b = batches[0]
+        want = replaced(b.idx, return_routing=True)
+        got = reduced(b.idx, return_routing=True)
+    assert any(r.dropped.any() for r in want.routing)
+    for w, g in zip(want.routing, got.routing, strict=True):
+        assert torch.equal(w.experts, g.experts) and torch.equal(w.dropped, g.dropped)
+    torch.testing.assert_close(got.logits, want.logits)
+
+
+def test_hcsmoe_tied_merges_frequency_weighted_means_of_unaligned_members():
+    model, batches, reduced, record = tied(top_k=2)
+    _, aligned = reduce_model(model, batches, "hcsmoe", 3)
+    stats = collect_stats(model, batches)
+    for li, planned in enumerate(record["plan"]["layers"]):
+        assert planned["align"] is False and planned["router"] == "tie"
+        assert groups_of(record["plan"], li) == groups_of(aligned["plan"], li)  # HC-SMoE's
+        for i, g in enumerate(planned["groups"]):
+            assert g["perms"] == [None] * len(g["members"])
+            top1 = stats[li].top1[g["members"]]  # first choices: HC-SMoE's frequency
+            np.testing.assert_allclose(g["weights"], top1 / top1.sum())
+            for name in ("w_fc", "b_fc", "w_proj", "b_proj"):
+                source = getattr(model.moe_blocks[li], name)[g["members"]]
+                mean = torch.einsum("m,m...->...", torch.tensor(g["weights"]), source)
+                torch.testing.assert_close(getattr(reduced.moe_blocks[li], name)[i], mean)
+    assert any(p is not None for g in aligned["plan"]["layers"][0]["groups"] for p in g["perms"])
+
+
+def test_a_tied_checkpoint_reloads_scores_and_warms_up_its_kept_router(tmp_path):
+    model, batches, reduced, record = tied(top_k=2)
+    assert record["router"] == "tie" and record["router_warmup"]["steps"] == 0
+    assert torch.equal(reduced.moe_blocks[0].router.weight, model.moe_blocks[0].router.weight)
+    save_checkpoint(tmp_path / "r", reduced)
+    again = load_model(tmp_path / "r")
+    assert again.cfg.tied_experts == reduced.cfg.tied_experts
+    b = batches[0]
+    with torch.no_grad():
+        loss = again(b.idx, b.targets, loss_mask=b.mask).loss
+        assert torch.isfinite(loss)
+        assert torch.equal(loss, reduced(b.idx, b.targets, loss_mask=b.mask).loss)
+    rows = again.moe_blocks[0].router.weight.clone()
+    router_warmup(again, batches, steps=2, lr=1e-2)  # as fine-tuning does: trained, not reset
+    assert again.moe_blocks[0].router.weight.shape == rows.shape
+    assert not torch.equal(again.moe_blocks[0].router.weight, rows)
+
+
+def test_tied_models_train_as_a_population_member_by_member():
+    _, batches, reduced, _ = tied(top_k=2)
+    other = GPT(reduced.cfg).eval()
+    other.load_state_dict(reduced.state_dict())
+    with torch.no_grad():
+        other.moe_blocks[0].router.weight.mul_(2)
+        pop = stack([reduced, other])
+        a, b = batches[0], batches[1]
+        losses = pop([a.idx, b.idx], [a.targets, b.targets]).loss
+        alone = [m(x.idx, x.targets).loss for m, x in ((reduced, a), (other, b))]
+    assert torch.equal(losses, torch.stack(alone))
+
+
+@pytest.mark.parametrize(
+    ("method", "router", "error"),
+    [
+        ("hcsmoe-tied", "reinit", "choose method hcsmoe"),
+        ("greedy", "tie", "prunes experts"),
+        ("hcsmoe", "typo", "unknown router"),
+    ],
+)
+def test_tied_experts_only_for_plans_that_cover_every_expert(method, router, error):
+    with pytest.raises(ValueError, match=error):
+        reduce_model(tiny(), task(), method, 3, ReduceConfig(router=router))
+
+
+def test_router_tie_ties_any_merging_plan_and_refuses_a_pruned_one():
+    model, batches = tiny(), task()
+    reduced, _ = reduce_model(model, batches, "uncurl", 3, ReduceConfig(router="tie"))
+    assert [len(t) for t in reduced.cfg.tied_experts] == [8, 8]
+    stats = collect_stats(model, batches)
+    with pytest.raises(ValueError, match=r"leave out experts \[2, 3"):
+        apply_plan(model, _plan_of([[[0], [1]]] * 2, stats), router="tie")
+    with pytest.raises(ValueError, match="tied experts"):
+        reduce_model(reduced, batches, "greedy", 2)
+
+
+def test_tied_experts_must_reach_every_expert_of_their_layer():
+    with pytest.raises(ValueError, match="one map per MoE layer"):
+        tiny(n_expert=2, tied_experts=[[0, 1, 1]])
+    with pytest.raises(ValueError, match="each of its 2 experts"):
+        tiny(n_expert=2, tied_experts=[[0, 0, 0], [0, 1]])

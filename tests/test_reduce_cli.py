@@ -119,13 +119,46 @@ def test_command_writes_a_loadable_reduced_checkpoint_and_its_record(
 
 
 @pytest.mark.parametrize(
-    "method", ["greedy", "freq-merge", "mcsmoe", "random", "reap", "naee", "hcsmoe"]
+    "method", ["greedy", "freq-merge", "mcsmoe", "random", "reap", "naee", "hcsmoe", "hcsmoe-tied"]
 )
 def test_every_method_reduces_a_top_2_model_from_text_files(tmp_path, checkpoints, method):
     out = tmp_path / method
     reduce(checkpoints["e4k2"], out, method, 2, DRAMA_TXT)
     model = load_model(out)
     assert model.cfg.top_k == 2 and np.mean([m.n_expert for m in model.moe_blocks]) == 2
+
+
+def test_hcsmoe_tied_writes_tied_experts_and_records_its_kept_router(
+    tmp_path, checkpoints, smoke_data
+):
+    out = tmp_path / "tied"
+    reduce(checkpoints["e4"], out, "hcsmoe-tied", 2, f"{smoke_data}:drama")
+    model = load_model(out)
+    info = read_info(out)
+    assert info["model"]["n_expert"] == 2 and model.moe_blocks[0].router.weight.shape[0] == 4
+    tied, sources = info["model"]["tied_experts"], info["reduction"]["sources"]
+    for ties, groups in zip(tied, sources, strict=True):
+        assert all(ties[e] == i for i, group in enumerate(groups) for e in group)
+    assert info["reduction"]["method"] == "hcsmoe-tied" and info["reduction"]["router"] == "tie"
+    record = json.loads((out / "reduction.json").read_text())
+    assert record["method"] == "hcsmoe-tied" and record["router"] == "tie"
+    assert all(not layer["align"] for layer in record["plan"]["layers"])
+    assert record["router_warmup"]["steps"] == 0  # the router is kept: it already routes
+    assert record["timings_s"]["align"] < 1
+
+
+@pytest.mark.parametrize(
+    ("method", "router", "message"),
+    [("hcsmoe-tied", "merge", "choose method hcsmoe"), ("reap", "tie", "reap prunes experts")],
+)
+def test_a_router_the_method_cannot_have_is_refused(
+    tmp_path, checkpoints, smoke_data, capsys, method, router, message
+):
+    with pytest.raises(SystemExit) as exit_:
+        reduce(checkpoints["e4"], tmp_path / "out", method, 2, DRAMA_TXT, "--router", router)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -255,6 +255,8 @@ def test_mcsmoe_and_too_few_experts_for_grouped_routing_are_refused():
         reduce_model(tiny("mixtral"), task(), "mcsmoe", 4)
     with pytest.raises(ValueError, match="choose D >= 2"):
         reduce_model(tiny("deepseek_v3"), task(), "greedy", 1)
+    with pytest.raises(ValueError, match="tied experts"):
+        reduce_model(tiny("mixtral"), task(), "hcsmoe-tied", 4)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
@@ -339,6 +341,8 @@ def test_a_reduced_checkpoint_loads_with_from_pretrained_generates_and_shrinks(
         (0, [], "too small"),
         (2, ["--block-size", "100"], "exceeds the model's context of 64"),
         (2, ["--method", "mcsmoe"], "one expert count for all layers"),
+        (2, ["--method", "hcsmoe-tied"], "a transformers MoE block cannot hold"),
+        (2, ["--router", "tie"], "a transformers MoE block cannot hold"),
     ],
 )
 def test_bad_requests_for_transformers_checkpoints_are_named(

@@ -41,10 +41,14 @@ class ModelConfig:
     router_init_std: float = 0.02
     bias: bool = True
     dropout: float = 0.0
+    # Per MoE layer, the expert each router output dispatches to, several outputs sharing one
+    # (HC-SMoE's tied experts, `hcsmoe-tied`); () = one router output per expert.
+    tied_experts: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if isinstance(self.n_expert, list):
             object.__setattr__(self, "n_expert", tuple(self.n_expert))
+        object.__setattr__(self, "tied_experts", tuple(tuple(t) for t in self.tied_experts))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         counts = self.n_expert if isinstance(self.n_expert, tuple) else (self.n_expert,)
@@ -62,6 +66,21 @@ class ModelConfig:
                 f"top_k={self.top_k} must be between 1 and the number of experts "
                 f"({min(counts)}): lower top_k or give more experts"
             )
+        if self.tied_experts:
+            self._check_ties()
+
+    def _check_ties(self) -> None:
+        if len(self.tied_experts) != len(self.moe_layers):
+            raise ValueError(
+                f"tied_experts lists {len(self.tied_experts)} layers but the model has "
+                f"{len(self.moe_layers)} MoE layers; give one map per MoE layer"
+            )
+        for layer, ties in zip(self.moe_layers, self.tied_experts, strict=True):
+            if sorted(set(ties)) != list(range(self.experts_at(layer))):
+                raise ValueError(
+                    f"tied_experts of layer {layer} must point its router outputs at each of "
+                    f"its {self.experts_at(layer)} experts, got {list(ties)}"
+                )
 
     @property
     def hidden(self) -> int:
@@ -83,6 +102,17 @@ class ModelConfig:
             return self.n_expert[self.moe_layers.index(layer)]
         return self.n_expert
 
+    def ties_at(self, layer: int) -> tuple[int, ...] | None:
+        """The expert each router output of `layer` dispatches to, if its experts are tied."""
+        if not self.tied_experts or layer not in self.moe_layers:
+            return None
+        return self.tied_experts[self.moe_layers.index(layer)]
+
+    def router_outputs(self, layer: int) -> int:
+        """Router outputs of `layer`'s FFN: one per expert, unless its experts are tied."""
+        ties = self.ties_at(layer)
+        return self.experts_at(layer) if ties is None else len(ties)
+
     def capacity(self, n_tokens: int, n_expert: int, training: bool) -> int | None:
         """Tokens each expert may take: Switch's capacity factor rule, None when dropless."""
         factor = self.capacity_factor if training else self.eval_capacity_factor
@@ -94,6 +124,10 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if isinstance(self.n_expert, tuple):
             d["n_expert"] = list(self.n_expert)
+        if self.tied_experts:
+            d["tied_experts"] = [list(t) for t in self.tied_experts]
+        else:
+            del d["tied_experts"]  # so that an untied model's records are as they always were
         return d
 
     @classmethod
@@ -197,7 +231,7 @@ class ReduceConfig:
     solver, seed (sampling, clustering, `random`, router initialisation), the task tokens the
     statistics read, and the router warm-up on the task data afterwards."""
 
-    router: str | None = None  # None: "keep" for pruning methods, "reinit" for merging
+    router: str | None = None  # None: "keep" pruning, "tie" hcsmoe-tied, "reinit" merging
     solver: str = "hungarian"  # weight matching: "hungarian" (exact) or "greedy"
     seed: int = 0
     max_tokens: int = 65536  # task tokens for the statistics (a seeded sample of windows)

@@ -62,6 +62,8 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, moe: MoE, rank: int, world: int, group=None):
         super().__init__()
+        if moe.ties is not None:
+            raise ValueError("tied experts (an hcsmoe-tied reduction) run in one process only")
         if moe.n_expert % world:
             raise ValueError(f"{moe.n_expert} experts cannot be split evenly over {world} ranks")
         self.cfg, self.n_expert, self.world, self.group = moe.cfg, moe.n_expert, world, group

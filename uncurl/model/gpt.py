@@ -51,7 +51,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         n_expert = cfg.experts_at(layer)
-        self.mlp = MoE(cfg, n_expert, init=False) if n_expert else MLP(cfg)
+        self.mlp = MoE(cfg, n_expert, False, cfg.ties_at(layer)) if n_expert else MLP(cfg)
 
     def forward(self, x, rows: Rows, dropless: bool = False, attn_mask=None):
         x = x + self.attn(members.layer_norm(x, rows, self.ln_1), rows, attn_mask)
@@ -217,7 +217,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     active = total
     for layer in range(cfg.n_layer):
         e = cfg.experts_at(layer)
-        common = 2 * ln + attn + (d * e if e else 0)  # norms, attention, router
+        common = 2 * ln + attn + d * cfg.router_outputs(layer)  # norms, attention, router
         total += common + ffn * max(e, 1)
         active += common + ffn * (cfg.top_k if e else 1)
     return {"total": total, "active": active}

@@ -95,6 +95,14 @@ class UncurlConfig(_ModelFields):
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict({f.name: getattr(self, f.name) for f in MODEL_FIELDS})
 
+    def to_dict(self) -> dict:
+        """transformers' dict, without `tied_experts` when there are none: an untied model's
+        config.json (and so its digest) is what it was before tied experts existed."""
+        d = super().to_dict()
+        if not d.get("tied_experts"):
+            d.pop("tied_experts", None)
+        return d
+
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig"):
         """Nothing: `auto_map` names the checkpoint's shims, which transformers would replace by

@@ -65,13 +65,20 @@ class MoE(nn.Module):
     """Top-k routed experts stored as stacked tensors; each expert runs once on its sorted slice.
 
     The experts start from GPT-2's initialisation; `init=False` leaves them to the caller (`GPT`
-    draws every weight itself, in GPT-2's order)."""
+    draws every weight itself, in GPT-2's order). With `ties` (tied experts, after an
+    `hcsmoe-tied` reduction) the router has one output per entry and output i dispatches to
+    expert ties[i] (`tie`)."""
 
-    def __init__(self, cfg: ModelConfig, n_expert: int, init: bool = True):
+    def __init__(
+        self, cfg: ModelConfig, n_expert: int, init: bool = True, ties: tuple | None = None
+    ):
         super().__init__()
         self.cfg, self.n_expert = cfg, n_expert
         d, h = cfg.n_embd, cfg.hidden
-        self.router = nn.Linear(d, n_expert, bias=False)
+        self.router = nn.Linear(d, n_expert if ties is None else len(ties), bias=False)
+        # a tuple, not a buffer: the config holds it, and transformers' loading on the meta
+        # device would leave a buffer that is not in the weights uninitialised
+        self.ties = None if ties is None else tuple(ties)
         self.w_fc = nn.Parameter(torch.empty(n_expert, d, h))  # x @ w_fc[e]
         self.w_proj = nn.Parameter(torch.empty(n_expert, h, d))
         self.b_fc = nn.Parameter(torch.zeros(n_expert, h)) if cfg.bias else None
@@ -96,10 +103,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, C)
         rows = rows or Rows.of([len(x)], False)
         logits = members.linear(x, rows, self.router.weight)
-        parts = [
-            dispatch(part, self.cfg.top_k, self._capacity(len(part), dropless))
-            for part in rows.split(logits)
-        ]
+        parts = [self._dispatch(part, dropless) for part in rows.split(logits)]
         d = parts[0] if len(parts) == 1 else _merge(parts, rows.sizes)
         y = self.experts(x, d)
         routing = tuple(
@@ -111,10 +115,17 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor, dropless: bool = False) -> "Dispatch":
         """Where each of the N tokens (rows of x) goes, at the capacity of the current mode (none
         when `dropless`)."""
-        return dispatch(self.router(x), self.cfg.top_k, self._capacity(len(x), dropless))
+        return self._dispatch(self.router(x), dropless)
+
+    def _dispatch(self, logits: torch.Tensor, dropless: bool) -> "Dispatch":
+        d = dispatch(logits, self.cfg.top_k, self._capacity(len(logits), dropless))
+        return d if self.ties is None else tie(d, self.ties, self.n_expert)
 
     def _capacity(self, n_tokens: int, dropless: bool) -> int | None:
-        return None if dropless else self.cfg.capacity(n_tokens, self.n_expert, self.training)
+        """Per router output: tied experts route and drop as the model they came from did."""
+        if dropless:
+            return None
+        return self.cfg.capacity(n_tokens, self.router.out_features, self.training)
 
     def experts(self, x: torch.Tensor, d: "Dispatch") -> torch.Tensor:
         """The gate-weighted sum of each token's experts' outputs (zero for dropped tokens); a
@@ -156,6 +167,21 @@ def dispatch(logits: torch.Tensor, k: int, capacity: int | None) -> Dispatch:
     weight = gates.t().reshape(-1)[kept].unsqueeze(1)
     routing = Routing(logits, experts, gates, counts, dropped.view(k, n).t())
     return Dispatch(kept % n, sizes, weight, routing)
+
+
+def tie(d: Dispatch, ties, n_expert: int) -> Dispatch:
+    """A dispatch over router outputs regrouped by the expert each output points to (`ties[i]`,
+    of n_expert experts). Every kept slot keeps its token and gate, so which outputs a token
+    chose, and what capacity dropped, are unchanged; the slots of tied outputs run their one
+    expert together (in output order, then queue order)."""
+    device = d.token.device
+    expert_of = torch.tensor(ties, device=device)
+    slot_output = torch.repeat_interleave(
+        torch.arange(len(ties), device=device), d.sizes.to(device)
+    )
+    order = expert_of[slot_output].argsort(stable=True)
+    sizes = d.sizes.new_zeros(n_expert).index_add_(0, expert_of.to(d.sizes.device), d.sizes)
+    return Dispatch(d.token[order], sizes, d.weight[order], d.routing)
 
 
 def _merge(parts: list[Dispatch], sizes: list[int]) -> Dispatch:

@@ -16,8 +16,17 @@ import numpy as np
 from uncurl.config import ReduceConfig
 from uncurl.reduce.adapter import MoEAdapter, adapt
 from uncurl.reduce.align import SOLVERS, align_plan, match_neurons, neuron_scores
-from uncurl.reduce.apply import ROUTERS, apply_plan, merge_group
-from uncurl.reduce.plan import NEEDS, PLANNERS, check_request, default_router, make_plan
+from uncurl.reduce.apply import KEPT, ROUTERS, apply_plan, merge_group
+from uncurl.reduce.hf import TIES_REFUSED
+from uncurl.reduce.plan import (
+    NEEDS,
+    PLANNERS,
+    PRUNING,
+    TIED,
+    check_request,
+    default_router,
+    make_plan,
+)
 from uncurl.reduce.stats import LayerStats, collect_stats
 from uncurl.reduce.taskdata import load_task_docs
 from uncurl.reduce.warmup import router_warmup
@@ -38,6 +47,7 @@ __all__ = [
     "check_model",
     "check_reduction",
     "check_request",
+    "check_router",
     "collect_stats",
     "default_router",
     "load_task_docs",
@@ -55,11 +65,34 @@ def check_model(model) -> None:
     adapt(model)
 
 
-def check_reduction(adapter: MoEAdapter, method: str, target_n_expert: int) -> None:
-    """Refuse a method or target the model cannot be reduced with; the error names the fix."""
+def check_reduction(
+    adapter: MoEAdapter, method: str, target_n_expert: int, router: str | None = None
+) -> None:
+    """Refuse a method, target or router handling (None: the method's default) the model cannot
+    be reduced with; the error names the fix."""
     counts = [layer.n_expert for layer in adapter.layers]
     check_request(method, target_n_expert, counts, adapter.top_k, adapter.cap_top_k)
     adapter.check_target(method, target_n_expert)
+    check_router(method, router or default_router(method), adapter.ties)
+
+
+def check_router(method: str, router: str, ties: bool = True) -> None:
+    """Refuse a router handling the method's plan cannot have, or tied experts on a model that
+    cannot hold them (`ties` False)."""
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router handling {router!r}; choose one of {ROUTERS}")
+    if method in TIED and router != "tie":
+        raise ValueError(
+            f"{method} keeps the router whole with tied experts (router 'tie'); for its "
+            f"clusters with router {router!r} choose method hcsmoe"
+        )
+    if router == "tie" and method in PRUNING:
+        raise ValueError(
+            f"router 'tie' points every original expert at its group's merged expert, but "
+            f"{method} prunes experts; choose keep, merge or reinit"
+        )
+    if router == "tie" and not ties:
+        raise ValueError(TIES_REFUSED)
 
 
 def reduce_model(
@@ -74,9 +107,9 @@ def reduce_model(
     """
     router = cfg.router or default_router(method)
     adapter = adapt(model)
-    check_reduction(adapter, method, target_n_expert)
-    if router not in ROUTERS or cfg.solver not in SOLVERS:
-        raise ValueError(f"router must be one of {ROUTERS} and solver one of {SOLVERS}")
+    check_reduction(adapter, method, target_n_expert, router)
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {SOLVERS}")
     times = {}
     with stopwatch(times, "stats"):
         stats = collect_stats(adapter, batches, NEEDS.get(method, ()), target_n_expert)
@@ -86,7 +119,7 @@ def reduce_model(
         plan = align_plan(adapter, plan, cfg.solver)
     with stopwatch(times, "apply"):
         reduced = apply_plan(adapter, plan, router, cfg.seed)
-    steps = cfg.router_warmup_steps if router != "keep" else 0  # kept rows already route
+    steps = cfg.router_warmup_steps if router not in KEPT else 0  # kept rows already route
     with stopwatch(times, "router_warmup"):
         losses = router_warmup(reduced, batches, steps, cfg.router_warmup_lr)
     record = {

@@ -44,7 +44,8 @@ def main(argv=None):
         "--router",
         choices=ROUTERS,
         default=d.router,
-        help="router handling (default: keep for pruning methods, reinit for merging)",
+        help="router handling (default: keep for pruning methods, tie for hcsmoe-tied, reinit "
+        "for merging)",
     )
     p.add_argument("--solver", choices=SOLVERS, default=d.solver, help="weight-matching solver")
     p.add_argument(

@@ -58,6 +58,7 @@ class MoEAdapter(Protocol):
     top_k: int
     width: int  # C, the model's hidden size
     cap_top_k: bool  # reduced models route to min(top_k, D) experts; else D >= top_k is required
+    ties: bool  # a reduced model can point several router outputs at one expert (router "tie")
 
     def check_target(self, method: str, target_n_expert: int) -> None:
         """Refuse a reduction this architecture cannot hold; the error names the fix."""
@@ -67,10 +68,10 @@ class MoEAdapter(Protocol):
         layer i on the batch's real tokens (as the pass reaches it, where the model allows, so
         that one layer's tensors at a time are kept)."""
 
-    def reduced(self, experts: list[dict], routers: list[dict]) -> nn.Module:
+    def reduced(self, experts: list[dict], routers: list[dict], ties: list) -> nn.Module:
         """A new model holding, per MoE layer, the stacked `experts` tensors (D, ...) and router
-        rows (D, ...), named as `expert_params` and `router_params` name them; everything else
-        copied."""
+        rows (D, ..., or Z where the layer's `ties` maps each row to its expert, else None),
+        named as `expert_params` and `router_params` name them; everything else copied."""
 
     def router_parameters(self) -> list[nn.Parameter]:
         """What a router warm-up trains."""
@@ -135,6 +136,7 @@ class GPTAdapter:
     """Our GPT; given as an `UncurlForCausalLM`, its GPT, and the reduced model wrapped alike."""
 
     cap_top_k = False
+    ties = True
 
     def __init__(self, model: GPT | UncurlForCausalLM):
         self.wrapped = isinstance(model, UncurlForCausalLM)
@@ -150,7 +152,13 @@ class GPTAdapter:
         ]
 
     def check_target(self, method: str, target_n_expert: int) -> None:
-        pass  # per-layer expert counts and D >= top_k (plan.check_request) are all it needs
+        """Per-layer expert counts and D >= top_k (plan.check_request) are all it needs, on a
+        model whose router outputs are its experts."""
+        if self.model.cfg.tied_experts:
+            raise ValueError(
+                "the checkpoint has tied experts (an hcsmoe-tied reduction), whose router "
+                "outputs are not its experts; reduce the checkpoint it was reduced from"
+            )
 
     def visit_layers(self, batch, visit, dropless: bool = True) -> None:
         batch = to_device(batch, model_device(self.model))
@@ -161,9 +169,11 @@ class GPTAdapter:
                 i, LayerIO(*(t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts, r.gates)))
             )
 
-    def reduced(self, experts: list[dict], routers: list[dict]) -> GPT | UncurlForCausalLM:
-        counts = [len(rows["weight"]) for rows in routers]
-        reduced = GPT(reduced_config(self.model.cfg, counts)).eval()
+    def reduced(
+        self, experts: list[dict], routers: list[dict], ties: list
+    ) -> GPT | UncurlForCausalLM:
+        counts = [len(params["w_fc"]) for params in experts]
+        reduced = GPT(reduced_config(self.model.cfg, counts, ties)).eval()
         shared = {k: v for k, v in self.model.state_dict().items() if not _is_expert_param(k)}
         reduced.load_state_dict(shared, strict=False)
         with torch.no_grad():
@@ -182,11 +192,15 @@ class GPTAdapter:
         return self.model(batch.idx, batch.targets, loss_mask=batch.mask).loss
 
 
-def reduced_config(cfg: ModelConfig, counts: list[int]) -> ModelConfig:
+def reduced_config(cfg: ModelConfig, counts: list[int], ties=()) -> ModelConfig:
     """cfg with `counts` experts per MoE layer: one number when all layers agree (and exceed 1,
-    since n_expert=1 would mean the dense backbone)."""
+    since n_expert=1 would mean the dense backbone); with `ties`, per MoE layer the expert of
+    each router output or None (untied: one output per expert), the model's tied experts."""
     n_expert = counts[0] if len(set(counts)) == 1 and counts[0] > 1 else list(counts)
-    return ModelConfig.from_dict({**cfg.to_dict(), "n_expert": n_expert})
+    tied = []
+    if any(t is not None for t in ties):
+        tied = [list(range(c)) if t is None else t for c, t in zip(counts, ties, strict=True)]
+    return ModelConfig.from_dict({**cfg.to_dict(), "n_expert": n_expert, "tied_experts": tied})
 
 
 def _is_expert_param(key: str) -> bool:

@@ -86,9 +86,12 @@ def _greedy_matching(scores: np.ndarray, m: int) -> np.ndarray:
 @torch.no_grad()
 def align_plan(model, plan: dict, solver: str = "hungarian") -> dict:
     """A copy of `plan` with a permutation for every non-anchor member that has none yet
-    (`model`: our GPT, a transformers MoE model or their adapter)."""
+    (`model`: our GPT, a transformers MoE model or their adapter), except in layers whose plan
+    merges its members as they are ("align": false, HC-SMoE's own merge)."""
     plan = copy.deepcopy(plan)
     for layer, planned in zip(adapt(model).layers, plan["layers"], strict=True):
+        if not planned.get("align", True):
+            continue
         for group in planned["groups"]:
             a = group["anchor"]
             for i, m in enumerate(group["members"]):

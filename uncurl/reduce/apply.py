@@ -1,7 +1,8 @@
 """Apply a plan: a new model that physically holds only the planned experts (the book's Method
-chapter: UNCURL's alignment, merge and new router). Each group's members, aligned to its anchor,
-are averaged with the plan's weights (a singleton is copied exactly); the router is
-re-initialised, kept, or merged. Works on any model `uncurl.reduce.adapter` adapts."""
+chapter: UNCURL's alignment, merge and new router). Each group's members, aligned to its anchor
+(unless the plan says otherwise), are averaged with the plan's weights (a singleton is copied
+exactly); the router is re-initialised, kept, merged, or kept whole with tied experts. Works on
+any model `uncurl.reduce.adapter` adapts."""
 
 import torch
 
@@ -9,15 +10,21 @@ from uncurl.reduce.adapter import MoEAdapter, MoELayer, adapt, expert_layer
 from uncurl.reduce.adapter import reduced_config as reduced_config  # the book names it here
 from uncurl.reduce.align import align_plan
 
-ROUTERS = ("reinit", "keep", "merge")
+ROUTERS = ("reinit", "keep", "merge", "tie")
+KEPT = ("keep", "tie")  # router handlings whose rows already route: no warm-up needed
 
 
 def apply_plan(model, plan: dict, router: str = "keep", seed: int = 0, solver: str = "hungarian"):
     """The reduced model. Members the plan has not aligned yet are aligned first (`solver`).
 
     router: "reinit" a fresh router with D outputs (seeded; biases zero), "keep" each group's
-    anchor row, "merge" the members' rows averaged with the group's weights; a layer whose plan
-    names its own handling gets that.
+    anchor row, "merge" the members' rows averaged with the group's weights, "tie" every row
+    kept, each original expert's dispatching to its group's merged expert (tied experts; the
+    groups must cover all experts); a layer whose plan names its own handling gets that.
+
+    Tied experts keep the Z-way router rather than combining its rows into D: no D-way linear
+    router reproduces top-k over Z logits mapped to groups (that would need a max over each
+    group's logits), nor the gates, the softmax over all Z, which tying keeps exactly.
     """
     if router not in ROUTERS:
         raise ValueError(f"unknown router handling {router!r}; choose one of {ROUTERS}")
@@ -25,14 +32,28 @@ def apply_plan(model, plan: dict, router: str = "keep", seed: int = 0, solver: s
     check_plan_fits(adapter, plan)
     plan = align_plan(adapter, plan, solver)
     gen = torch.Generator().manual_seed(seed)
-    experts, routers = [], []
+    experts, routers, ties = [], [], []
     with torch.no_grad():
         for layer, planned in zip(adapter.layers, plan["layers"], strict=True):
             merged = [merge_group(layer, g) for g in planned["groups"]]
             experts.append({name: _stack([m[name] for m in merged]) for name in merged[0]})
             own = planned.get("router", router)
             routers.append(_router_rows(layer, planned["groups"], own, gen))
-        return adapter.reduced(experts, routers)
+            ties.append(tied_experts(planned["groups"], layer.n_expert) if own == "tie" else None)
+        return adapter.reduced(experts, routers, ties)
+
+
+def tied_experts(groups: list[dict], n_expert: int) -> tuple[int, ...]:
+    """For each of the layer's n_expert original experts, the group (merged expert) it is in."""
+    group_of = {m: i for i, g in enumerate(groups) for m in g["members"]}
+    if sorted(group_of) != list(range(n_expert)):
+        missing = sorted(set(range(n_expert)) - set(group_of))
+        raise ValueError(
+            f"router 'tie' points every original expert at its group's merged expert, but the "
+            f"plan's groups leave out experts {missing}: tie a merging method's plan, not a "
+            "pruning one"
+        )
+    return tuple(group_of[e] for e in range(n_expert))
 
 
 def check_plan_fits(adapter: MoEAdapter, plan: dict) -> None:
@@ -82,7 +103,8 @@ def _stack(tensors: list) -> torch.Tensor | None:
 
 
 def _router_rows(layer: MoELayer, groups: list[dict], router: str, gen) -> dict:
-    """Each router tensor's D rows; a fresh router draws its weight and zeroes its biases."""
+    """Each router tensor's D rows (all Z when tied); a fresh router draws its weight and zeroes
+    its biases."""
     return {
         name: _rows(t, groups, router, gen, layer.router_init_std if name == "weight" else 0.0)
         for name, t in layer.router_params().items()
@@ -90,6 +112,8 @@ def _router_rows(layer: MoELayer, groups: list[dict], router: str, gen) -> dict:
 
 
 def _rows(t: torch.Tensor, groups: list[dict], router: str, gen, std: float) -> torch.Tensor:
+    if router == "tie":
+        return t.clone()
     if router == "keep":
         return t[[g["anchor"] for g in groups]]
     if router == "merge":

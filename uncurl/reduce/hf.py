@@ -15,6 +15,8 @@ not routed and stay as they are.
 The reduced model has D experts in every MoE layer (a transformers config holds one count) and
 routes each token to min(top_k, D) of them. Group-limited routing (DeepSeek-V3's n_group and
 topk_group) is reset to a single group: a reduction dissolves the expert groups it relies on.
+Tied experts (`hcsmoe-tied`, router "tie") are refused: a transformers config has no way to
+point several router outputs at one expert.
 """
 
 import copy
@@ -29,6 +31,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from uncurl.reduce.adapter import LayerIO
 
 DEFAULT_BLOCK_SIZE = 256  # task window length, when the model's context allows
+TIES_REFUSED = (
+    "tied experts (router 'tie', method hcsmoe-tied) need several router outputs sharing one "
+    "expert, which a transformers MoE block cannot hold; use hcsmoe (its clusters, a new "
+    "router) or another router handling"
+)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class HFLayer:
 
 class HFAdapter:
     cap_top_k = True
+    ties = False  # transformers' MoE blocks give each router output its own expert
 
     def __init__(self, model: PreTrainedModel):
         if not isinstance(model, PreTrainedModel):
@@ -226,7 +234,9 @@ class HFAdapter:
             for h in hooks:
                 h.remove()
 
-    def reduced(self, experts: list[dict], routers: list[dict]) -> PreTrainedModel:
+    def reduced(self, experts: list[dict], routers: list[dict], ties: list) -> PreTrainedModel:
+        if any(t is not None for t in ties):
+            raise ValueError(TIES_REFUSED)
         counts = sorted({len(rows["weight"]) for rows in routers})
         if len(counts) > 1:
             raise ValueError(

@@ -28,10 +28,14 @@ Methods (the book's Method chapter; each written from its paper):
 - hcsmoe: average-linkage hierarchical clustering of the experts' mean outputs over all tokens,
   Euclidean distance, cut at exactly D groups (Chen et al. 2025, arXiv 2410.08589), merged as
   every other merging method here (aligned, frequency-weighted, a new router).
+- hcsmoe-tied: HC-SMoE's own merge of the same clusters: members averaged with their
+  frequency weights as they are (no alignment), and the router kept whole, each original
+  expert's row dispatching to its cluster's merged expert (router "tie", tied experts).
 - greedy-first: the paper's suggestion (Sarkar et al. 2024, Section 6.3): greedy pruning in the
   first MoE layer, whose router logits show no clusters, and UNCURL in the others.
 
-A layer's plan may name its own router handling ("router"), which `apply_plan` prefers.
+A layer's plan may name its own router handling ("router"), which `apply_plan` prefers, and
+leave its members unaligned ("align": false).
 """
 
 import numpy as np
@@ -43,13 +47,15 @@ from uncurl.config import ReduceConfig
 from uncurl.reduce.stats import LayerStats
 
 # statistics each method needs beyond counts and router logits (stats.collect_stats' `needs`)
-NEEDS = {"reap": ("reap",), "naee": ("naee",), "hcsmoe": ("outputs",)}
-# router handling each method implies: pruning keeps its rows, merging starts a fresh router
+NEEDS = {"reap": ("reap",), "naee": ("naee",), "hcsmoe": ("outputs",), "hcsmoe-tied": ("outputs",)}
+# router handling each method implies: pruning keeps its rows, merging starts a fresh router,
+# and HC-SMoE's own merge keeps every row, tied to its cluster's merged expert
 PRUNING = ("greedy", "random", "reap", "naee")
+TIED = ("hcsmoe-tied",)
 
 
 def default_router(method: str) -> str:
-    return "keep" if method in PRUNING else "reinit"
+    return "keep" if method in PRUNING else "tie" if method in TIED else "reinit"
 
 
 def make_plan(
@@ -219,6 +225,11 @@ def _hcsmoe(st: LayerStats, d: int, cfg: ReduceConfig):
     return _clusters(labels), {}
 
 
+def _hcsmoe_tied(st: LayerStats, d: int, cfg: ReduceConfig):
+    clusters, details = _hcsmoe(st, d, cfg)
+    return clusters, {**details, "align": False, "router": "tie"}
+
+
 def _greedy_first(stats: list[LayerStats], d: int, cfg: ReduceConfig):
     """The paper's suggestion: the first MoE layer, which shows no cluster structure, pruned
     greedily (its router rows kept); UNCURL in the others."""
@@ -236,5 +247,6 @@ PLANNERS = {
     "reap": _per_layer(_reap),
     "naee": _per_layer(_naee),
     "hcsmoe": _per_layer(_hcsmoe),
+    "hcsmoe-tied": _per_layer(_hcsmoe_tied),
     "greedy-first": _greedy_first,
 }

@@ -45,7 +45,7 @@ def reduce_checkpoint(
     checkpoint, out = Path(checkpoint), Path(out)
     check_out(out, find_checkpoint(checkpoint), force)
     model = load_model(checkpoint)
-    check_reduction(adapt(model), method, target_n_expert)
+    check_reduction(adapt(model), method, target_n_expert, cfg.router)
     source = [m.n_expert for m in model.moe_blocks]
     batches = make_batches(docs, model.cfg.block_size, cfg.batch_size, cfg.max_tokens, cfg.seed)
     reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
@@ -90,7 +90,7 @@ def reduce_hf_checkpoint(
     source, out = Path(source), Path(out)
     check_out(out, source, force)
     model = hf.load_checkpoint(source, device)
-    check_reduction(adapt(model), method, target_n_expert)
+    check_reduction(adapt(model), method, target_n_expert, cfg.router)
     window = hf.window(model.config, block_size)
     batches = make_batches(docs, window, cfg.batch_size, cfg.max_tokens, cfg.seed)
     reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)

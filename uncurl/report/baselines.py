@@ -1,6 +1,7 @@
 """The baselines chapter: the merging baselines of the paper (frequency-based merging, MC-SMoE
-adapted) and newer peers (REAP, HC-SMoE, NAEE), random pruning, and the greedy-first-layer
-variant, each against UNCURL on the same reduction and against the from-scratch model."""
+adapted) and newer peers (REAP, HC-SMoE with our merge and with its own, NAEE), random pruning,
+and the greedy-first-layer variant, each against UNCURL on the same reduction and against the
+from-scratch model."""
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,17 @@ from uncurl import evaluate, intervals, layout
 from uncurl.report.style import method_color, plain_values
 from uncurl.report.threshold import advantages
 
-OTHERS = ("greedy", "greedy-first", "freq-merge", "mcsmoe", "hcsmoe", "reap", "naee", "random")
+OTHERS = (
+    "greedy",
+    "greedy-first",
+    "freq-merge",
+    "mcsmoe",
+    "hcsmoe",
+    "hcsmoe-tied",
+    "reap",
+    "naee",
+    "random",
+)
 
 
 def over_scratch(results: list[dict]) -> pd.DataFrame:
