@@ -4,6 +4,7 @@ this machine's cores or on Ray; done jobs are reused; a failed job names its log
 import dataclasses
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -110,3 +111,13 @@ def test_ray_runs_the_grid_as_the_local_executor_does(grid, tmp_path):
         assert len(a) == len(b) > 0
         for x, y in zip(a, b, strict=True):
             assert _comparable(json.loads(x.read_text())) == _comparable(json.loads(y.read_text()))
+
+
+def test_the_largest_jobs_are_submitted_first(tmp_path):
+    """Longest first: the grid's end is not one big job running while the other cores idle."""
+    profile = get_profile("small")
+    jobs = protocol.grid_jobs(profile, tmp_path)
+    members = Counter(m["target_n_expert"] for m in protocol.study_models(profile))
+    sizes = [members[j.args[2]] for j in jobs]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 1
+    assert len(jobs) == len(profile.all_tasks) * len(members) and not any(j.done for j in jobs)

@@ -18,6 +18,7 @@ fine-tuning runs are found and reused, never redone.
 
 import copy
 import time
+from collections import Counter
 from contextlib import ExitStack
 
 from uncurl import cpu, evaluate, layout, population, tasks
@@ -221,9 +222,11 @@ def _task_data(profile, task: str, source) -> str:
 def grid_jobs(profile, runs) -> list[Job]:
     """The profile's fine-tuning grid: one job per (task, target size D), each a population of
     every model of D experts with every seed (`run_job`); a job whose results are all there
-    with their current parameters is done."""
+    with their current parameters is done. The largest jobs come first, so that the last to
+    finish are short ones and no core idles long while one big job ends."""
     folders = layout.Runs(runs, profile.name)
-    return [
+    size = Counter(m["target_n_expert"] for m in study_models(profile))
+    jobs = [
         Job(
             f"{task} d{d}",
             run_job,
@@ -234,6 +237,7 @@ def grid_jobs(profile, runs) -> list[Job]:
         for task in profile.all_tasks
         for d in targets(profile)
     ]
+    return sorted(jobs, key=lambda j: -size[j.args[2]])  # stable: task order among equals
 
 
 def run_grid(profile, runs, executor: str = "local", address: str | None = None) -> list[dict]:

@@ -53,3 +53,29 @@ def headline(times: pd.DataFrame) -> dict:
             "longest_step_time": duration(steps["seconds"].iloc[0]) if len(steps) else "none",
         }
     )
+
+
+def grid_benchmark(path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """`python -m uncurl.bench finetune --json` read back: a member-step on each path against
+    the FLOP floor, whole runs per core-minute on each path, and what it ran on."""
+    bench = layout.read_json(path)
+    floor = bench["floor"]
+    steps = pd.DataFrame(
+        [{"path": name, "ms per member-step": t["median_ms"]} for name, t in bench["steps"].items()]
+    )
+    steps["x floor"] = steps["ms per member-step"] / floor["floor_ms"]
+    runs = {k: v for k, v in bench["end_to_end"].items() if k != "steps"}
+    whole = pd.DataFrame([{"path": name} | t for name, t in runs.items()])
+    ref = runs.get("today's (baseline)", runs["solo"])["runs_per_core_min"]
+    whole["x baseline"] = whole["runs_per_core_min"] / ref
+    env = bench["environment"]
+    values = {
+        "bench_floor_ms": f"{floor['floor_ms']:.1f} ms",
+        "bench_gflops": f"{floor['step_flops'] / 1e9:.2f} GFLOP",
+        "bench_rate": f"{floor['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s",
+        "bench_task": bench["task"],
+        "bench_experts": bench["n_expert"],
+        "bench_revision": env["git"][:7],
+        "bench_baseline": bench["baseline"],
+    }
+    return steps, whole, plain_values(values)
