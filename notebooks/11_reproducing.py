@@ -99,7 +99,7 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 # ```
 #
 # At these shapes a step is far from its floor on every path: the experts' grouped products,
-# attention of 16-float heads and the elementwise GELU dominate, not the dense products the floor
+# attention of narrow heads and the elementwise GELU dominate, not the dense products the floor
 # is counted at, and stacking members saves little per step. Most of the gain over the baseline
 # revision is in the code every path now shares (fused AdamW, the attention kernel, the head only
 # where a loss is read); a population adds loading the task once and sharing evaluations.

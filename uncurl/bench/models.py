@@ -13,11 +13,14 @@ SEED = 0
 
 def find_models(runs, profile) -> list[dict]:
     """The profile's models: dense and each expert count (trained, else random init), then every
-    reduction of seed 0 under {runs}/{profile}/reduced/ (the other seeds have the same shapes),
-    with what it came from."""
+    reduction of seed 0 on the profile's first task under {runs}/{profile}/reduced/ (the other
+    seeds and tasks give the same shapes), with what it came from."""
     folders = layout.Runs(runs, profile.name)
     models = [_trained_or_random(folders, profile, n) for n in profile.expert_counts]
+    first = profile.all_tasks[0] if profile.all_tasks else None
     for path in folders.reductions(seed=0):
+        if layout.parse_reduced(path.name)["task"] != first:
+            continue
         try:
             ckpt = find_checkpoint(path)
         except FileNotFoundError:
