@@ -258,7 +258,12 @@ def test_the_paper_setup_the_prose_states():
         "paper_experts": "8 to 128",
         "paper_tokens": "50B",
     }
-    assert pretraining.reductions(get_profile("small")) == "32 to 8 experts by uncurl and greedy"
+    assert pretraining.reductions(get_profile("smoke")) == (
+        "uncurl, greedy, greedy-first, freq-merge and random on 4 to 2 experts"
+    )
+    assert pretraining.reductions(get_profile("small")).startswith(
+        "uncurl and greedy on 64 to 32, 64 to 16, 64 to 8, 64 to 4, 32 to 16, 32 to 4, 16 to 8,"
+    )
 
 
 def test_profiles_table_lists_every_profile():

@@ -119,7 +119,11 @@ def refused(capsys, argv: list[str]) -> str:
 @pytest.mark.parametrize(
     "argv, problem, fix",
     [
-        (["--profile", "nope"], "unknown profile 'nope'", "choose one of paper, small, smoke"),
+        (
+            ["--profile", "nope"],
+            "unknown profile 'nope'",
+            "choose one of full, paper, small, smoke",
+        ),
         (["--set", "lrr=0.1"], "unknown --set key 'lrr'", "did you mean 'lr'?"),
         (["--set", "colour=red"], "unknown --set key 'colour'", "train keys: "),
         (["--set", "lr=fast"], "train key 'lr' must be float", "got 'fast'"),

@@ -233,13 +233,14 @@ def pretraining_headline(models: pd.DataFrame, profile: Profile) -> dict:
 
 
 def reductions(profile: Profile) -> str:
-    """The profile's reductions: '32 to 8 experts by uncurl and greedy; ...', or 'none'."""
+    """The profile's reductions, grouped by their methods: 'uncurl and greedy on 64 to 32 and 32
+    to 8 experts; ...', or 'none'."""
+    by_methods = {}
+    for r in profile.reductions:
+        pair = f"{r['source_n_expert']} to {r['target_n_expert']}"
+        by_methods.setdefault(tuple(r["methods"]), []).append(pair)
     return (
-        "; ".join(
-            f"{r['source_n_expert']} to {r['target_n_expert']} experts by {listing(r['methods'])}"
-            for r in profile.reductions
-        )
-        or "none"
+        "; ".join(f"{listing(m)} on {listing(p)} experts" for m, p in by_methods.items()) or "none"
     )
 
 
