@@ -63,15 +63,7 @@ def run(
     `out`'s lock while it trains (a second run into it is refused).
     """
     out = Path(out)
-    params = {
-        "checkpoint": str(checkpoint),
-        "digest": digest(checkpoint),
-        "task": task,
-        "seed": seed,
-        "finetune": asdict(cfg),
-        "task_source": task_source,
-        "data_dir": str(data_dir) if data_dir else None,
-    }
+    params = run_params(checkpoint, task, seed, cfg, data_dir, task_source)
     if (done := finished(out, params)) is not None:
         return done
     started = time.time()
