@@ -360,3 +360,26 @@ def test_a_task_can_adjust_the_recipe_for_every_model_on_it():
     p = Profile("p", finetune={"lr": 1e-3, "max_steps": 50}, task_finetune={"t": {"lr": 5e-4}})
     assert p.finetune_config("t").lr == 5e-4 and p.finetune_config("t").max_steps == 50
     assert p.finetune_config("other").lr == 1e-3 and p.finetune_config().lr == 1e-3
+
+
+def test_methods_reducing_one_source_on_one_sample_read_its_statistics_once(
+    smoke_ckpt, smoke_data, tmp_path, monkeypatch
+):
+    """The second method reuses the first's statistics, and reduces as it does alone."""
+    from uncurl.reduce import save
+
+    tok = data.load_tokenizer(smoke_data)
+    docs = tasks.answered(
+        tasks.encode(tok, tasks.examples(tasks.get_task("rotten_tomatoes"), SAMPLES)["train"])
+    )
+    monkeypatch.setattr(save, "_STATS", {})
+    reads = []
+    monkeypatch.setattr(save, "collect_stats", lambda *a: reads.append(a) or collect(*a))
+    collect = save.reduce_model.__globals__["collect_stats"]
+    for method, out in [("uncurl", "a"), ("greedy", "b"), ("hcsmoe", "c")]:
+        reduce_checkpoint(smoke_ckpt, tmp_path / out, method, 2, docs, "rotten_tomatoes")
+    assert len(reads) == 2  # uncurl and greedy share theirs; hcsmoe needs the experts' outputs
+    save._STATS.clear()
+    reduce_checkpoint(smoke_ckpt, tmp_path / "alone", "greedy", 2, docs, "rotten_tomatoes")
+    weights = [tmp_path / f / "model.safetensors" for f in ("b", "alone")]
+    assert weights[0].read_bytes() == weights[1].read_bytes()

@@ -96,14 +96,20 @@ def check_router(method: str, router: str, ties: bool = True) -> None:
 
 
 def reduce_model(
-    model, batches, method: str, target_n_expert: int, cfg: ReduceConfig = ReduceConfig()
+    model,
+    batches,
+    method: str,
+    target_n_expert: int,
+    cfg: ReduceConfig = ReduceConfig(),
+    stats: list[LayerStats] | None = None,
 ):
     """Reduce every MoE layer of `model` (our GPT or a transformers MoE causal LM) to
     `target_n_expert` experts on task batches.
 
     Returns the reduced model and a JSON-serializable record: the plan (with permutations),
     per-layer selection counts and similarity matrices, router warm-up losses and each step's
-    time.
+    time. `stats`, if given, are `collect_stats` of this model on these batches for the method
+    (read once for several methods, `uncurl.reduce.save`).
     """
     router = cfg.router or default_router(method)
     adapter = adapt(model)
@@ -112,7 +118,8 @@ def reduce_model(
         raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {SOLVERS}")
     times = {}
     with stopwatch(times, "stats"):
-        stats = collect_stats(adapter, batches, NEEDS.get(method, ()), target_n_expert)
+        if stats is None:
+            stats = collect_stats(adapter, batches, NEEDS.get(method, ()), target_n_expert)
     with stopwatch(times, "plan"):
         plan = make_plan(stats, method, target_n_expert, cfg)
     with stopwatch(times, "align"):

@@ -9,6 +9,7 @@ counts, frequencies and similarity matrices, spectral embeddings (uncurl), and t
 is written under a temporary name and renamed at the end, so a failure leaves nothing at `out`.
 """
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from uncurl import layout
 from uncurl.config import ReduceConfig
 from uncurl.model.checkpoint import (
+    digest,
     find_checkpoint,
     load_model,
     load_tokenizer,
@@ -23,7 +25,7 @@ from uncurl.model.checkpoint import (
     write_checkpoint,
 )
 from uncurl.provenance import environment
-from uncurl.reduce import adapt, check_reduction, hf, reduce_model
+from uncurl.reduce import NEEDS, adapt, check_reduction, collect_stats, hf, reduce_model
 from uncurl.tasks import make_batches
 
 RECORD = layout.REDUCTION
@@ -48,7 +50,8 @@ def reduce_checkpoint(
     check_reduction(adapt(model), method, target_n_expert, cfg.router)
     source = [m.n_expert for m in model.moe_blocks]
     batches = make_batches(docs, model.cfg.block_size, cfg.batch_size, cfg.max_tokens, cfg.seed)
-    reduced, record = reduce_model(model, batches, method, target_n_expert, cfg)
+    stats = _shared_stats(checkpoint, model, batches, method, target_n_expert, task_data, cfg)
+    reduced, record = reduce_model(model, batches, method, target_n_expert, cfg, stats)
     parent = {k: v for k, v in read_info(checkpoint).items() if k != "model"}
     info = {
         "reduction": {
@@ -70,6 +73,24 @@ def reduce_checkpoint(
         lambda tmp: write_checkpoint(tmp, reduced, tok, info),
         _record(checkpoint, task_data, docs, cfg, record),
     )
+
+
+_STATS: dict[tuple, list] = {}  # this process's latest statistics, by what decides them
+_STATS_KEPT = 64  # statistics are small: counts and (Z, Z) or (Z, C) sums per layer
+
+
+def _shared_stats(checkpoint, model, batches, method: str, d: int, task_data: str, cfg):
+    """The statistics of the checkpoint's model on the task sample of `cfg.seed`, read once in
+    this process for every method that needs the same ones: a grid reduces one source on one
+    sample by several methods. A copy, so that no method sees another's changes."""
+    needs = NEEDS.get(method, ())
+    sample = (task_data, cfg.seed, cfg.max_tokens, cfg.batch_size)
+    key = (str(checkpoint), digest(checkpoint), *sample, needs, d if "naee" in needs else None)
+    if key not in _STATS:
+        if len(_STATS) >= _STATS_KEPT:
+            _STATS.pop(next(iter(_STATS)))  # the oldest
+        _STATS[key] = collect_stats(adapt(model), batches, needs, d)
+    return copy.deepcopy(_STATS[key])
 
 
 def reduce_hf_checkpoint(
