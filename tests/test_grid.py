@@ -5,8 +5,10 @@ import dataclasses
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from conftest import sigkilled
 
 from uncurl import data, executor, finetune, layout, protocol
 from uncurl.config import get_profile
@@ -121,3 +123,33 @@ def test_the_largest_jobs_are_submitted_first(tmp_path):
     sizes = [members[j.args[2]] for j in jobs]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 1
     assert len(jobs) == len(profile.all_tasks) * len(members) and not any(j.done for j in jobs)
+
+
+KILLED_WHILE_A_JOB_RUNS = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from uncurl.executor import Job, run_jobs
+log, listing = map(Path, sys.argv[1:])
+def workers():
+    return [p for p in filter(str.isdigit, os.listdir("/proc"))
+            if open(f"/proc/{p}/stat").read().rpartition(")")[2].split()[1] == str(os.getpid())]
+def die_once_the_job_runs():
+    while not log.exists():
+        time.sleep(0.05)
+    listing.write_text(" ".join(workers()))
+    os.kill(os.getpid(), signal.SIGKILL)
+threading.Thread(target=die_once_the_job_runs, daemon=True).start()
+run_jobs([Job("sleep", time.sleep, (120,), log)], workers=1)
+"""
+
+
+def test_a_killed_executor_takes_its_running_jobs_with_it(tmp_path):
+    """A study killed mid-grid leaves no job running on in the background."""
+    listing = tmp_path / "workers"
+    sigkilled(["-c", KILLED_WHILE_A_JOB_RUNS, str(tmp_path / "job.log"), str(listing)])
+    pids = [int(p) for p in listing.read_text().split()]
+    assert pids
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids), "a worker outlived its executor"

@@ -14,8 +14,11 @@ this process's working directory, with this package first on their path.
 """
 
 import concurrent.futures
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 HEARTBEAT_S = 60  # with no job finished for this long, say which are still running
 EXECUTORS = ("local", "ray")
 
@@ -148,7 +152,9 @@ def _on_cores(jobs: list[Job], progress: Progress, address, workers: int) -> Non
     del address
     context = multiprocessing.get_context("spawn")
     pending = list(jobs)
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_die_with, initargs=(os.getpid(),)
+    ) as pool:
         running: dict[concurrent.futures.Future, Job] = {}
         while pending or running:
             while pending and len(running) < workers and not progress.failed:
@@ -164,6 +170,15 @@ def _on_cores(jobs: list[Job], progress: Progress, address, workers: int) -> Non
                 progress.heartbeat()
             for future in done:
                 progress.finished(running.pop(future), future.result())
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker end when the process that started it does, however that one ends (a
+    killed study must not leave its jobs running on): Linux's parent-death signal."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the signal was armed
+        os._exit(1)
 
 
 def _on_ray(jobs: list[Job], progress: Progress, address: str | None, workers: int) -> None:
