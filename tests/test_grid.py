@@ -48,7 +48,8 @@ def _comparable(result: dict) -> dict:
     return {k: result[k] for k in keep}
 
 
-def test_a_job_gives_every_member_its_solo_result(grid, tmp_path):
+def test_a_job_gives_every_member_its_solo_result(grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_MEMBERS", 5)  # populations of 5, 5 and the rest
     profile, runs = _copy_pretrained(grid, tmp_path)
     results = protocol.run_task(profile, "rotten_tomatoes", runs, progress=False)
     cfg = profile.finetune_config("rotten_tomatoes")
