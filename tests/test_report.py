@@ -356,3 +356,11 @@ def test_a_task_is_learned_by_its_heldout_accuracy_not_its_validation_accuracy()
     assert tasks_report.readable_tasks(table, scratch) == ["heldout_too", "doc"]
     val_only = scratch.set_index("task").loc["val_only"]
     assert val_only["ci_low"] > 0.8 and val_only["heldout_mean"] < 0.6  # both kept for the table
+
+
+def test_every_method_has_a_colour_of_its_own():
+    from uncurl.reduce import METHODS
+
+    colours = {m: style.method_color(m) for m in ("scratch", *METHODS)}
+    assert len(set(colours.values())) == len(colours)
+    assert (0.5, 0.5, 0.5) not in colours.values()  # the colour of a method nobody listed

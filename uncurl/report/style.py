@@ -37,7 +37,8 @@ def expert_color(n_expert: int):
     return mpl.colormaps["viridis"](min(math.log2(n_expert), 7) / 7 * 0.9)
 
 
-# one colour per method in every chapter (seaborn's colourblind palette, in a fixed order)
+# one colour per method in every chapter: seaborn's colourblind palette in a fixed order, and a
+# method's variant (HC-SMoE's own merge) a lighter shade of the method it varies
 METHODS = (
     "scratch",
     "uncurl",
@@ -50,11 +51,14 @@ METHODS = (
     "naee",
     "random",
 )
+VARIANTS = {"hcsmoe-tied": "hcsmoe"}
 
 
 def method_color(method: str):
     """The same colour for a reduction method in every figure (from scratch first)."""
     palette = sns.color_palette("colorblind", len(METHODS))
+    if method in VARIANTS:
+        return tuple(0.45 * c + 0.55 for c in method_color(VARIANTS[method]))
     return palette[METHODS.index(method)] if method in METHODS else (0.5, 0.5, 0.5)
 
 
