@@ -2,8 +2,9 @@
 # # Pretrain one model
 #
 # Trains (or resumes, or finds finished) one model of the profile: the dense backbone or an SMoE
-# with `n_expert` experts in every MoE layer. The run folder keeps the checkpoint, the metrics of
-# every step and a summary; the report notebooks read those.
+# with `n_expert` experts in every MoE layer, once per pretraining seed of the profile (its
+# initialisation and data order). Each run folder keeps the checkpoint, the metrics of every step
+# and a summary; the report notebooks read those.
 
 # %% tags=["hide-input", "parameters"]
 profile: str = "smoke"  # profile in uncurl/profiles.toml: model shape, training recipe, data
@@ -23,17 +24,29 @@ started = time.time()
 cfg = get_profile(profile)
 vocab_size = data.load_meta(cfg.data_dir)["vocab_size"]
 model_cfg = cfg.model_config(n_expert=n_expert, vocab_size=vocab_size)
-train_cfg = cfg.train_config()
-run_dir = layout.Runs(runs, profile).pretrained(n_expert)
+folders = layout.Runs(runs, profile)
 
 # %% tags=["hide-input"]
-summary = train(run_dir, model_cfg, train_cfg, cfg.data_dir, progress=False)
+summaries = {
+    seed: train(
+        folders.pretrained(n_expert, seed),
+        model_cfg,
+        cfg.train_config(seed=seed),
+        cfg.data_dir,
+        progress=False,
+    )
+    for seed in cfg.pretrain_seeds
+}
 
 # %% tags=["hide-input"]
 records.write_results(
     out,
     {"profile": profile, "n_expert": n_expert, "runs": runs},
     started,
-    values=summary,
-    outputs=[run_dir / layout.CHECKPOINT, run_dir / layout.SUMMARY, run_dir / layout.METRICS],
+    values=summaries[cfg.pretrain_seeds[0]],
+    outputs=[
+        folders.pretrained(n_expert, seed) / name
+        for seed in cfg.pretrain_seeds
+        for name in (layout.CHECKPOINT, layout.SUMMARY, layout.METRICS)
+    ],
 )

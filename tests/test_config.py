@@ -110,6 +110,8 @@ def test_a_value_of_the_wrong_type_names_the_field_and_its_type(tmp_path, line, 
             "top_k=8 must be between 1 and the number of experts",
         ),
         ("model = { n_embd = 30, n_head = 4 }", "n_embd=30 must be divisible by n_head=4"),
+        ("pretrain_seeds = [0, 0]", "pretrain_seeds = [0, 0] must list distinct seeds"),
+        ("pretrain_seeds = []", "pretrain_seeds = [] must list distinct seeds"),
     ],
 )
 def test_a_value_out_of_range_fails_at_load_time(tmp_path, line, message):

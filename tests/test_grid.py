@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import sigkilled
 
-from uncurl import data, executor, finetune, layout, protocol
+from uncurl import data, evaluate, executor, finetune, layout, protocol
 from uncurl.config import get_profile
+from uncurl.model.checkpoint import read_info
 from uncurl.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +71,35 @@ def test_a_job_gives_every_member_its_solo_result(grid, tmp_path, monkeypatch):
         )
         assert _comparable(alone) == _comparable(r)
         assert alone["params"] == r["params"]  # so a solo run finds the member's result done
+
+
+def test_each_seed_starts_from_the_models_of_its_pretraining_seed(grid, tmp_path):
+    """pretrain_seeds = [0, 1]: seed 1 fine-tunes e2-p1 and reduces e4-p1, and the intervals
+    resample pretraining seeds first."""
+    profile, runs = _copy_pretrained(grid, tmp_path)
+    profile = dataclasses.replace(
+        profile,
+        pretrain_seeds=(0, 1),
+        reductions=({"source_n_expert": 4, "target_n_expert": 2, "methods": ["uncurl"]},),
+    )
+    folders = layout.Runs(runs, "smoke")
+    vocab_size = data.load_meta(profile.data_dir)["vocab_size"]
+    for n in (2, 4):
+        cfg = profile.model_config(n_expert=n, vocab_size=vocab_size)
+        train(folders.pretrained(n, 1), cfg, profile.train_config(seed=1), profile.data_dir)
+    results = protocol.run_task(profile, "rotten_tomatoes", runs, progress=False)
+    assert {(r["model"]["model"], r["seed"], r["pretrain_seed"]) for r in results} == {
+        ("e2", 0, 0),
+        ("e2", 1, 1),
+        ("e4-uncurl-d2", 0, 0),
+        ("e4-uncurl-d2", 1, 1),
+    }
+    by = {(r["model"]["model"], r["seed"]): r for r in results}
+    assert by["e2", 1]["params"]["checkpoint"] == str(folders.pretrained(2, 1))
+    reduced = Path(by["e4-uncurl-d2", 1]["params"]["checkpoint"])
+    assert read_info(reduced)["reduction"]["from"].startswith(str(folders.pretrained(4, 1)))
+    assert evaluate.pretrain_groups(results, "e2", "rotten_tomatoes") == [0, 1]
+    assert len(evaluate.comparisons(results, n_boot=50)) == 1
 
 
 def test_the_grid_reuses_done_jobs_and_names_a_failed_one(grid, tmp_path, capsys):

@@ -54,3 +54,21 @@ def test_holm_adjusts_as_the_step_down_procedure():
 def test_the_same_seed_gives_the_same_interval():
     values = np.random.default_rng(3).random((4, 100))
     assert intervals.bootstrap(values, seed=5) == intervals.bootstrap(values, seed=5)
+
+
+def test_pretraining_seeds_are_resampled_before_the_seeds_of_each():
+    """Seeds 0, 2, 4 from one pretrained model (every score 0), 1 and 3 from another (every
+    score 1): a draw picks two pretraining seeds, so its mean is 0, 1/2 or 1 with chances 1/4,
+    1/2, 1/4, where resampling the five seeds alike would give fifths."""
+    values = np.repeat(np.array([[0.0], [1.0], [0.0], [1.0], [0.0]]), 10, axis=1)
+    groups = [0, 1, 0, 1, 0]
+    means = intervals.draws(values, n_boot=4000, groups=groups)
+    share = {v: np.mean(np.isclose(means, v)) for v in (0.0, 0.5, 1.0)}
+    assert sum(share.values()) == 1.0
+    assert abs(share[0.5] - 0.5) < 0.04 and abs(share[0.0] - 0.25) < 0.04
+    flat = intervals.draws(values, n_boot=400)
+    assert not np.all(np.isin(np.round(flat, 6), [0.0, 0.5, 1.0]))
+    # one pretraining seed for all: the two-level bootstrap, draw for draw
+    np.testing.assert_array_equal(intervals.draws(values, groups=[7] * 5), intervals.draws(values))
+    with pytest.raises(ValueError, match="2 pretraining seeds for 5"):
+        intervals.draws(values, groups=[0, 1])

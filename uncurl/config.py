@@ -345,6 +345,9 @@ class Profile:
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     expert_counts: tuple[int, ...] = (1,)
+    # pretraining seeds of every expert count; fine-tuning seed s starts from pretraining seed
+    # pretrain_seeds[s % len] (its reductions too), so the seeds replicate pretraining as well
+    pretrain_seeds: tuple[int, ...] = (0,)
     finetune: dict = field(default_factory=dict)
     task_finetune: dict = field(default_factory=dict)  # {task: overrides of `finetune` for it}
     tasks: tuple[str, ...] = ()  # fine-tuning tasks of the study
@@ -364,6 +367,11 @@ class Profile:
                 self.finetune_config(task)
             for spec in self.reductions:
                 checked(Reduction, spec, "reductions")
+            if not self.pretrain_seeds or len(set(self.pretrain_seeds)) < len(self.pretrain_seeds):
+                raise ValueError(
+                    f"profile {self.name!r}: pretrain_seeds = {list(self.pretrain_seeds)} must "
+                    f"list distinct seeds, at least one (e.g. [0, 1])"
+                )
         finally:
             _recording.reset(checking)
 
@@ -376,6 +384,10 @@ class Profile:
     def data_dir(self) -> Path:
         """Where `python -m uncurl.data prepare` writes this profile's token arrays."""
         return layout.prepared_dir(self.data.get("name", self.name))
+
+    def pretrain_seed(self, seed: int) -> int:
+        """The pretraining seed of the models fine-tuning seed `seed` starts from."""
+        return self.pretrain_seeds[seed % len(self.pretrain_seeds)]
 
     @property
     def all_tasks(self) -> tuple[str, ...]:

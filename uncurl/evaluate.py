@@ -209,6 +209,15 @@ def describe(checkpoint) -> dict:
     }
 
 
+def pretrain_seed(checkpoint) -> int | None:
+    """The seed the model (or the source of its reductions) was pretrained with; None for a
+    checkpoint that does not say (one from elsewhere)."""
+    info = read_info(checkpoint)
+    while "reduction" in info:
+        info = info["reduction"]["parent"]
+    return (info.get("train") or {}).get("seed")
+
+
 def score_checkpoint(
     checkpoint, task: str, cfg: FinetuneConfig, data_dir=None, task_source: str = ""
 ) -> dict:
@@ -271,6 +280,13 @@ def score_matrix(
     return np.array([runs[s][key] for s in (sorted(runs) if seeds is None else seeds)])
 
 
+def pretrain_groups(results: list[dict], model: str, task: str, seeds=None) -> list:
+    """The pretraining seed of each of the (model, task)'s `seeds` (the order of
+    `score_matrix`): the bootstrap's top level (`intervals.draws`)."""
+    runs = {r["seed"]: r for r in results if r["model"]["model"] == model and r["task"] == task}
+    return [runs[s].get("pretrain_seed") for s in (sorted(runs) if seeds is None else seeds)]
+
+
 def score_units(results: list[dict], task: str):
     """The unit of each validation example of `task`, for the bootstrap (None: each example its
     own), the same in every result of the task since all are scored on the same windows."""
@@ -300,7 +316,10 @@ def summary(
             continue
         units = score_units(results, task) if split == "val" else None
         mean, lo, hi, _ = intervals.bootstrap(
-            score_matrix(results, model, task, split=split), units, n_boot=n_boot
+            score_matrix(results, model, task, split=split),
+            units,
+            n_boot=n_boot,
+            groups=pretrain_groups(results, model, task),
         )
         rows.append(
             {
@@ -342,6 +361,7 @@ def comparisons(results: list[dict], n_boot: int = intervals.N_BOOT) -> pd.DataF
             score_matrix(results, *ref, seeds),
             score_units(results, task),
             n_boot=n_boot,
+            groups=pretrain_groups(results, model, task, seeds),
         )
         rows.append(
             {

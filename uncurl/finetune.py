@@ -79,7 +79,7 @@ def run(
         warmup = warm_up_router(model, model_info, data, cfg, seed)
         trained = finetune(model, data, cfg, seed, progress)
         scores = evaluate.score(model, data)
-        result = record(model_info, data, seed, scores, warmup, trained, params, started)
+        result = record(checkpoint, data, seed, scores, warmup, trained, params, started)
         if save_model:
             save_checkpoint(out / "model", model, tok, {"finetune": params})
         write_json(out / evaluate.RESULT, result)
@@ -107,14 +107,16 @@ def finished(out, params: dict) -> dict | None:
     return done if done["params"] == params else None
 
 
-def record(model_info, data: TaskData, seed, scores, warmup, trained, params, started) -> dict:
-    """A run's result.json: the scores (`evaluate.Scores`) of a model trained since `started`."""
+def record(checkpoint, data: TaskData, seed, scores, warmup, trained, params, started) -> dict:
+    """A run's result.json: the scores (`evaluate.Scores`) of a model, fine-tuned from
+    `checkpoint` since `started`."""
     metrics, per_example, heldout_per_example, units = scores
     return {
-        "model": model_info,
+        "model": evaluate.describe(checkpoint),
         "task": data.task.name,
         "kind": data.task.kind,
         "seed": seed,
+        "pretrain_seed": evaluate.pretrain_seed(checkpoint),
         "metric": data.task.metric,
         "metrics": metrics,
         "per_example": per_example,

@@ -5,9 +5,11 @@ reduction, router warm-up and data order) scored on the same validation examples
 replication unit, and examples are a sample of the task; an interval covers both by a
 hierarchical bootstrap: resample seeds, then, within each resampled seed, the validation units
 (an example, or a cluster of correlated examples such as the windows of one section of a
-document). A paired comparison resamples the same seeds and units for both models. With few
-seeds the seed level is resampled from few values, which understates the seed-to-seed spread
-by a factor of about (n - 1) / n in variance; pretraining seeds are not in the design at all.
+document). A paired comparison resamples the same seeds and units for both models. Where the
+seeds start from models of several pretraining seeds (`groups`: each fine-tuning seed's
+pretraining seed), those come first: pretraining seeds with replacement, then the fine-tuning
+seeds of each, then units. With few seeds a level is resampled from few values, which
+understates its spread by a factor of about (n - 1) / n in variance.
 """
 
 from typing import NamedTuple
@@ -27,18 +29,26 @@ class Interval(NamedTuple):
 
 
 def bootstrap(
-    values: np.ndarray, units=None, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+    values: np.ndarray,
+    units=None,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+    groups=None,
 ) -> Interval:
     """Mean of a (seeds, examples) matrix and its percentile interval by the hierarchical
-    bootstrap; `units` gives each example's cluster (default: each example its own)."""
+    bootstrap; `units` gives each example's cluster (default: each example its own), `groups`
+    each seed's pretraining seed (default: one for all)."""
     values = np.atleast_2d(np.asarray(values, dtype=float))
-    boots = draws(values, units, n_boot, seed)
+    boots = draws(values, units, n_boot, seed, groups)
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     p = min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0)))
     return Interval(float(values.mean()), float(lo), float(hi), float(p))
 
 
-def draws(values: np.ndarray, units=None, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+def draws(
+    values: np.ndarray, units=None, n_boot: int = N_BOOT, seed: int = 0, groups=None
+) -> np.ndarray:
     """The hierarchical bootstrap's `n_boot` resampled means of a (seeds, examples) matrix, for
     statistics of several matrices at once (a threshold read off many comparisons)."""
     values = np.atleast_2d(np.asarray(values, dtype=float))
@@ -46,22 +56,45 @@ def draws(values: np.ndarray, units=None, n_boot: int = N_BOOT, seed: int = 0) -
     units = np.arange(n_examples) if units is None else np.unique(units, return_inverse=True)[1]
     sums = np.stack([np.bincount(units, row) for row in values])  # (seeds, units)
     counts = np.bincount(units).astype(float)
+    if groups is not None and len(groups) != len(values):
+        raise ValueError(f"{len(groups)} pretraining seeds for {len(values)} fine-tuning seeds")
+    one = groups is None or len(set(groups)) == 1
+    members = None if one else _members(groups)
     rng = np.random.default_rng(seed)
     return np.concatenate(
         [
-            _resampled_means(rng, sums, counts, min(CHUNK, n_boot - start))
+            _resampled_means(rng, sums, counts, min(CHUNK, n_boot - start), members)
             for start in range(0, n_boot, CHUNK)
         ]
     )
 
 
-def _resampled_means(rng, sums: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
-    """`n` bootstrap means: seeds with replacement, then units with replacement per seed."""
+def _members(groups) -> np.ndarray:
+    """(groups, largest group) seed indices of each group, padded with -1."""
+    index = [np.flatnonzero(np.asarray(groups) == g) for g in dict.fromkeys(groups)]
+    padded = np.full((len(index), max(map(len, index))), -1)
+    for row, seeds in zip(padded, index, strict=True):
+        row[: len(seeds)] = seeds
+    return padded
+
+
+def _resampled_means(rng, sums, counts, n: int, members=None) -> np.ndarray:
+    """`n` bootstrap means: seeds with replacement (within pretraining seeds drawn with
+    replacement, if `members` groups them), then units with replacement per seed."""
     n_seeds, n_units = sums.shape
-    s = rng.integers(0, n_seeds, (n, n_seeds))  # (n, S)
-    u = rng.integers(0, n_units, (n, n_seeds, n_units))  # (n, S, U)
-    per_seed = sums[s[..., None], u].sum(-1) / counts[u].sum(-1)  # (n, S)
-    return per_seed.mean(-1)
+    if members is None:
+        s = rng.integers(0, n_seeds, (n, n_seeds))  # (n, S)
+        weight = np.ones(s.shape)
+    else:
+        sizes = (members >= 0).sum(1)
+        g = rng.integers(0, len(members), (n, len(members), 1))  # (n, G, 1)
+        k = (rng.random((n, *members.shape)) * sizes[g]).astype(int)  # (n, G, K)
+        s = members[g, k].reshape(n, -1)  # a group's seeds, then -1 beyond its size
+        weight = (np.arange(members.shape[1]) < sizes[g]) / sizes[g]  # each group counts once
+        weight, s = weight.reshape(n, -1), np.maximum(s, 0)
+    u = rng.integers(0, n_units, (*s.shape, n_units))  # (n, S, U)
+    per_seed = sums[s[..., None], u].sum(-1) / counts[u].sum(-1)
+    return (per_seed * weight).sum(-1) / weight.sum(-1)
 
 
 def paired(a: np.ndarray, b: np.ndarray, units=None, **kwargs) -> Interval:

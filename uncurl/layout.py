@@ -6,6 +6,7 @@ The one owner of the on-disk layout; nothing else builds these paths or labels:
     data/prepared/<name>/                           a prepared corpus (`prepared_dir`)
     runs/<profile>/
         dense/, e4/, e8/, ...                       pretraining runs (`Runs.pretrained`)
+        e8-p1/, ...                                 another pretraining seed's run
             checkpoint/  metrics.jsonl  summary.json
         reduced/e32-uncurl-d8-<task>-s<seed>/       reductions on a task (`Runs.reduced`)
         finetune/<task>/<label>/s<seed>/result.json  fine-tuning runs (`Runs.finetuned`)
@@ -104,8 +105,9 @@ class Runs:
         self.root, self.profile = Path(root), profile
         self.folder = self.root / profile
 
-    def pretrained(self, n_expert: int) -> Path:
-        return self.folder / model_label(n_expert)
+    def pretrained(self, n_expert: int, seed: int = 0) -> Path:
+        """A pretraining run: `e8`, or `e8-p1` for the same model pretrained with seed 1."""
+        return self.folder / (model_label(n_expert) + (f"-p{seed}" if seed else ""))
 
     def reduced(
         self, source_n_expert: int, method: str, target_n_expert: int, task: str, seed: int

@@ -137,9 +137,9 @@ def _population(members, loaded: dict, data, cfg, progress: bool) -> list[dict]:
     best, trained = population.train(models, data, cfg, seeds, progress)
     scores = evaluate.member_scores(best, data)
     return [
-        record(info, data, seed, score, warmup, training, None, started)
-        for info, seed, score, warmup, training in zip(
-            infos, seeds, scores, warmups, trained, strict=True
+        record(checkpoint, data, seed, score, warmup, training, None, started)
+        for (checkpoint, _, _), seed, score, warmup, training in zip(
+            members, seeds, scores, warmups, trained, strict=True
         )
     ]
 
@@ -153,10 +153,10 @@ def _shared_tokenizer(loaded: dict):
 
 
 def starting_point(profile, task: str, model: dict, seed: int, folders: layout.Runs):
-    """The checkpoint a model's fine-tuning starts from: its pretrained run, or its reduction
-    with the run's seed."""
+    """The checkpoint a model's fine-tuning starts from: its pretrained run (of the pretraining
+    seed the run's seed maps to), or its reduction with the run's seed."""
     if model["method"] == layout.SCRATCH:
-        return folders.pretrained(model["target_n_expert"])
+        return folders.pretrained(model["target_n_expert"], profile.pretrain_seed(seed))
     return reduce_on_task(profile, task, model, seed, folders)
 
 
@@ -167,7 +167,7 @@ def reduce_on_task(profile, task: str, model: dict, seed: int, folders: layout.R
     if (done := current_reduction(profile, task, model, seed, folders)) is not None:
         return done
     cfg = profile.finetune_config(task)
-    source = folders.pretrained(model["source_n_expert"])
+    source = folders.pretrained(model["source_n_expert"], profile.pretrain_seed(seed))
     docs = tasks.training_documents(
         tasks.get_task(task),
         load_tokenizer(source),
@@ -193,7 +193,7 @@ def current_reduction(profile, task: str, model: dict, seed: int, folders: layou
     """The model's reduction on the task with `seed` if it is there from the current source
     weights, task data, statistics budget and seed, else None."""
     out = _reduced(model, task, seed, folders)
-    source = folders.pretrained(model["source_n_expert"])
+    source = folders.pretrained(model["source_n_expert"], profile.pretrain_seed(seed))
     if not (out / RECORD).exists() or not source.exists():
         return None
     done = layout.read_json(out / RECORD)
@@ -275,6 +275,6 @@ def _params(profile, task: str, checkpoint, seed: int) -> dict:
 def _current_start(profile, task: str, model: dict, seed: int, folders: layout.Runs):
     """The starting point if it is there and up to date, else None (it is yet to be made)."""
     if model["method"] == layout.SCRATCH:
-        path = folders.pretrained(model["target_n_expert"])
+        path = folders.pretrained(model["target_n_expert"], profile.pretrain_seed(seed))
         return path if path.exists() else None
     return current_reduction(profile, task, model, seed, folders)

@@ -48,7 +48,8 @@ def over_uncurl(results: list[dict]) -> pd.DataFrame:
         sign, scale = (1.0, 100.0) if metric == "accuracy" else (-1.0, 1.0)
         a, b = (evaluate.score_matrix(results, m, task, seeds) for m in (model, uncurl))
         units = evaluate.score_units(results, task)
-        mean, lo, hi, p = intervals.paired(sign * scale * a, sign * scale * b, units)
+        groups = evaluate.pretrain_groups(results, model, task, seeds)
+        mean, lo, hi, p = intervals.paired(sign * scale * a, sign * scale * b, units, groups=groups)
         rows.append(
             {
                 "model": model,

@@ -44,7 +44,12 @@ def advantages(
                 - evaluate.score_matrix(results, ref, task, seeds)
             )
         )
-        boots = intervals.draws(diff, evaluate.score_units(results, task), n_boot=n_boot)
+        boots = intervals.draws(
+            diff,
+            evaluate.score_units(results, task),
+            n_boot=n_boot,
+            groups=evaluate.pretrain_groups(results, model, task, seeds),
+        )
         lo, hi = np.quantile(boots, [(1 - intervals.LEVEL) / 2, (1 + intervals.LEVEL) / 2])
         rows.append(
             {
