@@ -105,9 +105,11 @@ class GPT(nn.Module):
         dropless: bool = False,
         positions=None,
         attn_mask=None,
+        head: bool = True,
     ):
         """Logits, losses and (on request) every MoE layer's routing; `dropless` lifts the
-        experts' capacity, so that a token's result does not depend on its batch. `positions`
+        experts' capacity, so that a token's result does not depend on its batch; `head=False`
+        stops before the LM head (no logits or lm loss: a pass for the routing). `positions`
         (B, T) replace 0..T-1 and `attn_mask` (B, T, T), True where a position may attend,
         replaces the causal mask (several sequences packed in one row).
 
@@ -126,7 +128,7 @@ class GPT(nn.Module):
             x, r = block(x, rows, dropless, None if attn_mask[0] is None else attn_mask)
             if r is not None:
                 layers.append(r if rows.stacked else (r,))
-        out = self._head(x, rows, targets)
+        out = self._head(x, rows, targets) if head else Output(None, None, None, None, None)
         aux = self._aux_losses(layers, loss_mask, x)
         loss = None if out.lm_loss is None else out.lm_loss + self.cfg.aux_loss_weight * aux
         routing = tuple(zip(*layers, strict=True)) if layers else ((),) * n  # member, layer

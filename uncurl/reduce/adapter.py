@@ -163,7 +163,7 @@ class GPTAdapter:
     def visit_layers(self, batch, visit, dropless: bool = True) -> None:
         batch = to_device(batch, model_device(self.model))
         mask = batch.mask.reshape(-1)
-        routing = self.model(batch.idx, return_routing=True, dropless=dropless).routing
+        routing = self.model(batch.idx, return_routing=True, dropless=dropless, head=False).routing
         for i, r in enumerate(routing):
             visit(
                 i, LayerIO(*(t[mask] for t in (r.inputs, r.outputs, r.logits, r.experts, r.gates)))
