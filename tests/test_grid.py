@@ -55,7 +55,8 @@ def test_a_job_gives_every_member_its_solo_result(grid, tmp_path, monkeypatch):
     results = protocol.run_task(profile, "rotten_tomatoes", runs, progress=False)
     cfg = profile.finetune_config("rotten_tomatoes")
     assert len(results) == len(protocol.study_models(profile)) * cfg.seeds
-    assert {r["population"]["members"] for r in results} == {len(results)}
+    sizes = Counter(r["population"]["members"] for r in results)
+    assert sizes == {5: 10, len(results) % 5: len(results) % 5}  # each member in one population
     folders = layout.Runs(runs, "smoke")
     for r in results:
         model = layout.parse_label(r["model"]["model"])
@@ -71,6 +72,27 @@ def test_a_job_gives_every_member_its_solo_result(grid, tmp_path, monkeypatch):
         )
         assert _comparable(alone) == _comparable(r)
         assert alone["params"] == r["params"]  # so a solo run finds the member's result done
+
+
+def test_a_job_that_fails_keeps_the_populations_it_finished(grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_MEMBERS", 5)
+    profile, runs = _copy_pretrained(grid, tmp_path)
+    real, calls, fails = protocol._population, [], iter([False, True])  # the second, once
+
+    def second_fails(*args):
+        calls.append(len(args[0]))
+        if next(fails, False):
+            raise RuntimeError("machine gone")
+        return real(*args)
+
+    monkeypatch.setattr(protocol, "_population", second_fails)
+    with pytest.raises(RuntimeError, match="machine gone"):
+        protocol.run_task(profile, "rotten_tomatoes", runs, progress=False)
+    kept = sorted((runs / "smoke/finetune/rotten_tomatoes").rglob(layout.RESULT))
+    assert len(kept) == calls[0] == 5
+    calls.clear()
+    results = protocol.run_task(profile, "rotten_tomatoes", runs, progress=False)
+    assert sum(calls) == len(results) - 5  # the kept five are read back, not trained again
 
 
 def test_each_seed_starts_from_the_models_of_its_pretraining_seed(grid, tmp_path):

@@ -93,16 +93,19 @@ def run_members(members, task: str, cfg, data_dir=None, task_source="", progress
         results = [finished(out, p) for (_, _, out), p in zip(members, params, strict=True)]
         todo = [i for i, r in enumerate(results) if r is None]
         if todo:
-            trained = _train([members[i] for i in todo], task, cfg, data_dir, task_source, progress)
-            for i, result in zip(todo, trained, strict=True):
-                results[i] = result | {"params": params[i]}  # the same as run() records
-                layout.write_json(members[i][2] / evaluate.RESULT, results[i])
+            job = [members[i] for i in todo]
+            for part, trained in _train(job, task, cfg, data_dir, task_source, progress):
+                for i, result in zip((todo[j] for j in part), trained, strict=True):
+                    results[i] = result | {"params": params[i]}  # the same as run() records
+                    layout.write_json(members[i][2] / evaluate.RESULT, results[i])
     return results
 
 
-def _train(members, task: str, cfg, data_dir, task_source, progress: bool) -> list[dict]:
-    """The members' results, each group of one shape trained as a population; the task is
-    loaded once for all, and each member's time is its share of the whole."""
+def _train(members, task: str, cfg, data_dir, task_source, progress: bool):
+    """Each population's member indices and results as it ends (a job killed later keeps
+    them): the members of one shape trained as populations of at most MAX_MEMBERS. The task
+    is loaded once for all; a member's time is its share of its population's and of the
+    loading."""
     started = time.time()
     cpu.configure(cfg.threads)
     device = resolve_device(cfg.device)
@@ -113,16 +116,21 @@ def _train(members, task: str, cfg, data_dir, task_source, progress: bool) -> li
     for i, (checkpoint, _, out) in enumerate(members):
         layout.remove_temporaries(out)
         groups.setdefault(shape_key(loaded[checkpoint]), []).append(i)
-    results = [None] * len(members)
+    loading = (time.time() - started) / len(members)
+    uses = Counter(checkpoint for checkpoint, _, _ in members)
     for group in groups.values():
         for at in range(0, len(group), MAX_MEMBERS):
             part = group[at : at + MAX_MEMBERS]
+            began = time.time()
             trained = _population([members[i] for i in part], loaded, data, cfg, progress)
-            for i, result in zip(part, trained, strict=True):
-                results[i] = result
-    share = (time.time() - started) / len(members)
-    population = {"members": len(members), "wall_s": share * len(members)}
-    return [r | {"wall_s": share, "population": population} for r in results]
+            wall = time.time() - began
+            for i in part:  # a starting point no later population reads is let go
+                uses[members[i][0]] -= 1
+                if not uses[members[i][0]]:
+                    del loaded[members[i][0]]
+            population = {"members": len(part), "wall_s": wall}
+            share = {"wall_s": loading + wall / len(part), "population": population}
+            yield part, [r | share for r in trained]
 
 
 def _population(members, loaded: dict, data, cfg, progress: bool) -> list[dict]:
