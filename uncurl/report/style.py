@@ -34,7 +34,7 @@ def expert_color(n_expert: int):
     """The same colour for an expert count in every figure (dense is black)."""
     if n_expert == 1:
         return (0.1, 0.1, 0.1)
-    return mpl.colormaps["viridis"](min(math.log2(n_expert), 7) / 7 * 0.9)
+    return mpl.colormaps["viridis"](min(math.log2(n_expert) - 1, 6) / 6 * 0.95)  # 2 to 128
 
 
 # one colour per method in every chapter: seaborn's colourblind palette in a fixed order, and a

@@ -6,13 +6,13 @@ import tempfile
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from uncurl import data, evaluate, harness, layout, tasks
 from uncurl.intervals import LEVEL
 from uncurl.protocol import label, study_models
 from uncurl.report import paper
+from uncurl.report.style import method_color
 
 
 def task_table(results: list[dict], profile) -> pd.DataFrame:
@@ -154,10 +154,11 @@ def plot_tasks(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
     task_order = list(table["task"])
     n = len(task_order)
     cols = min(3, n)
-    fig = Figure(figsize=(4.2 * cols, 2.6 * -(-n // cols)), layout="constrained")
-    axes = fig.subplots(-(-n // cols), cols, squeeze=False).ravel()
     models = list(dict.fromkeys(summary["model"]))
-    colors = dict(zip(models, sns.color_palette("colorblind", len(models)), strict=True))
+    height = 1.2 + 0.22 * len(models)  # a row per model, readable at any grid
+    fig = Figure(figsize=(4.6 * cols, height * -(-n // cols)), layout="constrained")
+    axes = fig.subplots(-(-n // cols), cols, squeeze=False).ravel()
+    colors = {m: method_color(layout.parse_label(m)["method"]) for m in models}
     for ax, task in zip(axes[:n], task_order, strict=True):
         rows = (
             summary[summary["task"] == task]

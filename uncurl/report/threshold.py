@@ -149,9 +149,9 @@ def plot_advantages(adv: pd.DataFrame, shares: pd.DataFrame) -> Figure:
                 label=expert_label(z),
             )
         ax.axhline(0, color="black", linewidth=0.8)
-        unit = "accuracy points" if rows["metric"].iloc[0] == "accuracy" else "nats"
-        ax.set_ylabel(f"reduced better by ({unit})")
-        ax.set_title(task, fontsize="medium")
+        unit = "accuracy points" if rows["metric"].iloc[0] == "accuracy" else "nats saved"
+        ax.set_ylabel("advantage")
+        ax.set_title(f"{task} ({unit})", fontsize="medium")
     pooled = axes[len(task_names)]
     for z, g in shares.groupby("source_n_expert"):
         g = g.sort_values("factor")
