@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from uncurl import evaluate
 from uncurl.config import Profile, get_profile
-from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style
+from uncurl.report import dense_equivalent, paper, premise, pretraining, records, style, threshold
 from uncurl.report import tasks as tasks_report
 from uncurl.report.scaling import CLARK_S_BASE, dense_equivalent_from_fit, fit_fixed_size
 
@@ -364,3 +364,32 @@ def test_every_method_has_a_colour_of_its_own():
     colours = {m: style.method_color(m) for m in ("scratch", *METHODS)}
     assert len(set(colours.values())) == len(colours)
     assert (0.5, 0.5, 0.5) not in colours.values()  # the colour of a method nobody listed
+
+
+def _advantage(z, factor, task, sign, n=200):
+    draws = sign * np.linspace(0.5, 1.5, n)
+    return {"source_n_expert": z, "factor": factor, "task": task, "advantage": sign, "draws": draws}
+
+
+def test_the_threshold_is_the_largest_factor_won_with_every_smaller_one():
+    wins = {  # (Z, factor): sign of the advantage on tasks a and b
+        (32, 2): (1, 1),
+        (32, 4): (1, -1),  # half the tasks: not won
+        (32, 8): (-1, -1),
+        (16, 2): (-1, -1),  # lost first: the threshold is 1 whatever comes after
+        (16, 4): (1, 1),
+    }
+    adv = pd.DataFrame(
+        [_advantage(z, f, t, s) for (z, f), signs in wins.items() for t, s in zip("ab", signs)]
+    )
+    thr = threshold.thresholds(adv).set_index("source_n_expert")
+    assert thr.loc[32, "threshold"] == 2 and thr.loc[16, "threshold"] == 1
+    assert (thr["ci_low"] == thr["threshold"]).all() and (thr["ci_high"] == thr["threshold"]).all()
+    per = threshold.per_task(adv).set_index(["task", "source_n_expert"])["threshold"]
+    assert per.to_dict() == {("a", 16): 1, ("a", 32): 4, ("b", 16): 1, ("b", 32): 2}
+    assert threshold.per_task(adv.iloc[:0]).empty
+    unsure = pd.DataFrame(  # each task's draws on both sides of zero: won in half the draws
+        [_advantage(64, 2, t, 1) | {"draws": np.linspace(-1, 1, 200)} for t in "ab"]
+    )
+    row = threshold.thresholds(unsure).iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (1, 2) and row["p_at_least_2"] == 0.5

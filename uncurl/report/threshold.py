@@ -118,6 +118,13 @@ def thresholds(adv: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def per_task(adv: pd.DataFrame) -> pd.DataFrame:
+    """`thresholds` of each task on its own (a factor is won when that task is)."""
+    parts = [thresholds(g).assign(task=t) for t, g in adv.groupby("task")]
+    columns = ["task", "source_n_expert", "threshold", "ci_low", "ci_high", "p_at_least_2"]
+    return pd.concat(parts)[columns] if parts else pd.DataFrame(columns=columns)
+
+
 def _largest_run(won: np.ndarray, factors: list[int]) -> np.ndarray:
     """Per column: the largest factor such that it and every smaller one are won; 1 if the
     smallest is lost."""
