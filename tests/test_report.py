@@ -379,9 +379,12 @@ def test_the_threshold_is_the_largest_factor_won_with_every_smaller_one():
         (16, 2): (-1, -1),  # lost first: the threshold is 1 whatever comes after
         (16, 4): (1, 1),
     }
-    adv = pd.DataFrame(
-        [_advantage(z, f, t, s) for (z, f), signs in wins.items() for t, s in zip("ab", signs)]
-    )
+    rows = [
+        _advantage(z, f, t, s)
+        for (z, f), signs in wins.items()
+        for t, s in zip("ab", signs, strict=True)
+    ]
+    adv = pd.DataFrame(rows)
     thr = threshold.thresholds(adv).set_index("source_n_expert")
     assert thr.loc[32, "threshold"] == 2 and thr.loc[16, "threshold"] == 1
     assert (thr["ci_low"] == thr["threshold"]).all() and (thr["ci_high"] == thr["threshold"]).all()
