@@ -396,3 +396,30 @@ def test_the_threshold_is_the_largest_factor_won_with_every_smaller_one():
     )
     row = threshold.thresholds(unsure).iloc[0]
     assert (row["ci_low"], row["ci_high"]) == (1, 2) and row["p_at_least_2"] == 0.5
+
+
+def test_the_answer_follows_the_thresholds():
+    thr = pd.DataFrame(
+        {"source_n_expert": [16, 32], "threshold": [1, 4], "ci_low": [1, 2], "ci_high": [1, 4]}
+    )
+    assert "by 4 from 32 experts" in threshold.answer(thr)
+    assert "16 experts" not in threshold.answer(thr)
+    assert "no reduction" in threshold.answer(thr.assign(threshold=1))
+    assert "cannot say" in threshold.answer(thr.iloc[:0])
+    shown = threshold.readable(thr.assign(factors="2, 4", p_at_least_2=0.5))
+    assert list(shown.columns) == [
+        "pretrained experts Z",
+        "threshold",
+        "95% interval",
+        "factors measured",
+        "draws with threshold ≥ 2",
+    ]
+    assert shown["95% interval"].tolist() == ["1 to 1", "2 to 4"]
+
+
+def test_book_tables_spell_out_record_column_names():
+    df = pd.DataFrame({"model": ["e8"], "heldout_ci_low": [0.123456], "p_holm": [0.5]})
+    shown = style.display_table(df, {"p_holm": "{:.1f}"})
+    assert list(shown.data.columns) == ["model", "held-out interval low", "p (Holm)"]
+    html = shown.to_html()
+    assert "0.1235" in html and "0.5" in html and "0.50" not in html

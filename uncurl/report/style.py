@@ -98,8 +98,36 @@ def display_table(df: pd.DataFrame, formats: dict | str | None = None):
         formats = dict.fromkeys(df.columns, formats)
     floats = df.select_dtypes("float").columns
     formats = {**dict.fromkeys(floats, "{:.4g}"), **(formats or {})}
-    formats = {c: f for c, f in formats.items() if c in df.columns}
+    formats = {heading(c): f for c, f in formats.items() if c in df.columns}
+    df = df.rename(columns=heading)
     return df.style.hide(axis="index").format(formats, na_rep="–")
+
+
+HEADINGS = {  # the records' column names a reader would not parse
+    "ci_low": "interval low",
+    "ci_high": "interval high",
+    "n_expert": "experts",
+    "source_n_expert": "source experts",
+    "target_n_expert": "target experts",
+    "p_holm": "p (Holm)",
+    "verdict_holm": "verdict (Holm)",
+    "ari": "ARI",
+    "ari_random": "ARI of random partitions",
+    "cpu_s_per_run": "CPU s per run",
+    "wall_s_per_run": "wall s per run",
+    "runs_per_core_min": "runs per core-minute",
+}
+
+
+def heading(column):
+    """A record's column name as a table heading: named terms spelled out, underscores as
+    spaces."""
+    if not isinstance(column, str):
+        return column
+    prefix, _, rest = column.partition("_")
+    if prefix == "heldout" and rest:
+        return f"held-out {heading(rest)}"
+    return HEADINGS.get(column, column.replace("_", " "))
 
 
 COLUMN_IN = 7.5  # the book's text column, in inches at the browser's 96-100 px per inch

@@ -212,5 +212,46 @@ def headline(adv: pd.DataFrame, thr: pd.DataFrame, method: str) -> dict:
             "n_tasks": int(adv["task"].nunique()) if len(adv) else 0,
             "thresholds": phrase,
             "sources": listing(str(z) for z in thr["source_n_expert"]) if len(thr) else "none",
+            "answer": answer(thr),
         }
     )
+
+
+def answer(thr: pd.DataFrame) -> str:
+    """The reader's question answered from the thresholds: which pretrained models may be
+    reduced for a task, by how much, and when to pretrain small instead."""
+    if not len(thr):
+        return "This build fine-tuned no reductions, so it cannot say."
+    won = thr[thr["threshold"] > 1]
+    if not len(won):
+        return (
+            "At this scale, no reduction of any pretrained model beat the model of its size "
+            "trained from scratch on most tasks, even by a factor of 2: for these tasks, "
+            "pretrain with the expert count you will serve rather than reduce a larger model."
+        )
+    reducible = listing(
+        f"by {r.threshold} from {r.source_n_expert} experts" for r in won.itertuples()
+    )
+    return (
+        f"So a model may be reduced for its task {reducible} and still beat the model of that "
+        "size trained from scratch; beyond that factor, or from the other expert counts, "
+        "pretraining with fewer experts is the better use of compute."
+    )
+
+
+def readable(thr: pd.DataFrame) -> pd.DataFrame:
+    """`thresholds` or `per_task` for the page: named columns, the interval in one."""
+    interval = [f"{lo} to {hi}" for lo, hi in zip(thr["ci_low"], thr["ci_high"], strict=True)]
+    df = thr.assign(interval=interval).drop(columns=["ci_low", "ci_high"])
+    names = {
+        "source_n_expert": "pretrained experts Z",
+        "interval": f"{intervals.LEVEL:.0%} interval",
+        "factors": "factors measured",
+        "p_at_least_2": "draws with threshold ≥ 2",
+    }
+    order = [
+        c
+        for c in ("task", "source_n_expert", "threshold", "interval", "factors", "p_at_least_2")
+        if c in df.columns
+    ]
+    return df[order].rename(columns=names)
