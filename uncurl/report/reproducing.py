@@ -38,9 +38,13 @@ def per_step(times: pd.DataFrame) -> pd.DataFrame:
 def machine() -> pd.DataFrame:
     """What this process runs on: the same record every result file carries."""
     env = environment()
-    rows = [{"what": k, "value": str(v)} for k, v in env.items() if k != "packages"]
+    rows = [{"what": k, "value": _shown(v)} for k, v in env.items() if k != "packages"]
     rows += [{"what": name, "value": version} for name, version in env["packages"].items()]
     return pd.DataFrame(rows)
+
+
+def _shown(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def headline(times: pd.DataFrame) -> dict:

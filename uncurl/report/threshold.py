@@ -172,7 +172,8 @@ def plot_advantages(adv: pd.DataFrame, shares: pd.DataFrame) -> Figure:
     pooled.set_ylim(-5, 105)
     pooled.set_ylabel("tasks won (%)")
     pooled.set_title("pooled: share of tasks won", fontsize="medium")
-    pooled.legend(fontsize="small")
+    handles, labels = pooled.get_legend_handles_labels()  # below the panels: it hid points
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
     for ax in axes[:n]:
         ax.set_xscale("log", base=2)
         plain_axis(ax.xaxis)
