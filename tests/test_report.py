@@ -418,8 +418,10 @@ def test_the_answer_follows_the_thresholds():
 
 
 def test_book_tables_spell_out_record_column_names():
-    df = pd.DataFrame({"model": ["e8"], "heldout_ci_low": [0.123456], "p_holm": [0.5]})
+    df = pd.DataFrame(
+        {"model": ["e8"], "heldout_ci_low": [0.123456], "p_holm": [0.5], "bbc_news": [1.0]}
+    )
     shown = style.display_table(df, {"p_holm": "{:.1f}"})
-    assert list(shown.data.columns) == ["model", "held-out interval low", "p (Holm)"]
+    assert list(shown.data.columns) == ["model", "held-out interval low", "p (Holm)", "bbc_news"]
     html = shown.to_html()
     assert "0.1235" in html and "0.5" in html and "0.50" not in html

@@ -120,14 +120,14 @@ HEADINGS = {  # the records' column names a reader would not parse
 
 
 def heading(column):
-    """A record's column name as a table heading: named terms spelled out, underscores as
-    spaces."""
+    """A record's column name as a table heading, its named terms spelled out; other names
+    (tasks, profile fields) stay as the code spells them."""
     if not isinstance(column, str):
         return column
     prefix, _, rest = column.partition("_")
     if prefix == "heldout" and rest:
         return f"held-out {heading(rest)}"
-    return HEADINGS.get(column, column.replace("_", " "))
+    return HEADINGS.get(column, column)
 
 
 COLUMN_IN = 7.5  # the book's text column, in inches at the browser's 96-100 px per inch
