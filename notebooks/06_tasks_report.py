@@ -223,9 +223,14 @@ glue(
 # {glue:text}`n_runs:d` fine-tuning runs took {glue:text}`total_run_min:.1f` minutes in all, a
 # median of {glue:text}`median_run_s:.1f` s per run, {glue:text}`threads:d` thread(s) each.
 #
-# What the intervals cover: dropout is off and each reduction is computed once, so the seeds vary
-# only the order of the training data; the intervals say nothing about variation from
-# pretraining or from the reduction itself. For the domain tasks the resampled units are not the
+# What the intervals cover: dropout is off; a from-scratch model's seeds vary the order of its
+# training data, and a reduced model's seeds each make their own reduction too (the sample of
+# task tokens its statistics read, UNCURL's K-means initialisation, `random`'s experts, the new
+# router) before the router warm-up and the data order. The bootstrap resamples the pretraining
+# seeds, then the seeds within each, then the validation units. This profile pretrains
+# {glue:text}`pretrain_seeds:d` model(s) per expert count; with one, the intervals say nothing
+# about the variation between pretraining runs, which the `full` profile's two measure. For the
+# domain tasks the resampled units are not the
 # windows of {glue:text}`window_tokens:d` tokens, which are correlated within a document, but
 # blocks of {glue:text}`unit_windows:d` consecutive windows ({glue:text}`unit_tokens:d` tokens)
 # of one validation document, whole units drawn in a fixed pseudo-random order until the windows

@@ -241,6 +241,7 @@ def headline(results, table, scratch, comp, profile) -> dict:
         "main_not_learned": ", ".join(sorted(set(main) - learned)) or "none",
         "n_runs": len(results),
         "seeds": cfg.seeds,
+        "pretrain_seeds": len(profile.pretrain_seeds),
         "max_steps": cfg.max_steps,
         "lr": cfg.lr,
         "batch_tokens": cfg.batch_tokens,
