@@ -235,8 +235,8 @@ def answer(thr: pd.DataFrame) -> str:
     )
     return (
         f"So a model may be reduced for its task {reducible} and still beat the model of that "
-        "size trained from scratch; beyond that factor, or from the other expert counts, "
-        "pretraining with fewer experts is the better use of compute."
+        "size trained from scratch; beyond that factor, and from the other expert counts, the "
+        "model pretrained with fewer experts did better."
     )
 
 
