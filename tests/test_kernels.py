@@ -283,6 +283,23 @@ def test_avx512_tiles_give_the_avx2_tiles_bits(k, n):
     assert all(torch.equal(x, y) for x, y in zip(out[0], out[1], strict=True))
 
 
+@needs_kernels
+@pytest.mark.skipif(KERNEL != "avx512 kernel", reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize("b,t,h,d", [(2, 5, 2, 8), (3, 103, 4, 16), (1, 1, 1, 24), (2, 70, 1, 64)])
+def test_avx512_attention_gives_the_avx2_bits(b, t, h, d):
+    torch.manual_seed(0)
+    qkv = torch.randn(b * t, 3 * h * d, requires_grad=True)
+    grad = torch.randn(b * t, h * d)
+    lib = kernels._library()
+    out = {}
+    for wide in (1, 0):
+        lib.uncurl_avx512(wide)
+        y = kernels.CausalAttention.apply(qkv, b, t, h)
+        out[wide] = (y, *torch.autograd.grad(y, qkv, grad))
+    lib.uncurl_avx512(1)
+    assert all(torch.equal(x, y) for x, y in zip(out[0], out[1], strict=True))
+
+
 @pytest.mark.parametrize(
     ("device", "dtype", "widths", "chosen"),
     [

@@ -332,11 +332,176 @@ KERNEL static inline __m256 weighted_rows(int64_t n, const float *w, int64_t sw,
     return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
 }
 
+/* The steps of one query that run on 8 or 16 floats per instruction. Both widths make every
+ * element's sum in the same order (a score over d in order; exponentials lane by lane; the
+ * softmax sum in blocks of 8 keys; a weighted sum over keys in four partial sums by key mod 4), so
+ * they give the same bits; `ops` picks the CPU's. */
+typedef struct {
+    void (*scores)(int64_t n, int64_t D, const float *q, const float *kt, int64_t tp, float scale,
+                   float *s);
+    float (*exp_sum)(int64_t n, float m, float *p);  /* p[j] = e^(p[j] - m), j < n; their sum */
+    void (*softmax_grad)(int64_t n, float m, float inv, float di, float scale, float *p, float *ds);
+    void (*weighted)(int64_t n, int64_t D, const float *w, int64_t sw, const float *rows,
+                     int64_t ld, float scale, float *out);  /* out = scale * weighted_rows */
+} attention_ops;
+
+/* The largest of s[0 .. n): order does not change a maximum. */
+KERNEL static float row_max(int64_t n, const float *s) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < n; j0 += 8)
+        m8 = _mm256_max_ps(m8, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j0),
+                                                below(j0, n)));
+    float lanes[8], m = -INFINITY;
+    _mm256_storeu_ps(lanes, m8);
+    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
+    return m;
+}
+
+KERNEL static float exp_sum8(int64_t n, float m, float *p) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+        __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j0), _mm256_set1_ps(m))),
+                                 below(j0, n));
+        _mm256_storeu_ps(p + j0, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return hsum8(sum);
+}
+
+/* p[j] = e^(p[j] - m) * inv (the softmax), ds[j] = p[j] * (ds[j] - di) * scale (its gradient). */
+KERNEL static void softmax_grad8(int64_t n, float m, float inv, float di, float scale, float *p,
+                                 float *ds) {
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+        __m256 pj = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j0), _mm256_set1_ps(m))),
+                                  below(j0, n));
+        pj = _mm256_mul_ps(pj, _mm256_set1_ps(inv));
+        _mm256_storeu_ps(p + j0, pj);
+        _mm256_storeu_ps(ds + j0, _mm256_mul_ps(_mm256_mul_ps(pj, _mm256_sub_ps(_mm256_loadu_ps(ds + j0),
+                                                                                _mm256_set1_ps(di))),
+                                                _mm256_set1_ps(scale)));
+    }
+}
+
+KERNEL static void weighted8(int64_t n, int64_t D, const float *w, int64_t sw, const float *rows,
+                             int64_t ld, float scale, float *out) {
+    for (int64_t d0 = 0; d0 < D; d0 += 8)
+        _mm256_storeu_ps(out + d0, _mm256_mul_ps(weighted_rows(n, w, sw, rows + d0, ld),
+                                                 _mm256_set1_ps(scale)));
+}
+
+static const attention_ops ops8 = {scores, exp_sum8, softmax_grad8, weighted8};
+
+/* The same steps on 16 floats: e^x as exp8 lane by lane, keys 16 at a time, value columns 16
+ * at a time (a head's last 8 columns, if any, on 8). */
+KERNEL512 static inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3365f), hi = _mm512_set1_ps(88.3762f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(~under, y, _mm512_castsi512_ps(e));
+}
+
+static inline __mmask16 below16(int64_t j0, int64_t n) {
+    return n - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j0)) - 1);
+}
+
+/* scores on 16 keys per register; kt's rows hold tp >= n rounded up to 16 floats. */
+KERNEL512 static void scores16(int64_t n, int64_t D, const float *q, const float *kt, int64_t tp,
+                               float scale, float *s) {
+    __m512 sc = _mm512_set1_ps(scale);
+    int64_t j0 = 0, end = (n + 15) / 16 * 16;
+    for (; j0 + 64 <= end; j0 += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d++) {
+            __m512 x = _mm512_set1_ps(q[d]);
+            const float *row = kt + d * tp + j0;
+            a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row), a0);
+            a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 16), a1);
+            a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 32), a2);
+            a3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 48), a3);
+        }
+        _mm512_storeu_ps(s + j0, _mm512_mul_ps(a0, sc));
+        _mm512_storeu_ps(s + j0 + 16, _mm512_mul_ps(a1, sc));
+        _mm512_storeu_ps(s + j0 + 32, _mm512_mul_ps(a2, sc));
+        _mm512_storeu_ps(s + j0 + 48, _mm512_mul_ps(a3, sc));
+    }
+    for (; j0 < end; j0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * tp + j0), acc);
+        _mm512_storeu_ps(s + j0, _mm512_mul_ps(acc, sc));
+    }
+}
+
+/* The sum in exp_sum8's order: each 16 keys' lower 8, then their upper 8. Keys past n add
+ * zeros, which leave a sum of non-negative terms as it is. */
+KERNEL512 static float exp_sum16(int64_t n, float m, float *p) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        __m512 e = _mm512_maskz_mov_ps(below16(j0, n),
+                                       exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j0), _mm512_set1_ps(m))));
+        _mm512_storeu_ps(p + j0, e);
+        sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+        sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+    return hsum8(sum);
+}
+
+KERNEL512 static void softmax_grad16(int64_t n, float m, float inv, float di, float scale,
+                                     float *p, float *ds) {
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        __m512 pj = _mm512_maskz_mov_ps(below16(j0, n),
+                                        exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j0), _mm512_set1_ps(m))));
+        pj = _mm512_mul_ps(pj, _mm512_set1_ps(inv));
+        _mm512_storeu_ps(p + j0, pj);
+        _mm512_storeu_ps(ds + j0, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(ds + j0),
+                                                                                _mm512_set1_ps(di))),
+                                                _mm512_set1_ps(scale)));
+    }
+}
+
+KERNEL512 static void weighted16(int64_t n, int64_t D, const float *w, int64_t sw,
+                                 const float *rows, int64_t ld, float scale, float *out) {
+    int64_t d0 = 0;
+    for (; d0 + 16 <= D; d0 += 16) {
+        const float *r = rows + d0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j * sw]), _mm512_loadu_ps(r + j * ld), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 1) * sw]), _mm512_loadu_ps(r + (j + 1) * ld), a1);
+            a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 2) * sw]), _mm512_loadu_ps(r + (j + 2) * ld), a2);
+            a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 3) * sw]), _mm512_loadu_ps(r + (j + 3) * ld), a3);
+        }
+        for (; j < n; j++)
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j * sw]), _mm512_loadu_ps(r + j * ld), a0);
+        __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        _mm512_storeu_ps(out + d0, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
+    }
+    if (d0 < D) weighted8(n, D - d0, w, sw, rows + d0, ld, scale, out + d0);
+}
+
+static const attention_ops ops16 = {scores16, exp_sum16, softmax_grad16, weighted16};
+
+static const attention_ops *ops(void) { return use_avx512() ? &ops16 : &ops8; }
+
 /* Each sequence's outputs, and each query's softmax maximum and inverse sum in stats (2, B, H,
  * T: the backward's softmax is the forward's, to the bit). Returns 0, or -1 without memory. */
 KERNEL int uncurl_attention_forward(int64_t B, int64_t T, int64_t H, int64_t D, float scale,
                                     const float *qkv, float *out, float *stats) {
-    int64_t C = H * D, ld = 3 * C, tp = (T + 7) / 8 * 8;
+    const attention_ops *op = ops();
+    int64_t C = H * D, ld = 3 * C, tp = (T + 15) / 16 * 16;
     float *kt = malloc((D + 1) * tp * sizeof(float)), *p = kt + D * tp;
     if (!kt) return -1;
     for (int64_t b = 0; b < B; b++)
@@ -345,26 +510,9 @@ KERNEL int uncurl_attention_forward(int64_t B, int64_t T, int64_t H, int64_t D, 
             transpose_rows(T, D, k, ld, tp, kt);
             for (int64_t i = 0; i < T; i++) {
                 int64_t n = i + 1;
-                scores(n, D, rows + i * ld + h * D, kt, tp, scale, p);
-                __m256 m8 = _mm256_set1_ps(-INFINITY);
-                for (int64_t j0 = 0; j0 < n; j0 += 8)
-                    m8 = _mm256_max_ps(m8, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
-                                                            _mm256_loadu_ps(p + j0), below(j0, n)));
-                float lanes[8], m = -INFINITY;
-                _mm256_storeu_ps(lanes, m8);
-                for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
-                __m256 sum = _mm256_setzero_ps();
-                for (int64_t j0 = 0; j0 < n; j0 += 8) {
-                    __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j0), _mm256_set1_ps(m))),
-                                             below(j0, n));
-                    _mm256_storeu_ps(p + j0, e);
-                    sum = _mm256_add_ps(sum, e);
-                }
-                float l = hsum8(sum);
-                float *o = out + (b * T + i) * C + h * D;
-                for (int64_t d0 = 0; d0 < D; d0 += 8)
-                    _mm256_storeu_ps(o + d0, _mm256_mul_ps(weighted_rows(n, p, 1, v + d0, ld),
-                                                           _mm256_set1_ps(1.0f / l)));
+                op->scores(n, D, rows + i * ld + h * D, kt, tp, scale, p);
+                float m = row_max(n, p), l = op->exp_sum(n, m, p);
+                op->weighted(n, D, p, 1, v, ld, 1.0f / l, out + (b * T + i) * C + h * D);
                 stats[(b * H + h) * T + i] = m;
                 stats[(B * H + b * H + h) * T + i] = 1.0f / l;
             }
@@ -378,7 +526,8 @@ KERNEL int uncurl_attention_forward(int64_t B, int64_t T, int64_t H, int64_t D, 
 KERNEL int uncurl_attention_backward(int64_t B, int64_t T, int64_t H, int64_t D, float scale,
                                      const float *qkv, const float *out, const float *grad_out,
                                      const float *stats, float *grad_qkv) {
-    int64_t C = H * D, ld = 3 * C, tp = (T + 7) / 8 * 8;
+    const attention_ops *op = ops();
+    int64_t C = H * D, ld = 3 * C, tp = (T + 15) / 16 * 16;
     float *kt = malloc((2 * D * tp + 2 * T * tp) * sizeof(float));
     if (!kt) return -1;
     float *vt = kt + D * tp, *P = vt + D * tp, *S = P + T * tp;  /* softmax, scaled dS, by query */
@@ -395,27 +544,16 @@ KERNEL int uncurl_attention_backward(int64_t B, int64_t T, int64_t H, int64_t D,
                 __m256 dot = _mm256_setzero_ps();
                 for (int64_t d0 = 0; d0 < D; d0 += 8)
                     dot = _mm256_fmadd_ps(_mm256_loadu_ps(go + i * C + d0), _mm256_loadu_ps(o + i * C + d0), dot);
-                __m256 di = _mm256_set1_ps(hsum8(dot)), mi = _mm256_set1_ps(stats[(b * H + h) * T + i]);
-                __m256 inv = _mm256_set1_ps(stats[(B * H + b * H + h) * T + i]);
-                scores(n, D, rows + i * ld + h * D, kt, tp, scale, p);
-                scores(n, D, go + i * C, vt, tp, 1.0f, ds);  /* grad_out_i . v_j */
-                for (int64_t j0 = 0; j0 < n; j0 += 8) {
-                    __m256 pj = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j0), mi)), below(j0, n));
-                    pj = _mm256_mul_ps(pj, inv);
-                    _mm256_storeu_ps(p + j0, pj);
-                    _mm256_storeu_ps(ds + j0, _mm256_mul_ps(_mm256_mul_ps(pj, _mm256_sub_ps(_mm256_loadu_ps(ds + j0), di)),
-                                                            _mm256_set1_ps(scale)));
-                }
-                for (int64_t d0 = 0; d0 < D; d0 += 8)
-                    _mm256_storeu_ps(g + i * ld + d0, weighted_rows(n, ds, 1, k + d0, ld));
+                op->scores(n, D, rows + i * ld + h * D, kt, tp, scale, p);
+                op->scores(n, D, go + i * C, vt, tp, 1.0f, ds);  /* grad_out_i . v_j */
+                op->softmax_grad(n, stats[(b * H + h) * T + i], stats[(B * H + b * H + h) * T + i],
+                                 hsum8(dot), scale, p, ds);
+                op->weighted(n, D, ds, 1, k, ld, 1.0f, g + i * ld);
             }
-            for (int64_t j = 0; j < T; j++)  /* by key: dK = dS^T Q and dV = P^T dO, queries i >= j */
-                for (int64_t d0 = 0; d0 < D; d0 += 8) {
-                    _mm256_storeu_ps(g + j * ld + C + d0,
-                                     weighted_rows(T - j, S + j * tp + j, tp, rows + j * ld + h * D + d0, ld));
-                    _mm256_storeu_ps(g + j * ld + 2 * C + d0,
-                                     weighted_rows(T - j, P + j * tp + j, tp, go + j * C + d0, C));
-                }
+            for (int64_t j = 0; j < T; j++) {  /* by key: dK = dS^T Q and dV = P^T dO, queries i >= j */
+                op->weighted(T - j, D, S + j * tp + j, tp, rows + j * ld + h * D, ld, 1.0f, g + j * ld + C);
+                op->weighted(T - j, D, P + j * tp + j, tp, go + j * C, C, 1.0f, g + j * ld + 2 * C);
+            }
         }
     free(kt);
     return 0;

@@ -7,10 +7,10 @@ compiled on first use into a cache folder ($UNCURL_CACHE, else ~/.cache/uncurl);
 (other dtypes, more threads, other CPUs, no C compiler) they run as one torch.mm per expert,
 and top-k and the dispatch sort as torch ops. With 64 experts of about 60 rows each, torch.mm per
 expert costs 1.3-1.6x one torch.mm over all rows (MKL packs each expert's operands and pays its
-set-up each call); the grouped kernel costs 1.0-1.2x (`python -m uncurl.bench moe`). Where the
-CPU has AVX-512, the same products run on tiles of 16-float registers, with the same bits.
+set-up each call); the grouped kernel costs 1.0-1.2x (`python -m uncurl.bench moe`).
 Attention of heads of 8k floats runs on its own kernel (torch's flash kernel pays its block
-set-up per 16-float head). On a GPU, bfloat16 products whose widths keep 16-byte strides run as
+set-up per 16-float head). Where the CPU has AVX-512, products and attention run on 16-float
+registers, with the same bits. On a GPU, bfloat16 products whose widths keep 16-byte strides run as
 one `torch._grouped_mm` call (`uses_grouped_mm`; `python -m uncurl.bench gpu` times it against
 one product per expert); everything else runs on the torch ops. `UNCURL_KERNELS=torch` forces
 one torch.mm per expert and the torch ops everywhere.
