@@ -82,6 +82,35 @@ KERNEL512 static inline void tile512(int64_t K, const float *const *a, int64_t s
     for (int r = 0; r < mr; r++) _mm512_mask_storeu_ps(C + r * ldc, cols, c[r]);
 }
 
+/* tile512 on two panels side by side (32 columns; nr > 16 of them are C's): each element of A
+ * feeds two FMAs, so that a tile is bound by its FMAs, not by its loads. The same sums in the
+ * same order, so the same bits. */
+KERNEL512 static inline void tile512x2(int64_t K, const float *const *a, int64_t sak,
+                                       const float *P, int64_t panel, const float *bias,
+                                       int accumulate, float *C, int64_t ldc, int mr, int nr) {
+    __mmask16 cols = (__mmask16)((1u << (nr - 16)) - 1);
+    __m512 init0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    __m512 init1 = bias ? _mm512_maskz_loadu_ps(cols, bias + 16) : _mm512_setzero_ps();
+    __m512 c0[MR512], c1[MR512];
+    for (int r = 0; r < MR512; r++) {
+        int load = accumulate && r < mr;
+        c0[r] = load ? _mm512_loadu_ps(C + r * ldc) : init0;
+        c1[r] = load ? _mm512_maskz_loadu_ps(cols, C + r * ldc + 16) : init1;
+    }
+    for (int64_t k = 0, o = 0; k < K; k++, o += sak, P += NR) {
+        __m512 p0 = _mm512_loadu_ps(P), p1 = _mm512_loadu_ps(P + panel);
+        for (int r = 0; r < MR512; r++) {
+            __m512 x = _mm512_set1_ps(a[r][o]);
+            c0[r] = _mm512_fmadd_ps(x, p0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(x, p1, c1[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        _mm512_storeu_ps(C + r * ldc, c0[r]);
+        _mm512_mask_storeu_ps(C + r * ldc + 16, cols, c1[r]);
+    }
+}
+
 static int avx512 = -1;  /* whether gemm uses tile512: the CPU's answer, unless set */
 
 static int use_avx512(void) {
@@ -109,9 +138,15 @@ KERNEL static void pack_b(int64_t N, int64_t K, const float *B, int64_t sbk, int
     if (N % NR) memset(out, 0, panels * K * NR * sizeof(float));
     if (sbj == 1)
         for (int64_t k = 0; k < K; k++)
-            for (int64_t p = 0; p < panels; p++)
-                memcpy(out + (p * K + k) * NR, B + k * sbk + p * NR,
-                       (N - p * NR < NR ? N - p * NR : NR) * sizeof(float));
+            for (int64_t p = 0; p < panels; p++) {
+                float *dst = out + (p * K + k) * NR;
+                const float *src = B + k * sbk + p * NR;
+                if (N - p * NR >= NR) {  /* a whole panel row: two registers, not a call */
+                    _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+                    _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+                } else
+                    memcpy(dst, src, (N - p * NR) * sizeof(float));
+            }
     else
         for (int64_t j = 0; j < N; j++)
             for (int64_t k = 0; k < K; k++)
@@ -124,7 +159,10 @@ KERNEL static void pack_a(int64_t M, int64_t K, const float *A, int64_t sai, int
         for (int64_t i = 0; i < M; i += MR) {
             float *dst = out + (i / MR * K + k) * MR;
             const float *src = A + i * sai + k * sak;
-            for (int r = 0; r < MR && i + r < M; r++) dst[r] = src[r * sai];
+            if (sai == 1 && i + MR <= M)  /* a block's row in one copy (A^T of a row-major A) */
+                memcpy(dst, src, MR * sizeof(float));
+            else
+                for (int r = 0; r < MR && i + r < M; r++) dst[r] = src[r * sai];
         }
 }
 
@@ -166,7 +204,13 @@ KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                     memcpy(padded_bias, b, nr * sizeof(float));
                     b = padded_bias;
                 }
-                if (wide)
+                if (wide && p + 1 < panels) {  /* two panels at once */
+                    nr = N - p * NR < 2 * NR ? (int)(N - p * NR) : 2 * NR;
+                    tile512x2(kc, rows, packed_a ? MR : sak, scratch + (p * K + k0) * NR, K * NR,
+                              k0 || !bias ? NULL : bias + p * NR, k0 > 0, C + i * ldc + p * NR, ldc, mr512,
+                              nr);
+                    p++;
+                } else if (wide)
                     tile512(kc, rows, packed_a ? MR : sak, scratch + (p * K + k0) * NR, NR,
                             k0 ? NULL : b, k0 > 0, C + i * ldc + p * NR, ldc, mr512, nr);
                 else
