@@ -30,7 +30,7 @@ times = reproducing.step_times(build)
 steps = reproducing.per_step(times)
 machine = reproducing.machine()
 values = reproducing.headline(times)
-bench_steps, bench_runs, bench_values = reproducing.grid_benchmark(bench_json)
+bench_steps, bench_kinds, bench_runs, bench_values = reproducing.grid_benchmark(bench_json)
 values |= bench_values
 
 # %% tags=["remove-cell"]
@@ -44,6 +44,7 @@ records.write_results(
         "steps": steps,
         "machine": machine,
         "bench_steps": bench_steps,
+        "bench_kinds": bench_kinds,
         "bench_runs": bench_runs,
     },
 )
@@ -54,6 +55,11 @@ glue("machine_table", style.display_table(machine), display=False)
 glue(
     "bench_steps_table",
     style.display_table(bench_steps, {"ms per member-step": "{:.1f}", "x floor": "{:.2f}"}),
+    display=False,
+)
+glue(
+    "bench_kinds_table",
+    style.display_table(bench_kinds, {"share": "{:.0%}", "ms per member-step": "{:.1f}"}),
     display=False,
 )
 glue(
@@ -93,17 +99,32 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 # ```{glue} bench_steps_table
 # ```
 #
+# Where a population's member-step goes, by kind of work: each kind's share of the CPU time
+# spent inside torch's operators (torch.profiler, in the same run; the profiler's own cost
+# inflates the many small operators a little), at the member-step time measured above.
+#
+# ```{glue} bench_kinds_table
+# ```
+#
+# The work the floor does not count takes {glue:text}`bench_outside_ms:s` of a member-step. Even
+# with every product at the floor's rate, a step would take {glue:text}`bench_best_floors:s`
+# floors, against a target of 1.5. At a width of 64 the products are small next to that work:
+# AdamW and the clipping touch every expert's weights at every step while a token uses one
+# expert of eight, and GELU, layer norms and copies scale with the activations. The counted work
+# itself (the products, and attention with its softmax) takes {glue:text}`bench_products_floors:s`
+# floors: the experts' groups are a hundred-odd rows each and a head is 16 floats wide, far from
+# the one large product whose rate the floor assumes.
+#
 # Whole runs as the grid makes them (task loading, router warm-up, fine-tuning with held-out
 # evaluations and early stopping, scoring), in CPU seconds per run and runs per core-minute:
 #
 # ```{glue} bench_runs_table
 # ```
 #
-# At these shapes a step is far from its floor on every path: the experts' grouped products,
-# attention of narrow heads and the elementwise GELU dominate, not the dense products the floor
-# is counted at, and stacking members saves little per step. Most of the gain over the baseline
-# revision is in the code every path now shares (fused AdamW, the attention kernel, the head only
-# where a loss is read); a population adds loading the task once and sharing evaluations.
+# Stacking members saves little per step. Most of the gain over the baseline revision is in the
+# code every path now shares (fused AdamW, the attention kernel, the grouped products on 16-float
+# registers, the head only where a loss is read); a population adds loading the task once and
+# sharing evaluations.
 #
 # ## The machine and the packages
 #

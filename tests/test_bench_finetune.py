@@ -62,7 +62,12 @@ def test_command_prints_and_records_every_path(smoke_data, tmp_path, capsys):
     printed = capsys.readouterr().out
     for row in ("floor:", "today's (baseline)", "solo", "population of 2", "population of 6"):
         assert row in printed
+    assert "where the population's member-step goes" in printed
     record = json.loads(out.read_text())
     assert record["floor"]["floor_ms"] > 0
+    shares = record["breakdown"]["shares"]
+    assert sum(shares.values()) == pytest.approx(1)
+    assert shares["expert and FFN products (grouped kernel)"] > 0  # the profiler saw the kernels
+    assert shares["AdamW"] > 0 and 0 <= shares["everything else"] < 1
     assert set(record["steps"]) == {"today's (baseline)", "solo", "population of 2"}
     assert record["end_to_end"]["population of 6"]["runs"] == 6

@@ -9,7 +9,9 @@
    (round-robin): a model alone and a population of M members on this revision, and with
    `--baseline REV` a model alone on that revision of the repository (today's path before the
    populations, say). Models are randomly initialised at the profile's shapes (a step's time
-   depends on shapes, not on training).
+   depends on shapes, not on training). Then where the population's step goes: the self CPU
+   time of its torch operators (torch.profiler, over the same number of member-steps as a turn)
+   in kinds of work (`KINDS`), the products the floor counts and the rest.
 3. End to end: whole runs as the grid makes them (task loading, router warm-up, fine-tuning with
    held-out evaluations and early stopping, scoring, the result written): the members of one
    job, the from-scratch model of `--n-expert` experts and a random `--source-n-expert` model
@@ -24,6 +26,7 @@ counts the waits for a core, which differ from one path's turn to the next.
 
 import dataclasses
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +71,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="uncurl-bench-") as tmp:
         tree = _export(args.baseline, Path(tmp)) if args.baseline else None
         flops = floor(profile, args)
-        steps, rates = time_steps(args, tree, flops["sgemm_shape"])
+        steps, rates, ops = time_steps(args, tree, flops["sgemm_shape"])
         flops["sgemm_flops_per_s"] = rate = median(rates)
         flops["floor_ms"] = 1e3 * flops["step_flops"] / rate
         results = {
@@ -79,6 +82,7 @@ def run(args) -> dict:
             "baseline": args.baseline,
             "floor": flops,
             "steps": steps,
+            "breakdown": breakdown(ops),
             "environment": environment(),
         }
         if not args.no_end_to_end:
@@ -169,15 +173,22 @@ class _Worker:
         seconds, _ = self.proc.stdout.readline().split()
         return 1e3 * float(seconds) / (n * self.members)
 
+    def profile(self, steps: int) -> dict[str, float]:
+        """Each operator's self CPU microseconds over `steps` member-steps."""
+        self.proc.stdin.write(f"profile {max(1, steps // self.members)}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
     def close(self) -> None:
         self.proc.stdin.close()  # the worker's loop ends
         self.proc.wait()
         self.proc.stdout.close()
 
 
-def time_steps(args, tree: Path | None, shape) -> tuple[dict, list[float]]:
-    """Each path's median ms per member-step over `rounds` turns taken in order, and the sgemm
-    rate measured in every round (the floor's rate under the same load)."""
+def time_steps(args, tree: Path | None, shape) -> tuple[dict, list[float], dict]:
+    """Each path's median ms per member-step over `rounds` turns taken in order, the sgemm
+    rate measured in every round (the floor's rate under the same load), and the population's
+    operators' self CPU microseconds over one turn's member-steps."""
     paths = {"solo": (ROOT, 1), f"population of {args.members}": (ROOT, args.members)}
     if tree:
         paths = {"today's (baseline)": (tree, 1), **paths}
@@ -188,10 +199,52 @@ def time_steps(args, tree: Path | None, shape) -> tuple[dict, list[float]]:
             rates.append(sgemm_rate(shape))
             for name, worker in workers.items():
                 times[name].append(worker.member_step_ms(args.steps * worker.members))
+        population = workers[f"population of {args.members}"]
+        ops = population.profile(args.steps * population.members)
     finally:
         for worker in workers.values():
             worker.close()
-    return {name: {"median_ms": median(t), "turns_ms": t} for name, t in times.items()}, rates
+    steps = {name: {"median_ms": median(t), "turns_ms": t} for name, t in times.items()}
+    return steps, rates, ops
+
+
+# the kinds of work in a step, by torch operator (self time): the first three are what the floor
+# counts; everything else is outside it
+KINDS = {
+    "expert and FFN products (grouped kernel)": {"GroupedMLP", "GroupedMLPBackward"},
+    "attention (kernel)": {"CausalAttention", "CausalAttentionBackward"},
+    "projections and head (BLAS)": {"aten::mm", "aten::addmm", "aten::bmm"},
+    "GELU": {"aten::gelu", "aten::gelu_backward"},
+    "AdamW": {"aten::_fused_adamw_"},
+    "gradient norms and clipping": {"aten::linalg_vector_norm", "aten::mul_"},
+    "layer norms": {"aten::native_layer_norm", "aten::native_layer_norm_backward"},
+    "softmax and losses": {
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+        "aten::_log_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::nll_loss_forward",
+        "aten::nll_loss_backward",
+    },
+    "copies, gathers and concatenations": {
+        "aten::cat",
+        "aten::copy_",
+        "aten::index_select",
+        "aten::index_add_",
+        "aten::index",
+        "aten::scatter_add_",
+        "aten::embedding_dense_backward",
+    },
+}
+IN_FLOOR = list(KINDS)[:3]
+
+
+def breakdown(ops: dict[str, float]) -> dict:
+    """Each kind's share of the operators' self CPU time, and the rest's (elementwise adds,
+    allocation, views, the bookkeeping of autograd's nodes); which kinds the floor counts."""
+    total = sum(ops.values())
+    shares = {kind: sum(ops.get(op, 0.0) for op in names) / total for kind, names in KINDS.items()}
+    return {"shares": shares | {"everything else": 1 - sum(shares.values())}, "in_floor": IN_FLOOR}
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -341,6 +394,15 @@ def print_tables(r: dict) -> None:
     print(f"  {'path':26s} {'ms per member-step':>19s} {'x floor':>8s}")
     for name, t in r["steps"].items():
         print(f"  {name:26s} {t['median_ms']:19.1f} {t['median_ms'] / f['floor_ms']:8.2f}")
+    step_ms = r["steps"][f"population of {r['members']}"]["median_ms"]
+    print(
+        f"where the population's member-step goes (shares of its operators' self CPU time; ms at "
+        f"the {step_ms:.1f} ms measured):"
+    )
+    print(f"  {'kind':42s} {'in floor':>8s} {'share':>6s} {'ms':>6s}")
+    for kind, share in r["breakdown"]["shares"].items():
+        counted = "yes" if kind in r["breakdown"]["in_floor"] else "no"
+        print(f"  {kind:42s} {counted:>8s} {share:6.1%} {share * step_ms:6.1f}")
     if "end_to_end" not in r:
         return
     e = dict(r["end_to_end"])

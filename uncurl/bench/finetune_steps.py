@@ -7,10 +7,12 @@ there is one (`uncurl.population`), else one model through `uncurl.finetune.task
         run_name='__main__')" PROFILE TASK N_EXPERT MEMBERS DATA_DIR
 
 It sets up, runs warm-up steps and prints `ready`; then for each line N it reads, it runs N
-steps and prints their CPU seconds and tokens.
+steps and prints their CPU seconds and tokens; for a line `profile N`, it runs N steps under
+torch.profiler and prints each operator's self CPU microseconds, as one line of JSON.
 """
 
 import dataclasses
+import json
 import sys
 import time
 
@@ -52,6 +54,9 @@ def main(profile_name: str, task: str, n_expert: int, members: int, data_dir: st
         run([next(b) for b in batches])
     print("ready", flush=True)
     for line in sys.stdin:
+        if line.startswith("profile"):
+            print(json.dumps(_profile(run, batches, int(line.split()[1]))), flush=True)
+            continue
         seconds = tokens = 0
         for _ in range(int(line)):
             step_batches = [next(b) for b in batches]
@@ -60,6 +65,16 @@ def main(profile_name: str, task: str, n_expert: int, members: int, data_dir: st
             seconds += time.process_time() - start
             tokens += sum(b.idx.numel() for b in step_batches)
         print(seconds, tokens, flush=True)
+
+
+def _profile(run, batches, steps: int) -> dict[str, float]:
+    """Each operator's self CPU microseconds over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run([next(b) for b in batches])
+    return {e.key: e.self_cpu_time_total for e in prof.key_averages()}
 
 
 def _has_population() -> bool:

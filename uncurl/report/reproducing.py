@@ -59,15 +59,30 @@ def headline(times: pd.DataFrame) -> dict:
     )
 
 
-def grid_benchmark(path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def grid_benchmark(path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """`python -m uncurl.bench finetune --json` read back: a member-step on each path against
-    the FLOP floor, whole runs per core-minute on each path, and what it ran on."""
+    the FLOP floor, where a population's member-step goes, whole runs per core-minute on each
+    path, and what it ran on."""
     bench = layout.read_json(path)
     floor = bench["floor"]
     steps = pd.DataFrame(
         [{"path": name, "ms per member-step": t["median_ms"]} for name, t in bench["steps"].items()]
     )
     steps["x floor"] = steps["ms per member-step"] / floor["floor_ms"]
+    step_ms = bench["steps"][f"population of {bench['members']}"]["median_ms"]
+    parts = bench["breakdown"]
+    kinds = pd.DataFrame(
+        [
+            {
+                "kind of work": kind,
+                "in the floor": "yes" if kind in parts["in_floor"] else "no",
+                "share": share,
+                "ms per member-step": share * step_ms,
+            }
+            for kind, share in parts["shares"].items()
+        ]
+    )
+    outside = sum(s for k, s in parts["shares"].items() if k not in parts["in_floor"])
     runs = {k: v for k, v in bench["end_to_end"].items() if k != "steps"}
     whole = pd.DataFrame([{"path": name} | t for name, t in runs.items()])
     ref = runs.get("today's (baseline)", runs["solo"])["runs_per_core_min"]
@@ -81,5 +96,9 @@ def grid_benchmark(path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         "bench_experts": bench["n_expert"],
         "bench_revision": env["git"][:7],
         "bench_baseline": bench["baseline"],
+        "bench_outside_ms": f"{outside * step_ms:.1f} ms",
+        # the step with every product at the floor's rate and the rest as measured
+        "bench_best_floors": f"{1 + outside * step_ms / floor['floor_ms']:.1f}",
+        "bench_products_floors": f"{(1 - outside) * step_ms / floor['floor_ms']:.1f}",
     }
-    return steps, whole, plain_values(values)
+    return steps, kinds, whole, plain_values(values)
