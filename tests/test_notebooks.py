@@ -63,7 +63,7 @@ PROMISED = {
     "threshold": ["advantages.csv", "greedy.csv", "shares.csv", "thresholds.csv", "threshold.png"],
     "baselines": ["over_scratch.csv", "over_uncurl.csv", "baselines.png"],
     "claims": ["claims.csv"],
-    "reproducing": ["times.csv", "steps.csv", "machine.csv"],
+    "reproducing": ["times.csv", "steps.csv", "machine.csv", "bench_steps.csv", "bench_kinds.csv"],
     "clusters": [
         "stability.csv",
         "structure.csv",
