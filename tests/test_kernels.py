@@ -253,14 +253,33 @@ def test_causal_attention_matches_torch_and_its_gradient(b, t, h, d):
     qkv = torch.randn(b * t, 3 * h * d, requires_grad=True)
     assert kernels.has_attention(qkv, h)
     grad = torch.randn(b * t, h * d)
-    y = kernels.CausalAttention.apply(qkv, b, t, h)
+    y = kernels.CausalAttention.apply(qkv, ((b, t),), h)
     (g,) = torch.autograd.grad(y, qkv, grad)
     ref = _attention_reference(qkv, b, t, h)
     (g_ref,) = torch.autograd.grad(ref, qkv, grad.double())
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5)  # g_ref: float64 math, cast back
-    again = kernels.CausalAttention.apply(qkv[: t * (b - 1) or t], max(b - 1, 1), t, h)
+    again = kernels.CausalAttention.apply(qkv[: t * (b - 1) or t], ((max(b - 1, 1), t),), h)
     assert torch.equal(again, y[: len(again)])  # a sequence's result does not depend on the others
+
+
+@needs_kernels
+def test_causal_attention_of_blocks_gives_each_block_its_bits_alone():
+    """A population's members, each its own (B, T), in one call: each block's output and
+    gradient are those of the block alone."""
+    torch.manual_seed(0)
+    shapes = ((2, 37), (1, 103), (3, 5))
+    qkv = torch.randn(sum(b * t for b, t in shapes), 3 * 64, requires_grad=True)
+    grad = torch.randn(len(qkv), 64)
+    y = kernels.CausalAttention.apply(qkv, shapes, 4)
+    (g,) = torch.autograd.grad(y, qkv, grad)
+    rows = [b * t for b, t in shapes]
+    for shape, part, y_m, g_m, grad_m in zip(
+        shapes, qkv.split(rows), y.split(rows), g.split(rows), grad.split(rows), strict=True
+    ):
+        alone = kernels.CausalAttention.apply(part, (shape,), 4)
+        assert torch.equal(alone, y_m)
+        assert torch.equal(torch.autograd.grad(alone, part, grad_m)[0], g_m)
 
 
 def test_attention_of_other_heads_is_left_to_torch():
@@ -294,7 +313,7 @@ def test_avx512_attention_gives_the_avx2_bits(b, t, h, d):
     out = {}
     for wide in (1, 0):
         lib.uncurl_avx512(wide)
-        y = kernels.CausalAttention.apply(qkv, b, t, h)
+        y = kernels.CausalAttention.apply(qkv, ((b, t),), h)
         out[wide] = (y, *torch.autograd.grad(y, qkv, grad))
     lib.uncurl_avx512(1)
     assert all(torch.equal(x, y) for x, y in zip(out[0], out[1], strict=True))

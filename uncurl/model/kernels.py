@@ -19,6 +19,7 @@ one torch.mm per expert and the torch ops everywhere.
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import subprocess
 import tempfile
@@ -219,48 +220,63 @@ def sort_slots(experts: torch.Tensor, n_expert: int, capacity: int | None):
 
 
 class CausalAttention(torch.autograd.Function):
-    """Causal self-attention of B sequences of T tokens on token rows: qkv (B * T, 3C) holds each
-    token's queries, keys and values (H heads of D = C / H columns each), the output is
-    (B * T, C), heads side by side. `CausalAttention.apply(qkv, B, T, H)`, where `has_attention`
-    says the kernel serves it; one pass per head and sequence, deterministic."""
+    """Causal self-attention of sequences on token rows: qkv (N, 3C) holds each token's queries,
+    keys and values (H heads of D = C / H columns each), the output is (N, C), heads side by
+    side. `CausalAttention.apply(qkv, shapes, H)`: the rows are blocks of B sequences of T
+    tokens, one (B, T) in `shapes` each (a population's members, each on its own batch), every
+    block read and written in place, so that no copy joins them; `has_attention` says the kernel
+    serves them. One pass per head and sequence, deterministic."""
 
     @staticmethod
-    def forward(ctx, qkv, b, t, h):
+    def forward(ctx, qkv, shapes, h):
         qkv = qkv.contiguous()
         c = qkv.shape[1] // 3
-        out = qkv.new_empty(b * t, c)
-        stats = qkv.new_empty(2, b, h, t)
-        _status(
-            _library().uncurl_attention_forward(
-                b, t, h, c // h, (c // h) ** -0.5, qkv.data_ptr(), out.data_ptr(), stats.data_ptr()
+        out = qkv.new_empty(len(qkv), c)
+        stats = qkv.new_empty(2 * len(qkv) * h)  # each block's (2, B, H, T) softmax statistics
+        d = c // h
+        for (b, t), (rows, at) in zip(shapes, _blocks(shapes, h), strict=True):
+            _status(
+                _library().uncurl_attention_forward(
+                    b, t, h, d, d**-0.5, _at(qkv, rows), _at(out, rows), _at(stats, at)
+                )
             )
-        )
         ctx.save_for_backward(qkv, out, stats)
-        ctx.shape = b, t, h
+        ctx.shapes, ctx.h = shapes, h
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         qkv, out, stats = ctx.saved_tensors
-        b, t, h = ctx.shape
-        c = out.shape[1]
+        h, c = ctx.h, out.shape[1]
         grad_out = grad_out.contiguous()
         grad = torch.empty_like(qkv)
-        _status(
-            _library().uncurl_attention_backward(
-                b,
-                t,
-                h,
-                c // h,
-                (c // h) ** -0.5,
-                qkv.data_ptr(),
-                out.data_ptr(),
-                grad_out.data_ptr(),
-                stats.data_ptr(),
-                grad.data_ptr(),
+        for (b, t), (rows, at) in zip(ctx.shapes, _blocks(ctx.shapes, h), strict=True):
+            _status(
+                _library().uncurl_attention_backward(
+                    b,
+                    t,
+                    h,
+                    c // h,
+                    (c // h) ** -0.5,
+                    _at(qkv, rows),
+                    _at(out, rows),
+                    _at(grad_out, rows),
+                    _at(stats, at),
+                    _at(grad, rows),
+                )
             )
-        )
-        return grad, None, None, None
+        return grad, None, None
+
+
+def _blocks(shapes, h: int) -> list[tuple[int, int]]:
+    """Each (B, T) block's first row and the start of its statistics (2 B H T floats)."""
+    rows = itertools.accumulate((b * t for b, t in shapes[:-1]), initial=0)
+    return [(r, 2 * r * h) for r in rows]
+
+
+def _at(x: torch.Tensor, row: int) -> int:
+    """The address of row `row` of x (contiguous; a flat x counts floats)."""
+    return x.data_ptr() + row * x.stride(0) * x.element_size()
 
 
 def has_attention(qkv: torch.Tensor, n_head: int) -> bool:

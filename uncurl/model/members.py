@@ -118,12 +118,11 @@ def attention(
     """Causal self-attention of each member's sequences on their own (B, T): qkv holds each
     row's query, key and value (N, 3C); `attn_mask`, one (B, T, T) per member (True where a
     position may attend), replaces the causal mask."""
+    if attn_mask is None and not dropout and kernels.has_attention(qkv, n_head):
+        return kernels.CausalAttention.apply(qkv, rows.shapes, n_head)  # every member in one
     outs = []
     masks = attn_mask if attn_mask is not None else [None] * rows.members
     for part, (b, t), mask in zip(rows.split(qkv), rows.shapes, masks, strict=True):
-        if mask is None and not dropout and kernels.has_attention(part, n_head):
-            outs.append(kernels.CausalAttention.apply(part, b, t, n_head))
-            continue
         c = part.shape[1] // 3
         q, k, v = (
             h.view(b, t, n_head, c // n_head).transpose(1, 2)
