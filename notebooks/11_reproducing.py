@@ -54,7 +54,10 @@ glue("steps_table", style.display_table(steps, {"seconds": "{:.0f}"}), display=F
 glue("machine_table", style.display_table(machine), display=False)
 glue(
     "bench_steps_table",
-    style.display_table(bench_steps, {"ms per member-step": "{:.1f}", "x floor": "{:.2f}"}),
+    style.display_table(
+        bench_steps,
+        {"ms per member-step": "{:.1f}", "tokens per CPU second": "{:,.0f}", "x floor": "{:.2f}"},
+    ),
     display=False,
 )
 glue(
@@ -94,7 +97,8 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 # the last revision before populations). The floor is the arithmetic of one member's fine-tuning
 # step on {glue:text}`bench_task:s` at {glue:text}`bench_experts:d` experts,
 # {glue:text}`bench_gflops:s`, at the single-thread matrix-product rate measured in the same run
-# ({glue:text}`bench_rate:s`): {glue:text}`bench_floor_ms:s`. One member-step on each path:
+# ({glue:text}`bench_rate:s`): {glue:text}`bench_floor_ms:s`. One member-step on each path, and
+# the tokens a core puts through per second of CPU time (a population's counts every member's):
 #
 # ```{glue} bench_steps_table
 # ```

@@ -70,4 +70,6 @@ def test_command_prints_and_records_every_path(smoke_data, tmp_path, capsys):
     assert shares["expert and FFN products (grouped kernel)"] > 0  # the profiler saw the kernels
     assert shares["AdamW"] > 0 and 0 <= shares["everything else"] < 1
     assert set(record["steps"]) == {"today's (baseline)", "solo", "population of 2"}
+    assert "tokens per CPU s" in printed
+    assert all(t["tokens_per_s"] > 0 for t in record["steps"].values())
     assert record["end_to_end"]["population of 6"]["runs"] == 6

@@ -165,13 +165,14 @@ class _Worker:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the step worker on {tree} did not start")
 
-    def member_step_ms(self, steps: int) -> float:
-        """Milliseconds per member-step over `steps` member-steps (steps / M of the population)."""
+    def member_steps(self, steps: int) -> tuple[float, float]:
+        """Milliseconds per member-step over `steps` member-steps (steps / M of the population),
+        and tokens per CPU second (every member's: what a core puts through)."""
         n = max(1, steps // self.members)
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
-        seconds, _ = self.proc.stdout.readline().split()
-        return 1e3 * float(seconds) / (n * self.members)
+        seconds, tokens = (float(v) for v in self.proc.stdout.readline().split())
+        return 1e3 * seconds / (n * self.members), tokens / seconds
 
     def profile(self, steps: int) -> dict[str, float]:
         """Each operator's self CPU microseconds over `steps` member-steps."""
@@ -198,13 +199,20 @@ def time_steps(args, tree: Path | None, shape) -> tuple[dict, list[float], dict]
         for _ in range(args.rounds):
             rates.append(sgemm_rate(shape))
             for name, worker in workers.items():
-                times[name].append(worker.member_step_ms(args.steps * worker.members))
+                times[name].append(worker.member_steps(args.steps * worker.members))
         population = workers[f"population of {args.members}"]
         ops = population.profile(args.steps * population.members)
     finally:
         for worker in workers.values():
             worker.close()
-    steps = {name: {"median_ms": median(t), "turns_ms": t} for name, t in times.items()}
+    steps = {
+        name: {
+            "median_ms": median(ms for ms, _ in t),
+            "tokens_per_s": median(rate for _, rate in t),
+            "turns_ms": [ms for ms, _ in t],
+        }
+        for name, t in times.items()
+    }
     return steps, rates, ops
 
 
@@ -391,9 +399,12 @@ def print_tables(r: dict) -> None:
         f"{f['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s (torch.mm {rows}x{cols} @ {cols}x{n}) = "
         f"{f['floor_ms']:.1f} ms"
     )
-    print(f"  {'path':26s} {'ms per member-step':>19s} {'x floor':>8s}")
+    print(f"  {'path':26s} {'ms per member-step':>19s} {'tokens per CPU s':>17s} {'x floor':>8s}")
     for name, t in r["steps"].items():
-        print(f"  {name:26s} {t['median_ms']:19.1f} {t['median_ms'] / f['floor_ms']:8.2f}")
+        print(
+            f"  {name:26s} {t['median_ms']:19.1f} {t['tokens_per_s']:17.0f} "
+            f"{t['median_ms'] / f['floor_ms']:8.2f}"
+        )
     step_ms = r["steps"][f"population of {r['members']}"]["median_ms"]
     print(
         f"where the population's member-step goes (shares of its operators' self CPU time; ms at "

@@ -66,7 +66,14 @@ def grid_benchmark(path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict
     bench = layout.read_json(path)
     floor = bench["floor"]
     steps = pd.DataFrame(
-        [{"path": name, "ms per member-step": t["median_ms"]} for name, t in bench["steps"].items()]
+        [
+            {
+                "path": name,
+                "ms per member-step": t["median_ms"],
+                "tokens per CPU second": t["tokens_per_s"],
+            }
+            for name, t in bench["steps"].items()
+        ]
     )
     steps["x floor"] = steps["ms per member-step"] / floor["floor_ms"]
     step_ms = bench["steps"][f"population of {bench['members']}"]["median_ms"]
