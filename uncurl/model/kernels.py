@@ -247,7 +247,8 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qkv, out, stats = ctx.saved_tensors
-        h, c = ctx.h, out.shape[1]
+        h = ctx.h
+        d = out.shape[1] // h
         grad_out = grad_out.contiguous()
         grad = torch.empty_like(qkv)
         for (b, t), (rows, at) in zip(ctx.shapes, _blocks(ctx.shapes, h), strict=True):
@@ -256,8 +257,8 @@ class CausalAttention(torch.autograd.Function):
                     b,
                     t,
                     h,
-                    c // h,
-                    (c // h) ** -0.5,
+                    d,
+                    d**-0.5,
                     _at(qkv, rows),
                     _at(out, rows),
                     _at(grad_out, rows),
