@@ -392,6 +392,17 @@ typedef struct {
     void (*softmax_grad)(int64_t n, float m, float inv, float di, float scale, float *p, float *ds);
     void (*weighted)(int64_t n, int64_t D, const float *w, int64_t sw, const float *rows,
                      int64_t ld, float scale, float *out);  /* out = scale * weighted_rows */
+    /* scores and weighted of nq <= 4 queries at once, each as alone: query r's row at q + r * ldq
+     * (its scores to s + r * tp, keys up to the last query's n), or its weights at w + r * tp
+     * (n[r] keys) and its output at out + r * ldo */
+    void (*scores4)(int64_t nq, int64_t n, int64_t D, const float *q, int64_t ldq, const float *kt,
+                    int64_t tp, float scale, float *s);
+    void (*weighted4)(int64_t nq, const int64_t *n, int64_t D, const float *w, int64_t tp,
+                      const float *rows, int64_t ld, const float *scale, float *out, int64_t ldo);
+    /* weighted of nk <= 4 keys at once, each as alone: key c's n0 - c weights down a column,
+     * from w + c * (tp + 1) by tp, its rows from rows + c * ld, its output at out + c * ldo */
+    void (*key_weighted4)(int64_t nk, int64_t n0, int64_t D, const float *w, int64_t tp,
+                          const float *rows, int64_t ld, float *out, int64_t ldo);
 } attention_ops;
 
 /* The largest of s[0 .. n): order does not change a maximum. */
@@ -438,7 +449,26 @@ KERNEL static void weighted8(int64_t n, int64_t D, const float *w, int64_t sw, c
                                                  _mm256_set1_ps(scale)));
 }
 
-static const attention_ops ops8 = {scores, exp_sum8, softmax_grad8, weighted8};
+KERNEL static void scores8x4(int64_t nq, int64_t n, int64_t D, const float *q, int64_t ldq,
+                             const float *kt, int64_t tp, float scale, float *s) {
+    for (int64_t r = 0; r < nq; r++) scores(n, D, q + r * ldq, kt, tp, scale, s + r * tp);
+}
+
+KERNEL static void weighted8x4(int64_t nq, const int64_t *n, int64_t D, const float *w, int64_t tp,
+                               const float *rows, int64_t ld, const float *scale, float *out,
+                               int64_t ldo) {
+    for (int64_t r = 0; r < nq; r++)
+        weighted8(n[r], D, w + r * tp, 1, rows, ld, scale[r], out + r * ldo);
+}
+
+KERNEL static void key_weighted8x4(int64_t nk, int64_t n0, int64_t D, const float *w, int64_t tp,
+                                   const float *rows, int64_t ld, float *out, int64_t ldo) {
+    for (int64_t c = 0; c < nk; c++)
+        weighted8(n0 - c, D, w + c * (tp + 1), tp, rows + c * ld, ld, 1.0f, out + c * ldo);
+}
+
+static const attention_ops ops8 = {scores,    exp_sum8,    softmax_grad8,  weighted8,
+                                   scores8x4, weighted8x4, key_weighted8x4};
 
 /* The same steps on 16 floats: e^x as exp8 lane by lane, keys 16 at a time, value columns 16
  * at a time (a head's last 8 columns, if any, on 8). */
@@ -516,28 +546,161 @@ KERNEL512 static void softmax_grad16(int64_t n, float m, float inv, float di, fl
     }
 }
 
+/* weighted16's sum over keys j .. n - 1 added to its four partial sums a0 .. a3 (key j mod 4
+ * in a[j mod 4] in whole groups of 4, the rest in a0), then the partial sums added up. */
+KERNEL512 static inline __m512 rest16(int64_t n, int64_t j, const float *w, int64_t sw,
+                                      const float *r, int64_t ld, __m512 a0, __m512 a1, __m512 a2,
+                                      __m512 a3) {
+    for (; j + 4 <= n; j += 4) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j * sw]), _mm512_loadu_ps(r + j * ld), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 1) * sw]), _mm512_loadu_ps(r + (j + 1) * ld), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 2) * sw]), _mm512_loadu_ps(r + (j + 2) * ld), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 3) * sw]), _mm512_loadu_ps(r + (j + 3) * ld), a3);
+    }
+    for (; j < n; j++)
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j * sw]), _mm512_loadu_ps(r + j * ld), a0);
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
 KERNEL512 static void weighted16(int64_t n, int64_t D, const float *w, int64_t sw,
                                  const float *rows, int64_t ld, float scale, float *out) {
     int64_t d0 = 0;
     for (; d0 + 16 <= D; d0 += 16) {
-        const float *r = rows + d0;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j * sw]), _mm512_loadu_ps(r + j * ld), a0);
-            a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 1) * sw]), _mm512_loadu_ps(r + (j + 1) * ld), a1);
-            a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 2) * sw]), _mm512_loadu_ps(r + (j + 2) * ld), a2);
-            a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[(j + 3) * sw]), _mm512_loadu_ps(r + (j + 3) * ld), a3);
-        }
-        for (; j < n; j++)
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j * sw]), _mm512_loadu_ps(r + j * ld), a0);
-        __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        __m512 z = _mm512_setzero_ps();
+        __m512 sum = rest16(n, 0, w, sw, rows + d0, ld, z, z, z, z);
         _mm512_storeu_ps(out + d0, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
     }
     if (d0 < D) weighted8(n, D - d0, w, sw, rows + d0, ld, scale, out + d0);
 }
 
-static const attention_ops ops16 = {scores16, exp_sum16, softmax_grad16, weighted16};
+/* Four queries' scores: each key register loaded once for the four. */
+KERNEL512 static void scores16x4(int64_t nq, int64_t n, int64_t D, const float *q, int64_t ldq,
+                                 const float *kt, int64_t tp, float scale, float *s) {
+    if (nq < 4) {
+        for (int64_t r = 0; r < nq; r++) scores16(n, D, q + r * ldq, kt, tp, scale, s + r * tp);
+        return;
+    }
+    __m512 sc = _mm512_set1_ps(scale);
+    int64_t j0 = 0, end = (n + 15) / 16 * 16;
+    for (; j0 + 64 <= end; j0 += 64) {
+        __m512 a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d++) {
+            const float *row = kt + d * tp + j0;
+            __m512 k[4];
+            for (int c = 0; c < 4; c++) k[c] = _mm512_loadu_ps(row + 16 * c);
+            for (int r = 0; r < 4; r++) {
+                __m512 x = _mm512_set1_ps(q[r * ldq + d]);
+                for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(x, k[c], a[r][c]);
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_ps(s + r * tp + j0 + 16 * c, _mm512_mul_ps(a[r][c], sc));
+    }
+    for (; j0 < end; j0 += 16) {
+        __m512 a[4];
+        for (int r = 0; r < 4; r++) a[r] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d++) {
+            __m512 k = _mm512_loadu_ps(kt + d * tp + j0);
+            for (int r = 0; r < 4; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d]), k, a[r]);
+        }
+        for (int r = 0; r < 4; r++) _mm512_storeu_ps(s + r * tp + j0, _mm512_mul_ps(a[r], sc));
+    }
+}
+
+/* Four queries' weighted sums: each row register loaded once for the four while every query
+ * has whole groups of 4 keys left, then each query's own rest. */
+KERNEL512 static void weighted16x4(int64_t nq, const int64_t *n, int64_t D, const float *w,
+                                   int64_t tp, const float *rows, int64_t ld, const float *scale,
+                                   float *out, int64_t ldo) {
+    int64_t m = n[0], d0 = 0;
+    for (int64_t r = 1; r < nq; r++) m = n[r] < m ? n[r] : m;
+    if (nq < 4) m = 0;
+    for (; d0 + 16 <= D; d0 += 16) {
+        const float *v = rows + d0;
+        __m512 a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 4 <= m; j += 4) {
+            __m512 x[4];
+            for (int c = 0; c < 4; c++) x[c] = _mm512_loadu_ps(v + (j + c) * ld);
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++)
+                    a[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * tp + j + c]), x[c], a[r][c]);
+        }
+        for (int r = 0; r < 4 && r < nq; r++) {
+            __m512 sum = rest16(n[r], j, w + r * tp, 1, v, ld, a[r][0], a[r][1], a[r][2], a[r][3]);
+            _mm512_storeu_ps(out + r * ldo + d0, _mm512_mul_ps(sum, _mm512_set1_ps(scale[r])));
+        }
+    }
+    for (int64_t r = 0; d0 < D && r < nq; r++)
+        weighted8(n[r], D - d0, w + r * tp, 1, rows + d0, ld, scale[r], out + r * ldo + d0);
+}
+
+/* Terms t0 .. t1 - 1 of weighted16's sum of n terms into its partial sums a (as rest16). */
+KERNEL512 static inline void terms16(int64_t t0, int64_t t1, int64_t n, const float *w, int64_t sw,
+                                     const float *r, int64_t ld, __m512 *a) {
+    for (int64_t t = t0, full = n & ~(int64_t)3; t < t1; t++) {
+        int x = t < full ? (int)(t & 3) : 0;
+        a[x] = _mm512_fmadd_ps(_mm512_set1_ps(w[t * sw]), _mm512_loadu_ps(r + t * ld), a[x]);
+    }
+}
+
+/* Four keys' weighted sums down the columns: each row register loaded once for the four. Key c's
+ * term t (row c + t) goes to its partial sum t mod 4, so rows 3, 7, ... start a group of every
+ * key's, the sums rotated by key; rows before the first group and after the last whole one go
+ * term by term. */
+KERNEL512 static void key_weighted16x4(int64_t nk, int64_t n0, int64_t D, const float *w,
+                                       int64_t tp, const float *rows, int64_t ld, float *out,
+                                       int64_t ldo) {
+    if (nk < 4) {
+        for (int64_t c = 0; c < nk; c++)
+            weighted16(n0 - c, D, w + c * (tp + 1), tp, rows + c * ld, ld, 1.0f, out + c * ldo);
+        return;
+    }
+    int64_t end = n0 & ~(int64_t)3, d0 = 0;  /* rows of whole groups for every key end here */
+    for (int64_t c = 1; c < 4; c++) {
+        int64_t e = c + ((n0 - c) & ~(int64_t)3);
+        end = e < end ? e : end;
+    }
+    for (; d0 + 16 <= D; d0 += 16) {
+        __m512 part[4][4], a[4][4];
+        for (int c = 0; c < 4; c++) {
+            for (int x = 0; x < 4; x++) part[c][x] = _mm512_setzero_ps();
+            int64_t n = n0 - c;
+            terms16(0, 3 - c < n ? 3 - c : n, n, w + c * (tp + 1), tp, rows + c * ld + d0, ld,
+                    part[c]);
+        }
+        for (int c = 0; c < 4; c++)
+            for (int x = 0; x < 4; x++) a[c][x] = part[c][x];
+        int64_t q = 3;
+        for (; q + 4 <= end; q += 4)
+            for (int u = 0; u < 4; u++) {
+                __m512 x = _mm512_loadu_ps(rows + (q + u) * ld + d0);
+                const float *wq = w + (q + u) * tp;
+                for (int c = 0; c < 4; c++) {
+                    __m512 *acc = &a[c][(3 - c + u) & 3];
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(wq[c]), x, *acc);
+                }
+            }
+        for (int c = 0; c < 4; c++) {
+            for (int x = 0; x < 4; x++) part[c][x] = a[c][x];
+            int64_t n = n0 - c;
+            terms16(q - c, n, n, w + c * (tp + 1), tp, rows + c * ld + d0, ld, part[c]);
+            _mm512_storeu_ps(out + c * ldo + d0, _mm512_add_ps(_mm512_add_ps(part[c][0], part[c][1]),
+                                                               _mm512_add_ps(part[c][2], part[c][3])));
+        }
+    }
+    for (int64_t c = 0; d0 < D && c < 4; c++)
+        weighted8(n0 - c, D - d0, w + c * (tp + 1), tp, rows + c * ld + d0, ld, 1.0f,
+                  out + c * ldo + d0);
+}
+
+static const attention_ops ops16 = {scores16,     exp_sum16,  softmax_grad16,  weighted16,
+                                    scores16x4, weighted16x4, key_weighted16x4};
 
 static const attention_ops *ops(void) { return use_avx512() ? &ops16 : &ops8; }
 
@@ -547,19 +710,24 @@ KERNEL int uncurl_attention_forward(int64_t B, int64_t T, int64_t H, int64_t D, 
                                     const float *qkv, float *out, float *stats) {
     const attention_ops *op = ops();
     int64_t C = H * D, ld = 3 * C, tp = (T + 15) / 16 * 16;
-    float *kt = malloc((D + 1) * tp * sizeof(float)), *p = kt + D * tp;
+    float *kt = malloc((D + 4) * tp * sizeof(float)), *p = kt + D * tp;
     if (!kt) return -1;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const float *rows = qkv + b * T * ld, *k = rows + C + h * D, *v = rows + 2 * C + h * D;
             transpose_rows(T, D, k, ld, tp, kt);
-            for (int64_t i = 0; i < T; i++) {
-                int64_t n = i + 1;
-                op->scores(n, D, rows + i * ld + h * D, kt, tp, scale, p);
-                float m = row_max(n, p), l = op->exp_sum(n, m, p);
-                op->weighted(n, D, p, 1, v, ld, 1.0f / l, out + (b * T + i) * C + h * D);
-                stats[(b * H + h) * T + i] = m;
-                stats[(B * H + b * H + h) * T + i] = 1.0f / l;
+            for (int64_t i = 0; i < T; i += 4) {  /* four queries at a time */
+                int64_t nq = T - i < 4 ? T - i : 4, n[4];
+                float inv[4];
+                op->scores4(nq, i + nq, D, rows + i * ld + h * D, ld, kt, tp, scale, p);
+                for (int64_t r = 0; r < nq; r++) {
+                    n[r] = i + r + 1;
+                    float m = row_max(n[r], p + r * tp), l = op->exp_sum(n[r], m, p + r * tp);
+                    inv[r] = 1.0f / l;
+                    stats[(b * H + h) * T + i + r] = m;
+                    stats[(B * H + b * H + h) * T + i + r] = inv[r];
+                }
+                op->weighted4(nq, n, D, p, tp, v, ld, inv, out + (b * T + i) * C + h * D, C);
             }
         }
     free(kt);
@@ -576,6 +744,7 @@ KERNEL int uncurl_attention_backward(int64_t B, int64_t T, int64_t H, int64_t D,
     float *kt = malloc((2 * D * tp + 2 * T * tp) * sizeof(float));
     if (!kt) return -1;
     float *vt = kt + D * tp, *P = vt + D * tp, *S = P + T * tp;  /* softmax, scaled dS, by query */
+    const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const float *rows = qkv + b * T * ld, *k = rows + C + h * D, *v = rows + 2 * C + h * D;
@@ -583,21 +752,30 @@ KERNEL int uncurl_attention_backward(int64_t B, int64_t T, int64_t H, int64_t D,
             float *g = grad_qkv + b * T * ld + h * D;
             transpose_rows(T, D, k, ld, tp, kt);
             transpose_rows(T, D, v, ld, tp, vt);
-            for (int64_t i = 0; i < T; i++) {  /* by query: P, dS and dQ */
-                int64_t n = i + 1;
+            for (int64_t i = 0; i < T; i += 4) {  /* by four queries: P, dS and dQ */
+                int64_t nq = T - i < 4 ? T - i : 4, n[4];
                 float *p = P + i * tp, *ds = S + i * tp;
-                __m256 dot = _mm256_setzero_ps();
-                for (int64_t d0 = 0; d0 < D; d0 += 8)
-                    dot = _mm256_fmadd_ps(_mm256_loadu_ps(go + i * C + d0), _mm256_loadu_ps(o + i * C + d0), dot);
-                op->scores(n, D, rows + i * ld + h * D, kt, tp, scale, p);
-                op->scores(n, D, go + i * C, vt, tp, 1.0f, ds);  /* grad_out_i . v_j */
-                op->softmax_grad(n, stats[(b * H + h) * T + i], stats[(B * H + b * H + h) * T + i],
-                                 hsum8(dot), scale, p, ds);
-                op->weighted(n, D, ds, 1, k, ld, 1.0f, g + i * ld);
+                op->scores4(nq, i + nq, D, rows + i * ld + h * D, ld, kt, tp, scale, p);
+                op->scores4(nq, i + nq, D, go + i * C, C, vt, tp, 1.0f, ds);  /* grad_out_i . v_j */
+                for (int64_t r = 0; r < nq; r++) {
+                    const float *gr = go + (i + r) * C, *orow = o + (i + r) * C;
+                    __m256 dot = _mm256_setzero_ps();
+                    for (int64_t d0 = 0; d0 < D; d0 += 8)
+                        dot = _mm256_fmadd_ps(_mm256_loadu_ps(gr + d0), _mm256_loadu_ps(orow + d0),
+                                              dot);
+                    n[r] = i + r + 1;
+                    op->softmax_grad(n[r], stats[(b * H + h) * T + i + r],
+                                     stats[(B * H + b * H + h) * T + i + r], hsum8(dot), scale,
+                                     p + r * tp, ds + r * tp);
+                }
+                op->weighted4(nq, n, D, ds, tp, k, ld, ones, g + i * ld, ld);
             }
-            for (int64_t j = 0; j < T; j++) {  /* by key: dK = dS^T Q and dV = P^T dO, queries i >= j */
-                op->weighted(T - j, D, S + j * tp + j, tp, rows + j * ld + h * D, ld, 1.0f, g + j * ld + C);
-                op->weighted(T - j, D, P + j * tp + j, tp, go + j * C, C, 1.0f, g + j * ld + 2 * C);
+            for (int64_t j = 0; j < T; j += 4) {  /* by four keys: dK = dS^T Q, dV = P^T dO */
+                int64_t nk = T - j < 4 ? T - j : 4;  /* (queries i >= j) */
+                const float *q = rows + j * ld + h * D;
+                op->key_weighted4(nk, T - j, D, S + j * tp + j, tp, q, ld, g + j * ld + C, ld);
+                op->key_weighted4(nk, T - j, D, P + j * tp + j, tp, go + j * C, C, g + j * ld + 2 * C,
+                                  ld);
             }
         }
     free(kt);
