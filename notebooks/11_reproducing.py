@@ -114,11 +114,11 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 # with every product at the floor's rate, a step would take {glue:text}`bench_best_floors:s`
 # floors, against a target of $1.5$. At a width of {glue:text}`bench_width:d` the products are
 # small next to that work: AdamW and the clipping touch every expert's weights at every step while
-# a token uses only its top-k experts, and GELU, layer norms and copies scale with the
-# activations. The counted work itself (the products, and attention with its softmax) takes
-# {glue:text}`bench_products_floors:s` floors: a member's tokens divided among its experts make
-# small groups and the heads are narrow, far from the one large product whose rate the floor
-# assumes.
+# a token uses only its top-k experts, and layer norms and copies scale with the activations.
+# The counted work itself (the products with the GELU they apply, and attention with its
+# softmax) takes {glue:text}`bench_products_floors:s` floors: a member's tokens divided among its
+# experts make small groups and the heads are narrow, far from the one large product whose rate
+# the floor assumes.
 #
 # Whole runs as the grid makes them (task loading, router warm-up, fine-tuning with held-out
 # evaluations and early stopping, scoring), in CPU seconds per run and runs per core-minute:
@@ -128,8 +128,8 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 #
 # Stacking members saves little per step. Most of the gain over the baseline revision is in the
 # code every path now shares (fused AdamW, the attention kernel, the grouped products on `AVX-512`
-# registers, the head only where a loss is read); a population adds loading the task once and
-# sharing evaluations.
+# registers with GELU applied inside them, the head only where a loss is read); a population adds
+# loading the task once and sharing evaluations.
 #
 # ## The machine and the packages
 #

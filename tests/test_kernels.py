@@ -77,6 +77,46 @@ def test_expert_outer_matches_and_sums_rows(k, n):
 
 
 @needs_kernels
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_gelu_in_the_product_matches_torch_and_leaves_the_product_alone(k, n):
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(sum(SIZES), k), torch.randn(len(SIZES), k, n), torch.randn(8, n)
+    b /= k**0.5  # pre-activations of order 1, where GELU bends
+    (pre, act), (ref_pre, ref_act) = _both(kernels.expert_mm_gelu, a, b, SIZES, bias)
+    assert torch.equal(pre, kernels.expert_mm(a, b, SIZES, bias))
+    torch.testing.assert_close(pre, ref_pre, rtol=1e-5, atol=1e-4)
+    # both within 1.5e-7 of erf: against float64, the kernel's error is at most torch's
+    exact = torch.nn.functional.gelu(pre.double())
+    assert (act - exact).abs().max() <= max(2e-6, (ref_act - exact).abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_gelu_gradient_in_the_product_matches_torch(k, n):
+    torch.manual_seed(0)
+    g, w, pre = (
+        torch.randn(sum(SIZES), k),
+        torch.randn(len(SIZES), k, n),
+        torch.randn(sum(SIZES), n),
+    )
+    out, ref = _both(kernels.expert_mm_gelu_grad, g, w, SIZES, pre)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="pre has shape"):
+        kernels.expert_mm_gelu_grad(g, w, SIZES, pre[:, :-1])
+
+
+@needs_kernels
+def test_gelu_in_the_product_keeps_its_extremes():
+    x = torch.tensor([[-float("inf"), -60.0, -9.0, -1e-30, 0.0, 1e-30, 9.0, 60.0, float("inf")]])
+    pre, act = kernels.expert_mm_gelu(x.t().contiguous(), torch.ones(1, 1, 1), [x.shape[1]])
+    expected = torch.nn.functional.gelu(pre)
+    torch.testing.assert_close(act[1:-1], expected[1:-1], rtol=0, atol=1e-7)
+    assert act[-1] == float("inf") and act[0].isnan() and expected[0].isnan()
+    grad = kernels.expert_mm_gelu_grad(torch.ones(9, 1), torch.ones(1, 1, 1), [9], pre)
+    assert grad[4] == 0.5 and grad[1] == 0 and grad[7] == 1  # GELU'(0), far left, far right
+
+
+@needs_kernels
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_softmax_topk_matches_torch_and_its_gradient(k):
     torch.manual_seed(0)
@@ -290,14 +330,19 @@ def test_attention_of_other_heads_is_left_to_torch():
 @needs_kernels
 @pytest.mark.skipif(KERNEL != "avx512 kernel", reason="needs a CPU with AVX-512")
 @pytest.mark.parametrize("k,n", SHAPES)
-def test_avx512_tiles_give_the_avx2_tiles_bits(k, n):
+def test_avx512_tiles_give_the_avx2_tiles_bits(k, n):  # GELU's epilogues too
     torch.manual_seed(0)
     a, b, g = torch.randn(sum(SIZES), k), torch.randn(len(SIZES), k, n), torch.randn(sum(SIZES), n)
     lib = kernels._library()
     out = {}
     for wide in (1, 0):
         lib.uncurl_avx512(wide)
-        out[wide] = (kernels.expert_mm(a, b, SIZES), kernels.expert_outer(a, g, SIZES))
+        out[wide] = (
+            kernels.expert_mm(a, b, SIZES),
+            kernels.expert_outer(a, g, SIZES),
+            *kernels.expert_mm_gelu(a, b, SIZES),
+            kernels.expert_mm_gelu_grad(a, b, SIZES, g),
+        )
     lib.uncurl_avx512(1)
     assert all(torch.equal(x, y) for x, y in zip(out[0], out[1], strict=True))
 

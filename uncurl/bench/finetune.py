@@ -219,10 +219,10 @@ def time_steps(args, tree: Path | None, shape) -> tuple[dict, list[float], dict]
 # the kinds of work in a step, by torch operator (self time): the first three are what the floor
 # counts; everything else is outside it
 KINDS = {
-    "expert and FFN products (grouped kernel)": {"GroupedMLP", "GroupedMLPBackward"},
+    "expert and FFN products, GELU in them (grouped kernel)": {"GroupedMLP", "GroupedMLPBackward"},
     "attention (kernel)": {"CausalAttention", "CausalAttentionBackward"},
     "projections and head (BLAS)": {"aten::mm", "aten::addmm", "aten::bmm"},
-    "GELU": {"aten::gelu", "aten::gelu_backward"},
+    "GELU (torch, where the kernel does not run)": {"aten::gelu", "aten::gelu_backward"},
     "AdamW": {"aten::_fused_adamw_"},
     "gradient norms and clipping": {"aten::linalg_vector_norm", "aten::mul_"},
     "layer norms": {"aten::native_layer_norm", "aten::native_layer_norm_backward"},
@@ -249,9 +249,11 @@ IN_FLOOR = list(KINDS)[:3]
 
 def breakdown(ops: dict[str, float]) -> dict:
     """Each kind's share of the operators' self CPU time, and the rest's (elementwise adds,
-    allocation, views, the bookkeeping of autograd's nodes); which kinds the floor counts."""
+    allocation, views, the bookkeeping of autograd's nodes); which kinds the floor counts. Kinds
+    that did not run are left out."""
     total = sum(ops.values())
     shares = {kind: sum(ops.get(op, 0.0) for op in names) / total for kind, names in KINDS.items()}
+    shares = {kind: share for kind, share in shares.items() if share > 0}
     return {"shares": shares | {"everything else": 1 - sum(shares.values())}, "in_floor": IN_FLOOR}
 
 

@@ -1,6 +1,7 @@
 /* CPU kernels for mixture-of-experts layers: grouped single-precision matrix products (x86-64,
- * AVX2 + FMA, AVX-512 tiles where the CPU has them), causal attention of small heads, top-k selection of router probabilities, and
- * the dispatch's sort by expert.
+ * AVX2 + FMA, AVX-512 tiles where the CPU has them) with GELU or its gradient applied as rows
+ * leave them, causal attention of small heads, top-k selection of router probabilities, and the
+ * dispatch's sort by expert.
  *
  * One call runs every expert's product on its own block of rows, so 64 small experts cost one
  * call instead of 64 BLAS calls, each of which packs its operands and pays its own set-up.
@@ -127,6 +128,130 @@ int uncurl_avx512(int on) {
     return use_avx512();
 }
 
+/* e^x (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n by the exponent bits);
+ * within 2 ulp on [EXP_LO, EXP_HI], 0 below. Its constants, for both widths: */
+#define EXP_LO -87.3365f
+#define EXP_HI 88.3762f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f  /* ln 2 in two parts, so that n ln2 is exact to float */
+#define LN2_LO -2.12194440e-4f
+static const float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+/* e^x for 8 floats. */
+KERNEL static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 y = _mm256_set1_ps(EXP_POLY[0]);
+    for (int i = 1; i < 6; i++) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_POLY[i]));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* Lanes j0 .. j0 + 7 below n (keys 0 .. n - 1, a row's n columns). */
+KERNEL static inline __m256 below(int64_t j0, int64_t n) {
+    __m256i j = _mm256_add_epi32(_mm256_set1_epi32((int)j0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), j));
+}
+
+/* e^x for 16 floats: exp8 lane by lane. */
+KERNEL512 static inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(EXP_LO), hi = _mm512_set1_ps(EXP_HI);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    __m512 y = _mm512_set1_ps(EXP_POLY[0]);
+    for (int i = 1; i < 6; i++) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_POLY[i]));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(~under, y, _mm512_castsi512_ps(e));
+}
+
+/* GELU, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, and its derivative Phi(x) + x phi(x), on 8 or
+ * 16 floats with the same bits: erf by Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7, the
+ * formula of torch's vectorised erf), Phi(x) for x < 0 straight from the formula's tail rather
+ * than as 1 + erf, which cancels. */
+#define INV_SQRT2 0.70710678118654752f
+#define INV_SQRT_2PI 0.39894228040143268f
+#define ERF_P 0.3275911f
+static const float ERF_POLY[5] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f,
+                                  0.254829592f};
+
+/* Phi(x) into *cdf, and e^(-x^2 / 2) returned. */
+KERNEL static inline __m256 normal_cdf8(__m256 x, __m256 *cdf) {
+    __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(INV_SQRT2));
+    __m256 az = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z);
+    __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                             _mm256_fmadd_ps(_mm256_set1_ps(ERF_P), az, _mm256_set1_ps(1.0f)));
+    __m256 y = _mm256_set1_ps(ERF_POLY[0]);
+    for (int i = 1; i < 5; i++) y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(ERF_POLY[i]));
+    __m256 e = exp8(_mm256_mul_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z)));
+    __m256 tail = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(t, y), e), _mm256_set1_ps(0.5f));
+    *cdf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), tail), tail,
+                            _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return e;
+}
+
+KERNEL512 static inline __m512 normal_cdf16(__m512 x, __m512 *cdf) {
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(INV_SQRT2));
+    __m512 az = _mm512_abs_ps(z);
+    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                             _mm512_fmadd_ps(_mm512_set1_ps(ERF_P), az, _mm512_set1_ps(1.0f)));
+    __m512 y = _mm512_set1_ps(ERF_POLY[0]);
+    for (int i = 1; i < 5; i++) y = _mm512_fmadd_ps(y, t, _mm512_set1_ps(ERF_POLY[i]));
+    __m512 e = exp16(_mm512_mul_ps(z, _mm512_sub_ps(_mm512_setzero_ps(), z)));
+    __m512 tail = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(t, y), e), _mm512_set1_ps(0.5f));
+    *cdf = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                _mm512_sub_ps(_mm512_set1_ps(1.0f), tail), tail);
+    return e;
+}
+
+/* What a product's rows go through as they leave the tiles: nothing; act = GELU(C); or
+ * C *= GELU'(pre), C being the gradient of GELU's output. */
+enum { EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_GRAD };
+
+/* The epilogue on n floats of one row: c, and act or pre (aux). */
+KERNEL static void epilogue8(int mode, int64_t n, float *c, float *aux) {
+    for (int64_t j = 0; j < n; j += 8) {
+        __m256i m = _mm256_castps_si256(below(j, n));
+        __m256 cv = _mm256_maskload_ps(c + j, m), cdf;
+        if (mode == EPILOGUE_GELU) {
+            normal_cdf8(cv, &cdf);
+            _mm256_maskstore_ps(aux + j, m, _mm256_mul_ps(cv, cdf));
+        } else {
+            __m256 x = _mm256_maskload_ps(aux + j, m);
+            __m256 e = normal_cdf8(x, &cdf);
+            __m256 d = _mm256_fmadd_ps(x, _mm256_mul_ps(e, _mm256_set1_ps(INV_SQRT_2PI)), cdf);
+            _mm256_maskstore_ps(c + j, m, _mm256_mul_ps(cv, d));
+        }
+    }
+}
+
+KERNEL512 static void epilogue16(int mode, int64_t n, float *c, float *aux) {
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 cv = _mm512_maskz_loadu_ps(m, c + j), cdf;
+        if (mode == EPILOGUE_GELU) {
+            normal_cdf16(cv, &cdf);
+            _mm512_mask_storeu_ps(aux + j, m, _mm512_mul_ps(cv, cdf));
+        } else {
+            __m512 x = _mm512_maskz_loadu_ps(m, aux + j);
+            __m512 e = normal_cdf16(x, &cdf);
+            __m512 d = _mm512_fmadd_ps(x, _mm512_mul_ps(e, _mm512_set1_ps(INV_SQRT_2PI)), cdf);
+            _mm512_mask_storeu_ps(c + j, m, _mm512_mul_ps(cv, d));
+        }
+    }
+}
+
 /* Copies an operand into the layouts the tiles read: B (K x N) into panels of NR columns, each K
  * rows of NR floats, zero-padded; A (M x K), when its rows are not contiguous, into blocks of MR
  * rows, each K columns of MR floats. Both are read in memory order: a panel or block read in
@@ -168,10 +293,12 @@ KERNEL static void pack_a(int64_t M, int64_t K, const float *A, int64_t sai, int
 
 /* C (M x N, row stride ldc) = A (M x K) @ B (K x N) + bias (N, or NULL), using `scratch` (at
  * least K * (roundup(N, NR) + roundup(M, MR)) floats) for packed operands; and, unless b_sums is
- * NULL, b_sums (N) = the sum of B's rows (the bias gradient, when B is an output gradient). */
+ * NULL, b_sums (N) = the sum of B's rows (the bias gradient, when B is an output gradient). Each
+ * block of rows goes through the epilogue `mode` (aux: rows as C's) as its last pass ends, while
+ * it is in cache. */
 KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t sai, int64_t sak,
                         const float *B, int64_t sbk, int64_t sbj, const float *bias, float *C,
-                        int64_t ldc, float *scratch, float *b_sums) {
+                        int64_t ldc, float *scratch, float *b_sums, int mode, float *aux) {
     int64_t panels = (N + NR - 1) / NR;
     pack_b(N, K, B, sbk, sbj, scratch);
     for (int64_t p = 0; b_sums && p < panels; p++) {  /* from the copy, while it is in cache */
@@ -218,6 +345,8 @@ KERNEL static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t
                          scratch + (p * K + k0) * NR, NR, k0 ? NULL : b, k0 > 0,
                          C + i * ldc + p * NR, ldc, mr, nr);
             }
+            for (int r = 0; mode && k0 + KC >= K && r < (wide ? mr512 : mr); r++)
+                (wide ? epilogue16 : epilogue8)(mode, N, C + (i + r) * ldc, aux + (i + r) * ldc);
         }
     }
 }
@@ -254,13 +383,15 @@ int uncurl_gemm_supported(void) {
  * they are the M dimension of e's product when k_grouped is 0, its K dimension when it is 1.
  * Along the grouped dimension, operands advance by those rows; otherwise by their per-expert
  * strides be, ce, biase. With k_grouped, b_sums (E x N, or NULL) gets the sum of each expert's
- * rows of B. Returns 0, or -1 if scratch memory ran out. */
+ * rows of B; without, C's rows go through the epilogue `mode` (aux: M rows as C's). Returns 0,
+ * or -1 if scratch memory ran out. */
 KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
                                int64_t M, int64_t N, int64_t K,
                                const float *A, int64_t sai, int64_t sak,
                                const float *B, int64_t sbk, int64_t sbj, int64_t be,
                                const float *bias, int64_t biase,
-                               float *C, int64_t ldc, int64_t ce, float *b_sums) {
+                               float *C, int64_t ldc, int64_t ce, float *b_sums, int mode,
+                               float *aux) {
     int64_t largest = 1;
     for (int64_t e = 0; e < E; e++) largest = sizes[e] > largest ? sizes[e] : largest;
     int64_t depth = k_grouped ? largest : K, rows = k_grouped ? M : largest;
@@ -271,10 +402,11 @@ KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
         const float *be_bias = bias ? bias + e * biase : NULL;
         if (!k_grouped)
             gemm(sizes[e], N, K, A + row * sai, sai, sak, B + e * be, sbk, sbj, be_bias,
-                 C + row * ldc, ldc, scratch, NULL);
+                 C + row * ldc, ldc, scratch, NULL, mode, mode ? aux + row * ldc : NULL);
         else  /* an expert with no rows gets bias or zeros */
             gemm(M, N, sizes[e], A + row * sak, sai, sak, B + row * sbk + e * be, sbk,
-                 sbj, be_bias, C + e * ce, ldc, scratch, b_sums ? b_sums + e * N : NULL);
+                 sbj, be_bias, C + e * ce, ldc, scratch, b_sums ? b_sums + e * N : NULL,
+                 EPILOGUE_NONE, NULL);
     }
     free(scratch);
     return 0;
@@ -287,42 +419,10 @@ KERNEL int uncurl_grouped_gemm(int64_t E, const int64_t *sizes, int k_grouped,
  * value one D-wide FMA. Two passes per query (scores, then the exact softmax), so results are
  * deterministic and independent of T's blocking. */
 
-/* e^x (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n by the exponent bits);
- * within 2 ulp on [EXP_LO, EXP_HI], 0 below. Its constants, for both widths: */
-#define EXP_LO -87.3365f
-#define EXP_HI 88.3762f
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f  /* ln 2 in two parts, so that n ln2 is exact to float */
-#define LN2_LO -2.12194440e-4f
-static const float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
-/* e^x for 8 floats. */
-KERNEL static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    __m256 y = _mm256_set1_ps(EXP_POLY[0]);
-    for (int i = 1; i < 6; i++) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_POLY[i]));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
 KERNEL static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* Lanes j0 .. j0 + 7 that are keys 0 .. n - 1. */
-KERNEL static inline __m256 below(int64_t j0, int64_t n) {
-    __m256i j = _mm256_add_epi32(_mm256_set1_epi32((int)j0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), j));
 }
 
 /* rows T of D floats at stride ld, transposed into D rows of tp floats (zero beyond T). */
@@ -470,23 +570,8 @@ KERNEL static void key_weighted8x4(int64_t nk, int64_t n0, int64_t D, const floa
 static const attention_ops ops8 = {scores,    exp_sum8,    softmax_grad8,  weighted8,
                                    scores8x4, weighted8x4, key_weighted8x4};
 
-/* The same steps on 16 floats: e^x as exp8 lane by lane, keys 16 at a time, value columns 16
- * at a time (a head's last 8 columns, if any, on 8). */
-KERNEL512 static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(EXP_LO), hi = _mm512_set1_ps(EXP_HI);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-    __m512 y = _mm512_set1_ps(EXP_POLY[0]);
-    for (int i = 1; i < 6; i++) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_POLY[i]));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(~under, y, _mm512_castsi512_ps(e));
-}
-
+/* The same steps on 16 floats: keys 16 at a time, value columns 16 at a time (a head's last 8
+ * columns, if any, on 8). */
 static inline __mmask16 below16(int64_t j0, int64_t n) {
     return n - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j0)) - 1);
 }

@@ -1,5 +1,6 @@
-"""CPU kernels for MoE layers: every expert's product in one call, softmax top-k, the dispatch sort;
-and causal attention of small heads (`CausalAttention`).
+"""CPU kernels for MoE layers: every expert's product in one call (GELU and its gradient inside the
+products that feed them), softmax top-k, the dispatch sort; and causal attention of small heads
+(`CausalAttention`).
 
 Tokens arrive sorted by expert, `sizes[e]` rows each. On x86-64 CPUs with AVX2 and FMA, float32
 products on one torch thread (uncurl's training default) run through the C kernels in kernels.c,
@@ -27,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC")
@@ -35,13 +37,40 @@ FLAGS = ("-O3", "-shared", "-fPIC")
 def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> torch.Tensor:
     """Rows of expert e times its matrix: a (M, K) and b (E, K, N) give out (M, N) with
     out[rows of e] = a[rows of e] @ b[e] (+ bias[e], bias being (E, N))."""
+    return _expert_mm(a, b, sizes, bias)[0]
+
+
+def expert_mm_gelu(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None):
+    """`expert_mm` and its GELU: (pre, gelu(pre)). On the kernel path each block of rows goes
+    through GELU as it leaves the product, while it is in cache (erf by Abramowitz and Stegun
+    7.1.26, as torch's vectorised erf, |error| < 1.5e-7); elsewhere torch's GELU follows."""
+    act = a.new_empty(len(a), b.shape[2])
+    pre, fused = _expert_mm(a, b, sizes, bias, GELU, act)
+    return pre, (act if fused else F.gelu(pre))
+
+
+def expert_mm_gelu_grad(a: torch.Tensor, b: torch.Tensor, sizes: list[int], pre: torch.Tensor):
+    """The gradient of GELU's input from its output's, `expert_mm(a, b, sizes)`, times GELU's
+    derivative at `pre` (M, N), in the product's pass as `expert_mm_gelu`."""
+    pre = pre.contiguous()
+    if pre.shape != (len(a), b.shape[2]):
+        raise ValueError(f"pre has shape {tuple(pre.shape)}, not {(len(a), b.shape[2])}")
+    grad, fused = _expert_mm(a, b, sizes, None, GELU_GRAD, pre)
+    return grad if fused else torch.ops.aten.gelu_backward(grad, pre)
+
+
+GELU, GELU_GRAD = 1, 2  # kernels.c's epilogues
+
+
+def _expert_mm(a, b, sizes, bias, epilogue=0, aux=None) -> tuple[torch.Tensor, bool]:
+    """expert_mm's product, and whether the kernel applied `epilogue` (aux: rows as out's)."""
     _check(sizes, rows=len(a), experts=len(b), inner=(a.shape[1], b.shape[1]))
     if bias is not None and bias.shape != (len(b), b.shape[2]):
         raise ValueError(
             f"bias has shape {tuple(bias.shape)}, not (experts, N) = {(len(b), b.shape[2])}"
         )
     if uses_grouped_mm(a.device.type, a.dtype, (a.shape[1], b.shape[1], b.shape[2])):
-        return _grouped_expert_mm(a, b, sizes, bias)
+        return _grouped_expert_mm(a, b, sizes, bias), False
     out = a.new_empty(len(a), b.shape[2])
     if _gemm_for(a, b, bias):
         bias = None if bias is None else bias.contiguous()  # the kernel reads its rows whole
@@ -59,8 +88,11 @@ def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> 
             out,
             out.stride(0),
             0,
+            epilogue=epilogue,
+            aux=aux,
         )
-    elif bias is None:
+        return out, True
+    if bias is None:
         for a_e, b_e, out_e in zip(a.split(sizes), b.unbind(), out.split(sizes), strict=True):
             torch.mm(a_e, b_e, out=out_e)
     else:
@@ -68,7 +100,7 @@ def expert_mm(a: torch.Tensor, b: torch.Tensor, sizes: list[int], bias=None) -> 
             a.split(sizes), b.unbind(), out.split(sizes), bias.unbind(), strict=True
         ):
             torch.addmm(bias_e, a_e, b_e, out=out_e)
-    return out
+    return out, False
 
 
 def expert_outer(a: torch.Tensor, b: torch.Tensor, sizes: list[int], b_sums=None) -> torch.Tensor:
@@ -330,7 +362,22 @@ def _has_gemm() -> bool:
 
 
 def _gemm(
-    sizes, k_grouped, M, N, K, a, a_strides, b, b_strides, bias, out, ldc, out_stride, b_sums=None
+    sizes,
+    k_grouped,
+    M,
+    N,
+    K,
+    a,
+    a_strides,
+    b,
+    b_strides,
+    bias,
+    out,
+    ldc,
+    out_stride,
+    b_sums=None,
+    epilogue=0,
+    aux=None,
 ):
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     status = _library().uncurl_grouped_gemm(
@@ -350,6 +397,8 @@ def _gemm(
         ldc,
         out_stride,
         ptr(b_sums),
+        epilogue,
+        ptr(aux),
     )
     if status:
         raise MemoryError(
@@ -393,6 +442,8 @@ def _library():
         ptr,
         i64,
         i64,
+        ptr,
+        ctypes.c_int,
         ptr,
     ]
     attention = [i64, i64, i64, i64, ctypes.c_float, ptr, ptr]

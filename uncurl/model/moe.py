@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from uncurl.config import ModelConfig
 from uncurl.model import members
-from uncurl.model.kernels import SoftmaxTopK, expert_mm, expert_outer, sort_slots
+from uncurl.model.kernels import (
+    SoftmaxTopK,
+    expert_mm,
+    expert_mm_gelu,
+    expert_mm_gelu_grad,
+    expert_outer,
+    sort_slots,
+)
 from uncurl.model.members import Rows
 
 
@@ -210,14 +217,13 @@ class GroupedMLP(torch.autograd.Function):
 
     A hand-written backward writes each expert's gradient straight into one stacked buffer;
     through autograd, 64 small experts cost more in per-op bookkeeping and in concatenating
-    gradients than in arithmetic. GELU runs once over all rows, and each of the six products runs
-    every expert in one call (`uncurl.model.kernels`).
+    gradients than in arithmetic. Each of the six products runs every expert in one call
+    (`uncurl.model.kernels`), GELU and its gradient inside the products that feed them.
     """
 
     @staticmethod
     def forward(ctx, xs, sizes, w_fc, b_fc, w_proj, b_proj):
-        pre = expert_mm(xs, w_fc, sizes, b_fc)  # (M, H) pre-activation
-        act = F.gelu(pre)
+        pre, act = expert_mm_gelu(xs, w_fc, sizes, b_fc)  # (M, H) pre-activation, its GELU
         out = expert_mm(act, w_proj, sizes, b_proj)  # (M, C)
         ctx.save_for_backward(xs, pre, act, w_fc, w_proj)
         ctx.sizes, ctx.has_bias = sizes, (b_fc is not None, b_proj is not None)
@@ -233,9 +239,7 @@ class GroupedMLP(torch.autograd.Function):
             for w, has in zip((w_fc, w_proj), ctx.has_bias, strict=True)
         )
         g_wproj = expert_outer(act, grad_out, sizes, g_bproj)
-        g_pre = torch.ops.aten.gelu_backward(
-            expert_mm(grad_out, w_proj.transpose(1, 2), sizes), pre
-        )
+        g_pre = expert_mm_gelu_grad(grad_out, w_proj.transpose(1, 2), sizes, pre)
         g_wfc = expert_outer(xs, g_pre, sizes, g_bfc)
         g_xs = expert_mm(g_pre, w_fc.transpose(1, 2), sizes)
         return g_xs, None, g_wfc, g_bfc, g_wproj, g_bproj
