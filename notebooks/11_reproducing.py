@@ -104,8 +104,10 @@ glue("profiles_table", style.display_table(pretraining.profiles_table()), displa
 # ```
 #
 # Where a population's member-step goes, by kind of work: each kind's share of the CPU time
-# spent inside torch's operators (torch.profiler, in the same run; the profiler's own cost
-# inflates the many small operators a little), at the member-step time measured above.
+# spent inside torch's operators (torch.profiler, in the same run), at the member-step time
+# measured above. Under the profiler the operators took {glue:text}`bench_profiled_ms:s` per
+# member-step against the {glue:text}`bench_step_ms:s` timed without it; the difference is the
+# profiler's doing, so the shares are a guide to where the time goes, not a measurement of it.
 #
 # ```{glue} bench_kinds_table
 # ```

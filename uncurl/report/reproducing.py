@@ -104,6 +104,8 @@ def grid_benchmark(path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict
         "bench_revision": env["git"][:7],
         "bench_baseline": bench["baseline"],
         "bench_outside_ms": f"{outside * step_ms:.1f} ms",
+        "bench_step_ms": f"{step_ms:.1f} ms",
+        "bench_profiled_ms": f"{parts['profiled_ms']:.1f} ms",
         "bench_width": floor["sgemm_shape"][1],  # n_embd
         # the step with every product at the floor's rate and the rest as measured
         "bench_best_floors": f"{1 + outside * step_ms / floor['floor_ms']:.1f}",
